@@ -1,0 +1,100 @@
+"""kvtier's one config schema: nested frozen dataclasses, loaded once from YAML and checked at start.
+
+Every error names its key path (``engine.cache.block_size: must be a power of two``). Sections are defined
+by the packages that use them (``workers.engine_config``) and composed here; nothing here does I/O after
+``load_config`` returns, and nothing changes at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workers.engine_config import EngineConfig
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message starts with the key path."""
+
+
+@dataclass(frozen=True)
+class KvtierConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> KvtierConfig:
+    """Read ``path`` (YAML; none = all defaults), apply ``overrides`` (nested dict, e.g. from CLI flags), check."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return from_dict(KvtierConfig, _merge(data, overrides or {}))
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, checking keys and types; errors carry the key path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '<root>'}: must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{_join(path, key)}: unknown key{hint}")
+    values = {key: _convert(hints[key], value, _join(path, key)) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as error:  # __post_init__ checks: "<field>: <why>"
+        raise ConfigError(_join(path, str(error))) from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, path)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _convert(inner, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: must be a list, got {type(value).__name__}")
+        return tuple(_convert(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+    return _scalar(hint, value, path)
+
+
+def _scalar(hint: type, value: Any, path: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. memory: 0.8
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

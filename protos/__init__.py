@@ -1,0 +1,1 @@
+"""kvtier protobuf definitions (package kvtier.v1) and their generated stubs."""

@@ -1,0 +1,27 @@
+"""Shared fixtures: a private model cache per test session, GPU tests skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kvtier_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Built-in presets are generated into a per-session directory, never the user's cache."""
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path_factory.mktemp("kvtier-cache")))
+    yield
+    monkeypatch.undo()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -1,0 +1,62 @@
+"""Random-weight transformers models saved to disk, and transformers' own greedy output as the reference."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+# Small models of each family shape the engine must reproduce token for token.
+SHAPES = {
+    "llama3": dict(
+        family="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+        },
+        bos_token_id=1, eos_token_id=2,
+    ),
+    "qwen2": dict(
+        family="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None,
+    ),
+}
+
+
+def save_random_model(shape: str, directory: Path, seed: int = 0) -> Path:
+    """A transformers model with random weights (std 0.1: peaked enough that greedy ties are unlikely)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kwargs = dict(SHAPES[shape])
+    family = kwargs.pop("family")
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_cls(initializer_range=0.1, **kwargs)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
+def random_prompts(lengths: list[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy ``generate``, one prompt at a time (no padding), new tokens only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            generated = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=0,
+            )
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs

@@ -1,0 +1,109 @@
+"""Greedy output equals transformers' greedy ``generate`` token for token (fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.hf_reference import hf_greedy, random_prompts, save_random_model
+from workers.engine import LLMEngine
+from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.sampling_params import SamplingParams
+
+PROMPT_LENGTHS = [1, 5, 17, 64, 100, 150, 255, 300]
+MAX_TOKENS = 24
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+def reference(request, tmp_path_factory):
+    """(model directory, prompts, transformers' outputs) for one model shape."""
+    model_dir = save_random_model(request.param, tmp_path_factory.mktemp(request.param))
+    prompts = random_prompts(PROMPT_LENGTHS, vocab_size=320, seed=1)
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    assert len({tuple(tokens) for tokens in expected}) == len(prompts), "degenerate reference: outputs coincide"
+    return model_dir, prompts, expected
+
+
+def engine_for(model_dir: Path, **cache_and_scheduler) -> LLMEngine:
+    cache = CacheConfig(**{k: v for k, v in cache_and_scheduler.items() if k in ("num_blocks", "block_size")})
+    scheduler = SchedulerConfig(**{k: v for k, v in cache_and_scheduler.items() if k.startswith("max_num")})
+    return LLMEngine.from_config(EngineConfig(model=str(model_dir), cache=cache, scheduler=scheduler), progress=False)
+
+
+def test_batch_submitted_together(reference):
+    model_dir, prompts, expected = reference
+    engine = engine_for(model_dir)
+    assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == expected
+    assert engine.block_pool.num_free == engine.block_pool.num_blocks
+
+
+def test_requests_staggered_across_steps(reference):
+    model_dir, prompts, expected = reference
+    engine = engine_for(model_dir)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    engine.add_request(ids[0], prompts[0], GREEDY)
+    engine.add_request(ids[5], prompts[5], GREEDY)
+    schedule = {2: [1, 6], 5: [2, 3], 9: [4, 7]}  # step number -> requests that join before it
+    outputs: dict[str, list[int]] = {rid: [] for rid in ids}
+    step = 0
+    while engine.has_unfinished() or step <= max(schedule):
+        for index in schedule.get(step, []):
+            engine.add_request(ids[index], prompts[index], GREEDY)
+        for output in engine.step():
+            outputs[output.request_id] += output.new_token_ids
+        step += 1
+    assert [outputs[rid] for rid in ids] == expected
+
+
+def test_a_pool_small_enough_to_force_preemption(reference):
+    model_dir, prompts, expected = reference
+    # 384 tokens of KV for 992 prompt tokens; chunked admission lets many sequences start, then they collide
+    engine = engine_for(model_dir, num_blocks=24, max_num_batched_tokens=128)
+    assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == expected
+    assert engine.stats.preemptions > 0
+    assert engine.block_pool.num_free == 24
+
+
+def test_chunked_prefill_splits_long_prompts(reference):
+    model_dir, prompts, expected = reference
+    budget = 64
+    assert max(len(p) for p in prompts) > budget
+    engine = engine_for(model_dir, max_num_batched_tokens=budget, block_size=8)
+    scheduled = record_chunks(engine)
+    assert [c.token_ids for c in engine.generate(prompts, GREEDY)] == expected
+    assert any(not c.samples for c in scheduled), "no prompt was split into chunks"  # decode chunks always sample
+    assert any(0 < c.start < c.seq.num_prompt_tokens for c in scheduled), "no chunk continued a prompt"
+
+
+def record_chunks(engine: LLMEngine) -> list:
+    scheduled = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        output = schedule()
+        scheduled.extend(output.chunks)
+        return output
+
+    engine.scheduler.schedule = recording_schedule
+    return scheduled
+
+
+def test_the_cli_gives_the_same_tokens(reference):
+    model_dir, prompts, expected = reference
+    command = [str(Path(sys.executable).parent / "kvtier"), "generate", "--model", str(model_dir), "--json", "--quiet"]
+    for prompt in prompts:
+        command += ["--prompt-token-ids", ",".join(map(str, prompt))]
+    command += ["--max-tokens", str(MAX_TOKENS), "--temperature", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["token_ids"] for r in records] == expected
+    assert [r["finish_reason"] for r in records] == ["length" if len(e) == MAX_TOKENS else "stop" for e in expected]
+    assert [r["usage"]["prompt_tokens"] for r in records] == PROMPT_LENGTHS
+    assert [r["usage"]["completion_tokens"] for r in records] == [len(e) for e in expected]
+    assert all(r["usage"]["cached_tokens"] == 0 for r in records)

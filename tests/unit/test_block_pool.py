@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from kvstore.block_pool import BlockPool, BlockPoolError
+
+
+def test_allocates_from_the_head_in_id_order():
+    pool = BlockPool(6)
+    assert pool.allocate(2) == [0, 1]
+    assert pool.allocate(3) == [2, 3, 4]
+    assert pool.num_free == 1
+    assert pool.free_ids() == [5]
+
+
+def test_freed_blocks_go_to_the_tail_and_are_reused_oldest_freed_first():
+    pool = BlockPool(5)
+    pool.allocate(4)  # 0 1 2 3
+    pool.free([2, 0])
+    assert pool.free_ids() == [4, 2, 0]
+    assert pool.allocate(3) == [4, 2, 0]
+    pool.free([3])
+    pool.free([1])
+    assert pool.allocate(2) == [3, 1]
+
+
+def test_shared_block_returns_only_when_every_reference_is_dropped():
+    pool = BlockPool(3)
+    assert pool.allocate(1) == [0]
+    pool.share([0])
+    assert pool.ref_count(0) == 2
+    pool.free([0])
+    assert pool.ref_count(0) == 1 and pool.free_ids() == [1, 2]
+    pool.free([0])
+    assert pool.ref_count(0) == 0 and pool.free_ids() == [1, 2, 0]
+
+
+def test_exhaustion_raises_and_leaves_the_pool_unchanged():
+    pool = BlockPool(2)
+    pool.allocate(1)
+    assert not pool.can_allocate(2)
+    with pytest.raises(BlockPoolError, match="asked for 2 blocks, 1 free"):
+        pool.allocate(2)
+    assert pool.free_ids() == [1]
+
+
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        (lambda pool: pool.free([1]), "already free"),
+        (lambda pool: pool.share([2]), "cannot be shared"),
+        (lambda pool: pool.free([7]), "outside the pool"),
+    ],
+)
+def test_misuse_is_an_error(action, message):
+    pool = BlockPool(3)
+    pool.allocate(1)
+    with pytest.raises(BlockPoolError, match=message):
+        action(pool)
+
+
+def test_zero_blocks_is_rejected():
+    with pytest.raises(ValueError):
+        BlockPool(0)
+
+
+def test_pure_modules_import_without_torch():
+    pure = ["kvstore.block_pool", "workers.scheduler", "workers.sequence", "workers.validation", "workers.model_config"]
+    code = f"import sys\nfor m in {pure!r}: __import__(m)\nprint(sorted(k for k in sys.modules if k.split('.')[0] == 'torch'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

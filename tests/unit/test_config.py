@@ -1,0 +1,71 @@
+import pytest
+
+from cluster.config import ConfigError, KvtierConfig, load_config
+from workers.engine_config import EngineConfig, MemoryBudget, parse_memory
+
+
+def test_defaults_load_without_a_file():
+    assert load_config() == KvtierConfig()
+    assert load_config().engine.cache.block_size == 16
+
+
+def test_yaml_and_overrides_merge_with_overrides_winning(tmp_path):
+    path = tmp_path / "kvtier.yaml"
+    path.write_text("engine:\n  model: /models/x\n  cache:\n    block_size: 32\n    memory: 0.5\n")
+    config = load_config(path, {"engine": {"cache": {"block_size": 8}}})
+    assert config.engine.model == "/models/x"
+    assert config.engine.cache.block_size == 8
+    assert config.engine.cache.memory == "0.5"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"engine": {"cache": {"block_size": 3}}}, "engine.cache.block_size: must be a power of two"),
+        ({"engine": {"cache": {"blok_size": 16}}}, "engine.cache.blok_size: unknown key (did you mean 'block_size'?)"),
+        ({"engine": {"scheduler": {"max_num_seqs": "many"}}}, "engine.scheduler.max_num_seqs: must be int, got str"),
+        ({"engine": {"scheduler": {"max_num_seqs": True}}}, "engine.scheduler.max_num_seqs: must be int, got bool"),
+        ({"engine": {"cache": {"memory": "lots"}}}, "engine.cache.memory: 'lots' is not 'auto'"),
+        ({"engine": {"device": "tpu"}}, "engine.device: 'tpu' is not auto"),
+        ({"engine": []}, "engine: must be a mapping"),
+        ({"router": {}}, "router: unknown key"),
+    ],
+)
+def test_errors_name_the_key_path(data, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=data)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_file_that_is_not_a_mapping_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+
+
+def test_config_objects_are_frozen():
+    with pytest.raises(AttributeError):
+        EngineConfig().model = "x"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("auto", MemoryBudget()),
+        ("0.8", MemoryBudget(fraction=0.8)),
+        ("1.0", MemoryBudget(fraction=1.0)),
+        ("4GiB", MemoryBudget(num_bytes=4 * 2**30)),
+        ("512 MiB", MemoryBudget(num_bytes=512 * 2**20)),
+        ("1.5GB", MemoryBudget(num_bytes=1_500_000_000)),
+        ("1000000", MemoryBudget(num_bytes=1_000_000)),
+    ],
+)
+def test_memory_budgets(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1.5", "0.0", "4 parsecs", "-1GiB", ""])
+def test_bad_memory_budgets(text):
+    with pytest.raises(ValueError):
+        parse_memory(text)

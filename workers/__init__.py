@@ -1,0 +1,1 @@
+"""kvtier workers: the model, attention, the engine (scheduler, runner, sampler)."""

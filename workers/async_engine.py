@@ -1,0 +1,84 @@
+"""Streaming on asyncio over the synchronous engine.
+
+The engine is only ever touched by one step loop: ``generate`` validates in the caller (raising
+``InvalidRequestError`` at once), then hands the request to the loop, which adds queued requests and aborts
+between steps and runs each ``step`` in a worker thread so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence as Seq
+
+from workers.engine import LLMEngine, PreparedRequest, RequestOutput
+from workers.sampling_params import SamplingParams
+from workers.validation import InvalidRequestError
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._to_add: list[PreparedRequest] = []
+        self._to_abort: list[str] = []
+        self._loop_task: asyncio.Task | None = None
+
+    async def generate(
+        self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they come; leaving early (or cancellation) aborts it."""
+        if request_id in self._streams:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        request = self.engine.prepare_request(request_id, prompt, params)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._to_add.append(request)
+        self._wake()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._to_abort.append(request_id)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self._to_add or self._to_abort or self.engine.has_unfinished():
+            self._apply_queued()
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as error:  # the engine is broken: every open stream gets the error
+                self._fail_all(error)
+                raise
+            for output in outputs:
+                queue = self._streams.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)
+                    if output.finished:
+                        del self._streams[output.request_id]
+
+    def _apply_queued(self) -> None:
+        adds, self._to_add = self._to_add, []
+        aborts, self._to_abort = self._to_abort, []
+        for request in adds:
+            self.engine.submit(request)
+        for request_id in aborts:
+            self.engine.abort(request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait(error)
+        self._streams.clear()

@@ -1,0 +1,55 @@
+"""The attention backend interface and the per-step metadata every backend reads.
+
+One step's batch is a list of sequence chunks, flattened into T tokens. Chunk i owns tokens
+``query_start_loc[i]:query_start_loc[i + 1]``; they are the last ``query_len`` positions of a context of
+``context_lens[i]`` tokens whose KV lives in the blocks ``block_tables[i]`` (``block_size`` tokens each).
+A chunk may be a whole prompt, part of one (chunked prefill, cached prefix before it) or one decode token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+
+class LayerKVCache(NamedTuple):
+    """One layer's strided views into the block-major cache."""
+
+    key: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim]
+    value: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    query_start_loc: list[int]  # [B + 1], host
+    context_lens: list[int]  # [B], host
+    block_tables: list[torch.Tensor]  # B tensors of block ids, each [ceil(context_len / block_size)], device
+    slot_blocks: torch.Tensor  # [T] long, device: the block each new token's KV is written to
+    slot_offsets: torch.Tensor  # [T] long, device: the offset in that block
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.context_lens)
+
+
+class AttentionBackend(Protocol):
+    """Writes the step's new K/V into the paged cache, then attends every query over its whole context."""
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, Hq, D], RoPE applied
+        key: torch.Tensor,  # [T, Hkv, D], RoPE applied
+        value: torch.Tensor,  # [T, Hkv, D]
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        ...
+
+
+def write_kv(cache: LayerKVCache, key: torch.Tensor, value: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Scatter the new tokens' K and V ([T, Hkv, D]) into their (block, offset) slots."""
+    cache.key[meta.slot_blocks, meta.slot_offsets] = key
+    cache.value[meta.slot_blocks, meta.slot_offsets] = value

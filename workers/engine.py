@@ -1,0 +1,267 @@
+"""One worker's engine: requests in, token deltas out, one ``step()`` at a time.
+
+``LLMEngine.from_config`` loads the model and sizes the KV pool; ``add_request`` validates and queues;
+``step`` schedules, runs the model, samples and returns what each request gained; ``abort`` frees a
+request's blocks at once (its final output comes with the next ``step``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from kvstore.block_pool import BlockPool
+from workers.attention import make_backend
+from workers.engine_config import EngineConfig
+from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
+from workers.model import LlamaForCausalLM
+from workers.model_config import ModelConfig, load_model_config
+from workers.model_loader import load_model, resolve_dtype
+from workers.presets import resolve_model_dir
+from workers.runner import ModelRunner
+from workers.sampler import sample
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler
+from workers.sequence import FinishReason, Sequence
+from workers.text_output import TextOutput
+from workers.tokenizer import Tokenizer, load_tokenizer
+from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one request gained in one step. The last one has ``finished`` set and a ``finish_reason``."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, ready to enter the scheduler (built without touching engine state)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _RequestState:
+    seq: Sequence
+    text: TextOutput
+    generator: torch.Generator
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    preemptions: int = 0
+    computed_tokens: int = 0  # prompt and recomputed tokens run through the model
+    generated_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, assembled from its outputs by ``LLMEngine.generate``."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass
+class _Collector:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: LlamaForCausalLM,
+        tokenizer: Tokenizer | None,
+        cache_shape: KVCacheShape,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.model_config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.cache_shape = cache_shape
+        self.block_pool = BlockPool(cache_shape.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_pool, cache_shape.block_size)
+        self.runner = ModelRunner(model, allocate_kv_cache(cache_shape, device), cache_shape.block_size, device)
+        self.limits = RequestLimits(
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=max_model_len(config, self.model_config),
+            kv_capacity_tokens=cache_shape.num_blocks * cache_shape.block_size,
+            has_tokenizer=tokenizer is not None,
+        )
+        self.stats = EngineStats()
+        self._requests: dict[str, _RequestState] = {}
+        self._aborted: list[RequestOutput] = []
+        self._seed_source = random.Random(config.seed)
+        self._arrivals = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = True) -> LLMEngine:
+        model_dir = resolve_model_dir(config.model)
+        device = resolve_device(config.device)
+        model_config = load_model_config(model_dir)
+        dtype = resolve_dtype(config.dtype, model_config)
+        model = load_model(model_dir, dtype, str(device), make_backend(config.attention_backend), progress)
+        cache_shape = plan_kv_cache(config.cache, model_config, dtype, device)
+        log.info("%s on %s", cache_shape.describe(), device)
+        return cls(config, model, load_tokenizer(model_dir), cache_shape, device)
+
+    def prepare_request(
+        self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None
+    ) -> PreparedRequest:
+        """Tokenize and validate; raises ``InvalidRequestError`` naming the field. Touches no engine state."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            validate_text_prompt(prompt, self.limits)
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        validate_request(prompt_ids, params, self.limits)
+        return PreparedRequest(str(request_id), prompt_ids, params)
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> None:
+        self.submit(self.prepare_request(request_id, prompt, params))
+
+    def submit(self, request: PreparedRequest) -> None:
+        if request.request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request.request_id!r} is already running")
+        seed = request.params.seed
+        if seed is None:
+            seed = self._seed_source.randrange(2**63)
+        seq = Sequence(
+            request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), request.params,
+            arrival=self._arrivals,
+        )
+        self._arrivals += 1
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        text = TextOutput(self.tokenizer, seq.prompt_token_ids, request.params.stop)
+        self._requests[seq.request_id] = _RequestState(seq, text, generator)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; False if it is unknown or already finished."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.finish(state.seq, FinishReason.ABORT)
+        self._aborted.append(self._output(state, (), finished=True))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._aborted)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return outputs
+        logits = self.runner.execute(plan.chunks)
+        self.scheduler.mark_computed(plan)
+        self.stats.steps += 1
+        self.stats.preemptions += len(plan.preempted)
+        self.stats.computed_tokens += plan.num_tokens
+        sampling = [self._requests[chunk.seq.request_id] for chunk in plan.chunks if chunk.samples]
+        if sampling:
+            tokens = sample(logits, [s.seq.params for s in sampling], [s.generator for s in sampling])
+            outputs += [self._append_token(state, token) for state, token in zip(sampling, tokens)]
+        return outputs
+
+    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[Completion]:
+        """Run ``prompts`` as one batch to completion; results in prompt order."""
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        request_ids = [f"generate-{self._arrivals + i}" for i in range(len(prompts))]
+        prepared = [self.prepare_request(rid, p, sp) for rid, p, sp in zip(request_ids, prompts, params_list)]
+        for request in prepared:
+            self.submit(request)
+        return self.run_to_completion(request_ids)
+
+    def run_to_completion(self, request_ids: list[str]) -> list[Completion]:
+        collected = {rid: _Collector() for rid in request_ids}
+        finals: dict[str, RequestOutput] = {}
+        while len(finals) < len(request_ids):
+            for output in self.step():
+                if output.request_id in collected:
+                    collected[output.request_id].token_ids += output.new_token_ids
+                    collected[output.request_id].text += output.new_text
+                    if output.finished:
+                        finals[output.request_id] = output
+        return [
+            Completion(rid, collected[rid].token_ids, collected[rid].text, finals[rid].finish_reason, finals[rid].usage)
+            for rid in request_ids
+        ]
+
+    def _append_token(self, state: _RequestState, token: int) -> RequestOutput:
+        seq = state.seq
+        seq.token_ids.append(token)
+        self.stats.generated_tokens += 1
+        stop_string_hit = state.text.append(token)
+        reason = self._finish_reason(seq, token, stop_string_hit)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            state.text.finish()
+            del self._requests[seq.request_id]
+        return self._output(state, (token,), finished=reason is not None)
+
+    def _finish_reason(self, seq: Sequence, token: int, stop_string_hit: bool) -> FinishReason | None:
+        params = seq.params
+        is_eos = token in self.model_config.eos_token_ids and not params.ignore_eos
+        if is_eos or token in params.stop_token_ids or stop_string_hit:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.limits.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _output(self, state: _RequestState, new_tokens: tuple[int, ...], finished: bool) -> RequestOutput:
+        seq = state.seq
+        usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens)
+        return RequestOutput(
+            seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {name!r} asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
+    """The configured limit, capped by the model's positions and (if it has one) its sliding window."""
+    limit = model.max_position_embeddings
+    if model.sliding_window:
+        limit = min(limit, model.sliding_window)  # full attention is exact only within the window
+    if config.max_model_len is not None:
+        if config.max_model_len > limit:
+            raise ValueError(f"max_model_len: {config.max_model_len} exceeds what the model supports ({limit})")
+        limit = config.max_model_len
+    return limit

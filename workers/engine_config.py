@@ -1,0 +1,89 @@
+"""The engine's section of the kvtier config: frozen dataclasses, checked on construction.
+
+A failed check raises ``ValueError("<field>: <why>")``; ``cluster.config`` prefixes the key path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+_SIZE_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Either a fraction of the device's free memory or a number of bytes ("auto" picks per device)."""
+
+    fraction: float | None = None
+    num_bytes: int | None = None
+
+
+def parse_memory(text: str) -> MemoryBudget:
+    """``auto``, a fraction in (0, 1] such as ``0.8``, or a size such as ``4GiB``, ``512MiB``, ``1000000``."""
+    if text == "auto":
+        return MemoryBudget()
+    match = _SIZE_PATTERN.match(str(text))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not 'auto', a fraction like 0.8, or a size like 4GiB")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit == "" and "." in match.group(1):
+        if not 0 < number <= 1:
+            raise ValueError(f"fraction {text!r} must be in (0, 1]")
+        return MemoryBudget(fraction=number)
+    num_bytes = int(number * _SIZE_UNITS[unit])
+    if num_bytes < 1:
+        raise ValueError(f"size {text!r} must be at least 1 byte")
+    return MemoryBudget(num_bytes=num_bytes)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    memory: str = "auto"  # KV pool budget: 'auto', a fraction of free device memory (0.8), or a size (4GiB)
+    num_blocks: int | None = None  # exact pool size; overrides memory (tests, benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: must be a power of two >= 1, got {self.block_size}")
+        try:
+            parse_memory(self.memory)
+        except ValueError as error:
+            raise ValueError(f"memory: {error}") from None
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks: must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # sequences running at once
+    max_num_batched_tokens: int = 2048  # tokens per step; longer prompts are prefilled in chunks
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "tiny"  # a built-in preset name or a Hugging Face-format model directory
+    dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
+    device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:N
+    max_model_len: int | None = None  # prompt + generated tokens; default: the model's max positions
+    attention_backend: str = "torch"
+    seed: int = 0  # seeds requests that bring no seed of their own, in arrival order
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype: {self.dtype!r} is not auto, float32, bfloat16 or float16")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise ValueError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        if self.attention_backend not in ("torch",):
+            raise ValueError(f"attention_backend: {self.attention_backend!r} is unknown (known: torch)")

@@ -1,0 +1,70 @@
+"""Build a model from a Hugging Face-format directory, streaming weights in one tensor at a time.
+
+Parameters are allocated empty on the target device; each checkpoint tensor is read (memory-mapped by
+safetensors), copied into place and dropped, so no second full copy of the weights ever exists.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from workers.attention import AttentionBackend
+from workers.layers import WeightLoadError
+from workers.model import LlamaForCausalLM
+from workers.model_config import ModelConfig, load_model_config
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DTYPE_NAMES = tuple(_DTYPES)
+
+
+def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
+    """``auto`` takes the checkpoint's dtype; otherwise one of DTYPE_NAMES."""
+    key = config.dtype if name == "auto" else name
+    if key not in _DTYPES:
+        raise ValueError(f"dtype {key!r} is not supported (supported: auto, {', '.join(DTYPE_NAMES)})")
+    return _DTYPES[key]
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype, device: str, backend: AttentionBackend, progress: bool = True
+) -> LlamaForCausalLM:
+    config = load_model_config(model_dir)
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weight files")
+    model = LlamaForCausalLM(config, backend, dtype, device)
+    loaded: set[str] = set()
+    total_bytes = sum(f.stat().st_size for f in files)
+    with tqdm(
+        total=total_bytes, desc="loading weights", unit="B", unit_scale=True, file=sys.stderr, disable=not progress
+    ) as bar:
+        for path in files:
+            loaded |= _load_file(model, path, bar)
+    missing = model.expected_weight_keys() - loaded
+    if missing:
+        raise WeightLoadError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+    return model.eval()
+
+
+def _load_file(model: LlamaForCausalLM, path: Path, bar: tqdm) -> set[str]:
+    loaded = set()
+    with safe_open(str(path), framework="pt", device="cpu") as checkpoint:
+        for name in checkpoint.keys():
+            tensor = checkpoint.get_tensor(name)
+            key = model.load_weight(name, tensor)
+            if key is not None:
+                loaded.add(key)
+            bar.update(tensor.numel() * tensor.element_size())
+    return loaded

@@ -1,0 +1,58 @@
+"""Turns the last hidden state's logits into one token per sequence.
+
+Greedy rows take the argmax. Other rows apply temperature, then top-k, top-p and min-p, and draw with the
+exponential race (argmax of p / E, E ~ Exp(1)), with noise from the request's own generator: a request's
+draws depend only on its seed and its own logits, never on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """logits [S, V] fp32 -> S token ids."""
+    tokens = logits.argmax(dim=-1)  # [S]
+    random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
+    if random_rows:
+        rows = torch.tensor(random_rows, device=logits.device)
+        probs = filtered_probs(logits[rows], [params[row] for row in random_rows])  # [R, V]
+        noise = torch.stack([_exponential(probs.shape[-1], generators[row], probs.device) for row in random_rows])
+        tokens[rows] = (probs / noise).argmax(dim=-1)
+    return tokens.tolist()
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[R, V] logits -> [R, V] probabilities after temperature, top-k, top-p and min-p."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    logits = logits / temperature[:, None]
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        logits = _top_k_top_p(logits, params)
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype)
+        floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better-ranked tokens
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1) & (ranks > 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _exponential(size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    noise = torch.empty(size, device=device).exponential_(generator=generator)
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)  # an exact 0 would divide 0 by 0

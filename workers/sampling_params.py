@@ -1,0 +1,22 @@
+"""How one request is sampled and when it stops. Plain data: checked by ``workers.validation``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0  # in (0, 1]; 1 keeps every token
+    top_k: int = 0  # 0 (or -1) keeps every token
+    min_p: float = 0.0  # in [0, 1]; 0 keeps every token
+    seed: int | None = None  # same seed => same tokens, whatever else shares the batch
+    stop: tuple[str, ...] = ()  # the text is cut before the first of these
+    stop_token_ids: tuple[int, ...] = ()  # stop after generating any of these (kept in token_ids)
+    ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0

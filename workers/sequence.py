@@ -1,0 +1,53 @@
+"""One request's tokens and its place in the paged KV cache. Pure Python."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from workers.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Invariants: ``num_computed_tokens <= len(token_ids)``; the KV of tokens ``[0, num_computed_tokens)`` is in
+    ``block_ids`` (token t in block ``block_ids[t // block_size]``); a waiting sequence holds no blocks."""
+
+    request_id: str
+    token_ids: list[int]  # the prompt, then every generated token
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival: int  # admission order: the newest running sequence is preempted first
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]

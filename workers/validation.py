@@ -1,0 +1,102 @@
+"""Every check on a request, in one place. Each failure is an ``InvalidRequestError`` naming the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+from workers.sampling_params import SamplingParams
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as asked; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    vocab_size: int
+    max_model_len: int
+    kv_capacity_tokens: int  # tokens the whole KV pool holds: a longer sequence could never run
+    has_tokenizer: bool
+
+
+def validate_text_prompt(prompt: str, limits: RequestLimits) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("prompt", f"must be text, got {type(prompt).__name__}")
+    if not prompt:
+        raise InvalidRequestError("prompt", "is empty")
+    if not limits.has_tokenizer:
+        raise InvalidRequestError("prompt", "this model has no tokenizer.json; send prompt_token_ids instead")
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
+    _check_prompt_ids(prompt_token_ids, limits)
+    _check_sampling(params, limits)
+    _check_stops(params, limits)
+    _check_length(len(prompt_token_ids), params.max_tokens, limits)
+
+
+def _check_prompt_ids(token_ids: list[int], limits: RequestLimits) -> None:
+    if len(token_ids) == 0:
+        raise InvalidRequestError("prompt_token_ids", "is empty")
+    for index, token_id in enumerate(token_ids):
+        if not _is_int(token_id) or not 0 <= token_id < limits.vocab_size:
+            raise InvalidRequestError(
+                f"prompt_token_ids[{index}]", f"{token_id!r} is not a token id in [0, {limits.vocab_size})"
+            )
+
+
+def _check_sampling(params: SamplingParams, limits: RequestLimits) -> None:
+    if not _is_int(params.max_tokens) or params.max_tokens < 1:
+        raise InvalidRequestError("max_tokens", f"must be an integer >= 1, got {params.max_tokens!r}")
+    _check_real("temperature", params.temperature, low=0.0, low_open=False, high=math.inf)
+    _check_real("top_p", params.top_p, low=0.0, low_open=True, high=1.0)
+    _check_real("min_p", params.min_p, low=0.0, low_open=False, high=1.0)
+    if not _is_int(params.top_k) or params.top_k < -1:
+        raise InvalidRequestError("top_k", f"must be -1 or 0 (off) or an integer >= 1, got {params.top_k!r}")
+    if params.seed is not None and (not _is_int(params.seed) or not 0 <= params.seed < 2**63):
+        raise InvalidRequestError("seed", f"must be an integer in [0, 2**63), got {params.seed!r}")
+
+
+def _check_real(field: str, value: object, low: float, low_open: bool, high: float) -> None:
+    """Finite (or +inf-free) real in [low, high] or (low, high]."""
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value) or math.isinf(value):
+        raise InvalidRequestError(field, f"must be a finite number, got {value!r}")
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise InvalidRequestError(field, f"must be in {bracket}{low:g}, {high:g}], got {value!r}")
+
+
+def _check_stops(params: SamplingParams, limits: RequestLimits) -> None:
+    for index, text in enumerate(params.stop):
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError(f"stop[{index}]", "must be a non-empty string")
+    if params.stop and not limits.has_tokenizer:
+        raise InvalidRequestError("stop", "stop strings need a tokenizer; this model has none")
+    for index, token_id in enumerate(params.stop_token_ids):
+        if not _is_int(token_id) or not 0 <= token_id < limits.vocab_size:
+            raise InvalidRequestError(f"stop_token_ids[{index}]", f"{token_id!r} is not a token id")
+
+
+def _check_length(prompt_len: int, max_tokens: int, limits: RequestLimits) -> None:
+    if prompt_len + max_tokens > limits.max_model_len:
+        raise InvalidRequestError(
+            "max_tokens",
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds max_model_len {limits.max_model_len}",
+        )
+    if prompt_len + max_tokens > limits.kv_capacity_tokens:
+        raise InvalidRequestError(
+            "max_tokens",
+            f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the KV cache ({limits.kv_capacity_tokens} tokens)",
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
