@@ -18,6 +18,16 @@ SHAPES = {
         },
         bos_token_id=1, eos_token_id=2,
     ),
+    "llama2": dict(  # multi-head attention (no GQA), default RoPE, untied
+        family="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    "mistral": dict(  # GQA; its sliding window is wider than any test sequence
+        family="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,
+        sliding_window=1024, bos_token_id=1, eos_token_id=2,
+    ),
     "qwen2": dict(
         family="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,
@@ -28,11 +38,12 @@ SHAPES = {
 
 def save_random_model(shape: str, directory: Path, seed: int = 0) -> Path:
     """A transformers model with random weights (std 0.1: peaked enough that greedy ties are unlikely)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     kwargs = dict(SHAPES[shape])
-    family = kwargs.pop("family")
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kwargs.pop("family")]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix}ForCausalLM")
     config = config_cls(initializer_range=0.1, **kwargs)
     torch.manual_seed(seed)
     model = model_cls(config).eval()

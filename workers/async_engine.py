@@ -8,11 +8,14 @@ between steps and runs each ``step`` in a worker thread so the event loop stays 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence as Seq
 
 from workers.engine import LLMEngine, PreparedRequest, RequestOutput
 from workers.sampling_params import SamplingParams
 from workers.validation import InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
@@ -61,8 +64,9 @@ class AsyncEngine:
             try:
                 outputs = await asyncio.to_thread(self.engine.step)
             except Exception as error:  # the engine is broken: every open stream gets the error
+                log.exception("engine step failed; failing %d open streams", len(self._streams))
                 self._fail_all(error)
-                raise
+                return
             for output in outputs:
                 queue = self._streams.get(output.request_id)
                 if queue is not None:

@@ -204,6 +204,7 @@ class LLMEngine:
         return self.run_to_completion(request_ids)
 
     def run_to_completion(self, request_ids: list[str]) -> list[Completion]:
+        """Step until ``request_ids`` finish; their completions hold what they produce from this call on."""
         collected = {rid: _Collector() for rid in request_ids}
         finals: dict[str, RequestOutput] = {}
         while len(finals) < len(request_ids):

@@ -19,7 +19,7 @@ MAX_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "llama2", "mistral"])
 def reference(request, tmp_path_factory):
     """(model directory, prompts, transformers' outputs) for one model shape."""
     model_dir = save_random_model(request.param, tmp_path_factory.mktemp(request.param))

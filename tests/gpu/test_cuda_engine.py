@@ -1,0 +1,49 @@
+"""The engine on a CUDA device (skipped without one): exact against transformers on the same GPU, bf16 runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.hf_reference import random_prompts, save_random_model
+from workers.engine import LLMEngine
+from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def hf_greedy_cuda(model_dir, prompts, max_new_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device="cuda")
+        generated = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+        )
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs
+
+
+@pytest.mark.parametrize("shape", ["llama3", "qwen2"])
+def test_greedy_matches_transformers_on_cuda(shape, tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = save_random_model(shape, tmp_path)
+    prompts = random_prompts([1, 17, 100, 300], vocab_size=320, seed=1)
+    expected = hf_greedy_cuda(model_dir, prompts, 16)
+    config = EngineConfig(
+        model=str(model_dir), device="cuda", cache=CacheConfig(num_blocks=24),
+        scheduler=SchedulerConfig(max_num_batched_tokens=128),
+    )
+    engine = LLMEngine.from_config(config, progress=False)
+    assert [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0))] == expected
+
+
+def test_tiny_runs_in_bf16_with_a_memory_fraction():
+    config = EngineConfig(model="tiny", device="cuda", dtype="bfloat16", cache=CacheConfig(memory="0.05"))
+    engine = LLMEngine.from_config(config, progress=False)
+    (done,) = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert len(done.token_ids) == 8
+    assert engine.runner.kv_cache.dtype == torch.bfloat16 and engine.runner.kv_cache.is_cuda

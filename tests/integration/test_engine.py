@@ -1,0 +1,168 @@
+"""Engine behaviour on the built-in tiny model: sampling seeds, stops, aborts, validation, async streaming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from workers.async_engine import AsyncEngine
+from workers.engine import LLMEngine
+from workers.engine_config import CacheConfig, EngineConfig
+from workers.presets import EOS_ID
+from workers.sampling_params import SamplingParams
+from workers.sequence import FinishReason
+from workers.validation import InvalidRequestError
+
+SAMPLED = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    return LLMEngine.from_config(EngineConfig(model="tiny", cache=CacheConfig(num_blocks=256)), progress=False)
+
+
+def pool_is_full(engine: LLMEngine) -> bool:
+    return engine.block_pool.num_free == engine.block_pool.num_blocks
+
+
+def test_same_seed_same_tokens_alone_or_in_a_batch(engine):
+    alone = engine.generate(["The same seed"], SAMPLED)[0].token_ids
+    others = [SamplingParams(max_tokens=20, temperature=1.3, seed=s, ignore_eos=True) for s in range(5)]
+    batch = engine.generate(["x" * 40, "The same seed", "y", "z" * 100, "w"], [others[0], SAMPLED, *others[1:4]])
+    assert batch[1].token_ids == alone
+    different_seed = engine.generate(["The same seed"], SamplingParams(**{**SAMPLED.__dict__, "seed": 99}))
+    assert different_seed[0].token_ids != alone
+
+
+def test_unseeded_requests_differ_from_each_other(engine):
+    params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    first, second = engine.generate(["same prompt", "same prompt"], params)
+    assert first.token_ids != second.token_ids
+
+
+def test_finished_requests_return_every_block(engine):
+    engine.generate(["a" * 50, "b" * 3], SamplingParams(max_tokens=5))
+    assert pool_is_full(engine) and not engine.has_unfinished()
+
+
+def test_abort_frees_blocks_at_once_and_reports_abort(engine):
+    engine.add_request("long", "c" * 100, SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.add_request("short", "d", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert not pool_is_full(engine)
+    assert engine.abort("long") is True
+    assert engine.abort("long") is False and engine.abort("unknown") is False
+    remaining = engine.run_to_completion(["short"])
+    assert remaining[0].finish_reason is FinishReason.LENGTH and remaining[0].usage.completion_tokens == 3
+    assert pool_is_full(engine)
+
+
+def test_the_aborted_request_gets_a_final_output(engine):
+    engine.add_request("gone", "e" * 20, SamplingParams(max_tokens=50))
+    engine.step()
+    engine.abort("gone")
+    (final,) = [o for o in engine.step() if o.request_id == "gone"]
+    assert final.finished and final.finish_reason is FinishReason.ABORT and final.usage.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    "prompt, params, field",
+    [
+        ("", SamplingParams(), "prompt"),
+        ([], SamplingParams(), "prompt_token_ids"),
+        ([1, 100_000], SamplingParams(), "prompt_token_ids[1]"),
+        ("hi", SamplingParams(max_tokens=5000), "max_tokens"),
+        ("hi", SamplingParams(max_tokens=0), "max_tokens"),
+        ("hi", SamplingParams(temperature=-1), "temperature"),
+        ("hi", SamplingParams(top_p=0), "top_p"),
+        ("hi", SamplingParams(top_k=-5), "top_k"),
+        ("hi", SamplingParams(temperature=float("nan")), "temperature"),
+    ],
+)
+def test_invalid_requests_get_a_typed_error_and_the_engine_keeps_serving(engine, prompt, params, field):
+    engine.add_request("running", "keep going", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.add_request("bad", prompt, params)
+    assert caught.value.field == field
+    (done,) = engine.run_to_completion(["running"])
+    assert len(done.token_ids) == 6 and pool_is_full(engine)
+
+
+def test_a_duplicate_request_id_is_rejected(engine):
+    engine.add_request("dup", "x", SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        engine.add_request("dup", "y", SamplingParams(max_tokens=2))
+    engine.run_to_completion(["dup"])
+
+
+def test_stop_token_ids_and_eos_finish_with_stop(engine):
+    greedy = engine.generate(["stop here"], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    third = greedy.token_ids[2]
+    stopped = engine.generate(["stop here"], SamplingParams(max_tokens=10, temperature=0, stop_token_ids=(third,)))
+    first_hit = greedy.token_ids.index(third)
+    assert stopped[0].token_ids == greedy.token_ids[: first_hit + 1]
+    assert stopped[0].finish_reason is FinishReason.STOP
+    prompt_that_ends_in_eos = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=50, temperature=0, seed=0))
+    assert prompt_that_ends_in_eos[0].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    if prompt_that_ends_in_eos[0].finish_reason is FinishReason.STOP:
+        assert prompt_that_ends_in_eos[0].token_ids[-1] == EOS_ID
+
+
+def test_stop_strings_cut_the_text(engine):
+    full = engine.generate([[72, 105]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    printable = [i for i, ch in enumerate(full.text) if ch.isprintable() and ch.strip()]
+    assert printable, f"greedy text has nothing to stop on: {full.text!r}"
+    stop = full.text[printable[len(printable) // 2]]
+    cut = engine.generate([[72, 105]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))
+    assert cut[0].finish_reason is FinishReason.STOP
+    assert cut[0].text == full.text[: full.text.index(stop)]
+
+
+def test_max_model_len_finishes_with_length():
+    engine = LLMEngine.from_config(EngineConfig(model="tiny", max_model_len=24), progress=False)
+    with pytest.raises(InvalidRequestError, match="max_model_len 24"):
+        engine.add_request("too-long", [5] * 20, SamplingParams(max_tokens=5))
+    (done,) = engine.generate([[5] * 20], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert done.finish_reason is FinishReason.LENGTH and len(done.token_ids) == 4
+
+
+def test_async_streams_match_the_synchronous_engine(engine):
+    params = [SamplingParams(max_tokens=n, temperature=0.8, seed=n, ignore_eos=True) for n in (5, 9, 14)]
+    prompts = ["first", "second prompt", "third " * 10]
+    expected = [c.token_ids for c in engine.generate(prompts, params)]
+
+    async def stream(async_engine, index):
+        tokens, finals = [], []
+        async for output in async_engine.generate(f"a{index}", prompts[index], params[index]):
+            tokens += output.new_token_ids
+            finals.append(output.finished)
+        return tokens, finals
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        return await asyncio.gather(*(stream(async_engine, i) for i in range(3)))
+
+    results = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == expected
+    assert all(finals[-1] and not any(finals[:-1]) for _, finals in results)
+    assert pool_is_full(engine)
+
+
+def test_async_validation_errors_raise_at_once_and_a_cancelled_stream_aborts(engine):
+    async def main():
+        async_engine = AsyncEngine(engine)
+        with pytest.raises(InvalidRequestError, match="top_p"):
+            async for _ in async_engine.generate("bad", "x", SamplingParams(top_p=2.0)):
+                pass
+        stream = async_engine.generate("left", "y" * 30, SamplingParams(max_tokens=500, ignore_eos=True))
+        first = await stream.__anext__()
+        await stream.aclose()  # the client went away
+        while engine.has_unfinished():
+            await asyncio.sleep(0.01)
+        return first
+
+    first = asyncio.run(main())
+    assert first.new_token_ids and not first.finished
+    assert pool_is_full(engine)
