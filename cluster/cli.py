@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from cluster.config import ConfigError, load_config
+from workers.engine_config import EngineConfigError
 from workers.layers import WeightLoadError
 from workers.model_config import ModelConfigError
 from workers.validation import InvalidRequestError
@@ -36,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="kvtier: %(message)s")
     try:
         return args.handler(args)
-    except (ConfigError, InvalidRequestError, ModelConfigError, WeightLoadError, FileNotFoundError) as error:
+    except (ConfigError, EngineConfigError, InvalidRequestError, ModelConfigError, WeightLoadError,
+            FileNotFoundError) as error:
         print(f"kvtier: error: {error}", file=sys.stderr)
         return 2
 
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     prompts = parser.add_argument_group("prompts (repeatable; all are submitted together as one batch)")
-    prompts.add_argument("--prompt", dest="prompts", action="append", type=_text_prompt, default=[], help="text")
+    prompts.add_argument("--prompt", dest="prompts", action="append", default=[], help="text")
     prompts.add_argument("--prompt-token-ids", dest="prompts", action="append", type=_token_ids, metavar="1,2,3")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=16)
@@ -77,10 +79,6 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order")
     parser.add_argument("--quiet", action="store_true", help="no progress or info on stderr")
-
-
-def _text_prompt(text: str) -> str:
-    return text
 
 
 def _token_ids(text: str) -> list[int]:

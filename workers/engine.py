@@ -16,7 +16,7 @@ import torch
 
 from kvstore.block_pool import BlockPool
 from workers.attention import make_backend
-from workers.engine_config import EngineConfig
+from workers.engine_config import EngineConfig, EngineConfigError
 from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
@@ -158,7 +158,6 @@ class LLMEngine:
             seed = self._seed_source.randrange(2**63)
         seq = Sequence(
             request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), request.params,
-            arrival=self._arrivals,
         )
         self._arrivals += 1
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -252,7 +251,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} asked for, but torch sees no CUDA device")
+        raise EngineConfigError(f"engine.device: {name!r} asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -263,6 +262,8 @@ def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
         limit = min(limit, model.sliding_window)  # full attention is exact only within the window
     if config.max_model_len is not None:
         if config.max_model_len > limit:
-            raise ValueError(f"max_model_len: {config.max_model_len} exceeds what the model supports ({limit})")
+            raise EngineConfigError(
+                f"engine.max_model_len: {config.max_model_len} exceeds what the model supports ({limit})"
+            )
         limit = config.max_model_len
     return limit

@@ -12,6 +12,10 @@ _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
+class EngineConfigError(ValueError):
+    """A setting that is well-formed but cannot work with this model or machine; names the key."""
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     """Either a fraction of the device's free memory or a number of bytes ("auto" picks per device)."""

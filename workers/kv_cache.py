@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine_config import CacheConfig, parse_memory
+from workers.engine_config import CacheConfig, EngineConfigError, parse_memory
 from workers.model_config import ModelConfig
 
 _CPU_AUTO_BYTES = 2 * 2**30  # CPU 'auto': at most 2 GiB ...
@@ -52,7 +52,7 @@ def plan_kv_cache(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, de
     per_block = bytes_per_block(model.num_layers, cache.block_size, model.num_kv_heads, model.head_dim, dtype)
     num_blocks = cache.num_blocks or _budget_bytes(cache.memory, device) // per_block
     if num_blocks < 1:
-        raise ValueError(f"cache.memory: {cache.memory!r} holds no block ({per_block:,} bytes each)")
+        raise EngineConfigError(f"engine.cache.memory: {cache.memory!r} holds no block ({per_block:,} bytes each)")
     return KVCacheShape(num_blocks, model.num_layers, cache.block_size, model.num_kv_heads, model.head_dim, dtype)
 
 
@@ -81,4 +81,4 @@ def _free_device_bytes(device: torch.device) -> int:
         for line in meminfo:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo; set cache.memory to a size")
+    raise EngineConfigError("engine.cache.memory: cannot read MemAvailable from /proc/meminfo; give a size")

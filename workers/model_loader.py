@@ -14,6 +14,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from workers.attention import AttentionBackend
+from workers.engine_config import EngineConfigError
 from workers.layers import WeightLoadError
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
@@ -33,7 +34,7 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
     """``auto`` takes the checkpoint's dtype; otherwise one of DTYPE_NAMES."""
     key = config.dtype if name == "auto" else name
     if key not in _DTYPES:
-        raise ValueError(f"dtype {key!r} is not supported (supported: auto, {', '.join(DTYPE_NAMES)})")
+        raise EngineConfigError(f"engine.dtype: {key!r} is not supported (supported: auto, {', '.join(DTYPE_NAMES)})")
     return _DTYPES[key]
 
 

@@ -29,7 +29,6 @@ class Sequence:
     token_ids: list[int]  # the prompt, then every generated token
     num_prompt_tokens: int
     params: SamplingParams
-    arrival: int  # admission order: the newest running sequence is preempted first
     status: SequenceStatus = SequenceStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

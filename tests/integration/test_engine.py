@@ -8,7 +8,7 @@ import pytest
 
 from workers.async_engine import AsyncEngine
 from workers.engine import LLMEngine
-from workers.engine_config import CacheConfig, EngineConfig
+from workers.engine_config import CacheConfig, EngineConfig, EngineConfigError
 from workers.presets import EOS_ID
 from workers.sampling_params import SamplingParams
 from workers.sequence import FinishReason
@@ -118,6 +118,11 @@ def test_stop_strings_cut_the_text(engine):
     cut = engine.generate([[72, 105]], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))
     assert cut[0].finish_reason is FinishReason.STOP
     assert cut[0].text == full.text[: full.text.index(stop)]
+
+
+def test_a_max_model_len_beyond_the_model_is_a_config_error():
+    with pytest.raises(EngineConfigError, match="engine.max_model_len: 100000 exceeds"):
+        LLMEngine.from_config(EngineConfig(model="tiny", max_model_len=100_000), progress=False)
 
 
 def test_max_model_len_finishes_with_length():

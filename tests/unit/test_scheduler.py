@@ -14,8 +14,8 @@ def make(num_blocks=8, max_num_seqs=8, budget=64):
     return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), pool, BLOCK), pool
 
 
-def seq(name, prompt_len, arrival=0):
-    return Sequence(name, list(range(prompt_len)), prompt_len, SamplingParams(), arrival=arrival)
+def seq(name, prompt_len):
+    return Sequence(name, list(range(prompt_len)), prompt_len, SamplingParams())
 
 
 def run_step(scheduler, sampled_token=7):
@@ -44,7 +44,7 @@ def test_prefill_then_decode_allocates_blocks_as_tokens_arrive():
 
 def test_chunked_prefill_splits_a_long_prompt_under_the_token_budget():
     scheduler, _ = make(num_blocks=16, budget=8)
-    a, b = seq("a", 20), seq("b", 3, arrival=1)
+    a, b = seq("a", 20), seq("b", 3)
     scheduler.add(a)
     scheduler.add(b)
     chunks = [[(c.seq.request_id, c.start, c.num_tokens) for c in run_step(scheduler).chunks] for _ in range(4)]
@@ -59,7 +59,7 @@ def test_chunked_prefill_splits_a_long_prompt_under_the_token_budget():
 
 def test_newest_running_sequence_is_preempted_and_recomputed_first():
     scheduler, pool = make(num_blocks=4)
-    a, b = seq("a", 8, arrival=0), seq("b", 8, arrival=1)
+    a, b = seq("a", 8), seq("b", 8)
     scheduler.add(a)
     scheduler.add(b)
     run_step(scheduler)
@@ -88,7 +88,7 @@ def test_a_sequence_that_cannot_grow_preempts_itself_when_it_is_the_newest():
 def test_max_num_seqs_caps_running_sequences():
     scheduler, _ = make(max_num_seqs=2)
     for i in range(3):
-        scheduler.add(seq(f"s{i}", 2, arrival=i))
+        scheduler.add(seq(f"s{i}", 2))
     out = run_step(scheduler)
     assert [c.seq.request_id for c in out.chunks] == ["s0", "s1"]
     assert [s.request_id for s in scheduler.waiting] == ["s2"]
@@ -96,7 +96,7 @@ def test_max_num_seqs_caps_running_sequences():
 
 def test_finish_returns_every_block_of_running_and_waiting_sequences():
     scheduler, pool = make(num_blocks=3)
-    a, b = seq("a", 8), seq("b", 8, arrival=1)
+    a, b = seq("a", 8), seq("b", 8)
     scheduler.add(a)
     scheduler.add(b)
     run_step(scheduler)  # a takes 2 blocks; b does not fit and waits
