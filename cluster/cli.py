@@ -29,6 +29,7 @@ _ENGINE_FLAGS = {
     "num_kv_blocks": ("engine", "cache", "num_blocks"),
     "max_num_seqs": ("engine", "scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("engine", "scheduler", "max_num_batched_tokens"),
+    "redis_url": ("kvstore", "redis", "url"),
 }
 
 
@@ -49,7 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate completions for one or more prompts, as one batch")
     _add_generate_flags(generate)
     generate.set_defaults(handler=run_generate)
+    cache = commands.add_parser("cache", help="manage the shared KV cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    flush = cache_commands.add_parser("flush", help="delete a model's (or one cache salt's) blocks from Redis")
+    _add_model_flags(flush)
+    flush.add_argument("--cache-salt", help="only this salt's blocks (default: every salt of the model)")
+    flush.add_argument("--quiet", action="store_true")
+    flush.set_defaults(handler=run_cache_flush)
     return parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    engine = parser.add_argument_group("engine and cache (override the config file)")
+    engine.add_argument("--config", help="kvtier YAML config file")
+    engine.add_argument("--model", help="built-in preset (tiny) or a Hugging Face-format directory")
+    engine.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    engine.add_argument("--block-size", type=int)
+    engine.add_argument("--redis-url", help="redis:// or rediss:// URL of the shared KV tier")
+    return engine
 
 
 def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,18 +84,17 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     sampling.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="1,2")
     sampling.add_argument("--ignore-eos", action="store_true")
-    engine = parser.add_argument_group("engine (override the config file)")
-    engine.add_argument("--config", help="kvtier YAML config file")
-    engine.add_argument("--model", help="built-in preset (tiny) or a Hugging Face-format directory")
-    engine.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    engine = _add_model_flags(parser)
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     engine.add_argument("--max-model-len", type=int)
-    engine.add_argument("--block-size", type=int)
     engine.add_argument("--kv-cache-memory", help="auto, a fraction of free memory (0.8) or a size (4GiB)")
     engine.add_argument("--num-kv-blocks", type=int, help="exact KV pool size in blocks (overrides memory)")
     engine.add_argument("--max-num-seqs", type=int)
     engine.add_argument("--max-num-batched-tokens", type=int)
+    engine.add_argument("--cache-salt", help="tenant salt: blocks are shared only between requests with the same")
+    engine.add_argument("--no-cache", action="store_true", help="turn every KV cache tier off (recompute all)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order")
+    parser.add_argument("--stats", action="store_true", help="print engine and KV tier counters to stderr as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress or info on stderr")
 
 
@@ -90,8 +107,10 @@ def _token_ids(text: str) -> list[int]:
 
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
+    if getattr(args, "no_cache", False):
+        overrides["kvstore"] = {"prefix_caching": False}
     for flag, key_path in _ENGINE_FLAGS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None:
             node = overrides
             for key in key_path[:-1]:
@@ -112,8 +131,12 @@ def run_generate(args: argparse.Namespace) -> int:
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
         ignore_eos=args.ignore_eos,
     )
-    engine = LLMEngine.from_config(config.engine, progress=not args.quiet)
-    for completion in engine.generate(args.prompts, params):
+    engine = LLMEngine.from_config(config.engine, config.kvstore, progress=not args.quiet)
+    try:
+        completions = engine.generate(args.prompts, params, cache_salt=args.cache_salt)
+    finally:
+        engine.close()  # queued Redis writes land before the process exits
+    for completion in completions:
         if args.json:
             record = {
                 "token_ids": completion.token_ids, "text": completion.text,
@@ -122,6 +145,29 @@ def run_generate(args: argparse.Namespace) -> int:
             print(json.dumps(record), flush=True)
         else:
             print(completion.text, flush=True)
+    if args.stats:
+        stats = {"engine": asdict(engine.stats), "kvstore": engine.kv_store_stats()}
+        print(f"kvtier stats: {json.dumps(stats)}", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_cache_flush(args: argparse.Namespace) -> int:
+    from kvstore.redis_keys import flush_pattern
+    from kvstore.redis_store import RedisStore
+    from workers.model_loader import model_fingerprint_of
+
+    config = load_config(args.config, engine_overrides(args))
+    if config.kvstore.redis.url is None:
+        raise ConfigError("kvstore.redis.url: flush needs a Redis URL (--redis-url or the config file)")
+    fingerprint = model_fingerprint_of(config.engine)
+    store = RedisStore(config.kvstore.redis)
+    deleted = store.delete_matching(flush_pattern(fingerprint, args.cache_salt, any_salt=args.cache_salt is None))
+    store.close()
+    if deleted is None:
+        print(f"kvtier: error: Redis at {config.kvstore.redis.url} did not answer", file=sys.stderr)
+        return 1
+    scope = f"cache salt {args.cache_salt!r} of " if args.cache_salt is not None else ""
+    print(f"deleted {deleted} blocks of {scope}model {config.engine.model} ({fingerprint[:16]}) from Redis")
     return 0
 
 

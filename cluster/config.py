@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from kvstore.config import KVStoreConfig
 from workers.engine_config import EngineConfig
 
 
@@ -27,6 +28,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class KvtierConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
+    kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> KvtierConfig:

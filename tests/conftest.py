@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.redis_server import RedisServer
+
 
 @pytest.fixture(scope="session", autouse=True)
 def kvtier_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -12,6 +14,14 @@ def kvtier_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path_factory.mktemp("kvtier-cache")))
     yield
     monkeypatch.undo()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> RedisServer:
+    """A fresh redis-server of this test's own, on a free loopback port."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from kvstore.block_pool import BlockPool
+from kvstore.config import KVStoreConfig
+from kvstore.cost_model import FetchCostModel
+from kvstore.hashing import BlockHasher
+from kvstore.stats import KVStoreStats
 from workers.attention import make_backend
 from workers.engine_config import EngineConfig, EngineConfigError
 from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
+from workers.kv_tiers import KVTiers
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
-from workers.model_loader import load_model, resolve_dtype
+from workers.model_loader import load_model, model_fingerprint_of, resolve_dtype
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
 from workers.sampler import sample
 from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
+from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
 from workers.text_output import TextOutput
 from workers.tokenizer import Tokenizer, load_tokenizer
@@ -35,10 +41,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class CachedTokens:
+    """Prompt tokens that were not computed, by the tier they came from."""
+
+    gpu: int = 0
+    cpu: int = 0
+    redis: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.gpu + self.cpu + self.redis
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0
+    cached_tokens: CachedTokens = CachedTokens()
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class PreparedRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -102,15 +122,25 @@ class LLMEngine:
         tokenizer: Tokenizer | None,
         cache_shape: KVCacheShape,
         device: torch.device,
+        kvstore: KVStoreConfig | None = None,
+        fingerprint: str = "0" * 64,
     ) -> None:
         self.config = config
+        self.kvstore_config = kvstore or KVStoreConfig()
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.device = device
         self.cache_shape = cache_shape
+        self.fingerprint = fingerprint
         self.block_pool = BlockPool(cache_shape.num_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.block_pool, cache_shape.block_size)
         self.runner = ModelRunner(model, allocate_kv_cache(cache_shape, device), cache_shape.block_size, device)
+        self.kv_stats = KVStoreStats()
+        self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
+        self.tiers = self._make_tiers()
+        self.scheduler = Scheduler(
+            config.scheduler, self.block_pool, cache_shape.block_size,
+            prefix_caching=self.kvstore_config.prefix_caching, lower_tiers=self.tiers, stats=self.kv_stats,
+        )
         self.limits = RequestLimits(
             vocab_size=self.model_config.vocab_size,
             max_model_len=max_model_len(config, self.model_config),
@@ -124,7 +154,9 @@ class LLMEngine:
         self._arrivals = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig, progress: bool = True) -> LLMEngine:
+    def from_config(
+        cls, config: EngineConfig, kvstore: KVStoreConfig | None = None, progress: bool = True
+    ) -> LLMEngine:
         model_dir = resolve_model_dir(config.model)
         device = resolve_device(config.device)
         model_config = load_model_config(model_dir)
@@ -132,10 +164,23 @@ class LLMEngine:
         model = load_model(model_dir, dtype, str(device), make_backend(config.attention_backend), progress)
         cache_shape = plan_kv_cache(config.cache, model_config, dtype, device)
         log.info("%s on %s", cache_shape.describe(), device)
-        return cls(config, model, load_tokenizer(model_dir), cache_shape, device)
+        fingerprint = model_fingerprint_of(config)
+        return cls(config, model, load_tokenizer(model_dir), cache_shape, device, kvstore, fingerprint)
+
+    def _make_tiers(self) -> KVTiers | None:
+        kvstore = self.kvstore_config
+        if not kvstore.prefix_caching or not (kvstore.cpu.enabled or kvstore.redis.url):
+            return None
+        return KVTiers(
+            self.runner.kv_cache, self.cache_shape, kvstore, self.fingerprint, self.kv_stats, self.cost_model
+        )
 
     def prepare_request(
-        self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        cache_salt: str | None = None,
     ) -> PreparedRequest:
         """Tokenize and validate; raises ``InvalidRequestError`` naming the field. Touches no engine state."""
         params = params or SamplingParams()
@@ -144,11 +189,17 @@ class LLMEngine:
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = list(prompt)
-        validate_request(prompt_ids, params, self.limits)
-        return PreparedRequest(str(request_id), prompt_ids, params)
+        validate_request(prompt_ids, params, self.limits, cache_salt)
+        return PreparedRequest(str(request_id), prompt_ids, params, cache_salt)
 
-    def add_request(self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None) -> None:
-        self.submit(self.prepare_request(request_id, prompt, params))
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        self.submit(self.prepare_request(request_id, prompt, params, cache_salt))
 
     def submit(self, request: PreparedRequest) -> None:
         if request.request_id in self._requests:
@@ -158,7 +209,10 @@ class LLMEngine:
             seed = self._seed_source.randrange(2**63)
         seq = Sequence(
             request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), request.params,
+            salt=request.cache_salt,
         )
+        if self.kvstore_config.prefix_caching:
+            seq.hasher = BlockHasher(self.cache_shape.block_size, salt=request.cache_salt)
         self._arrivals += 1
         generator = torch.Generator(device=self.device).manual_seed(seed)
         text = TextOutput(self.tokenizer, seq.prompt_token_ids, request.params.stop)
@@ -182,22 +236,66 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
+        self._move_blocks_in(plan)
+        began = time.perf_counter()
         logits = self.runner.execute(plan.chunks)
+        sampling = [self._requests[chunk.seq.request_id] for chunk in plan.chunks if chunk.samples]
+        tokens = sample(logits, [s.seq.params for s in sampling], [s.generator for s in sampling]) if sampling else []
+        self._observe_step(plan, time.perf_counter() - began)
         self.scheduler.mark_computed(plan)
+        newly_cached = self.scheduler.cache_full_blocks(plan)
+        if self.tiers is not None:
+            self.tiers.store(newly_cached)
+        return outputs + [self._append_token(state, token) for state, token in zip(sampling, tokens)]
+
+    def _move_blocks_in(self, plan: SchedulerOutput) -> None:
+        """Before the forward: spill what the pool evicted (its slots are about to be reused), then load hits."""
+        evicted = self.block_pool.take_evicted()
+        if self.tiers is None:
+            self.kv_stats["gpu"].evicted_blocks += len(evicted)
+            return
+        self.tiers.spill(evicted)
+        self.tiers.load(plan.loads)
+        self.scheduler.mark_loaded(plan.loads)
+
+    def _observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
         self.stats.steps += 1
         self.stats.preemptions += len(plan.preempted)
         self.stats.computed_tokens += plan.num_tokens
-        sampling = [self._requests[chunk.seq.request_id] for chunk in plan.chunks if chunk.samples]
-        if sampling:
-            tokens = sample(logits, [s.seq.params for s in sampling], [s.generator for s in sampling])
-            outputs += [self._append_token(state, token) for state, token in zip(sampling, tokens)]
-        return outputs
+        prefill_tokens = sum(chunk.num_tokens for chunk in plan.chunks if chunk.num_tokens > 1)
+        if prefill_tokens >= plan.num_tokens // 2:  # a step that is mostly prefill measures the prefill rate
+            self.cost_model.observe_prefill(plan.num_tokens, seconds)
 
-    def generate(self, prompts: Seq[str | Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[Completion]:
+    def flush_cache(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
+        """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), Redis for this model
+        (or only ``salt``'s blocks when ``all_salts`` is False). Returns blocks dropped per tier."""
+        dropped = {"gpu": self.block_pool.reset_cache(), "cpu": 0, "redis": 0}
+        if self.tiers is not None:
+            dropped.update(self.tiers.flush(salt, all_salts))
+        return dropped
+
+    def kv_store_stats(self) -> dict[str, dict[str, int]]:
+        if self.tiers is not None:
+            self.tiers.sync_writer_stats()
+        return self.kv_stats.as_dict()
+
+    def close(self) -> None:
+        """Finish queued Redis writes and close connections."""
+        if self.tiers is not None:
+            self.tiers.close()
+
+    def generate(
+        self,
+        prompts: Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams],
+        cache_salt: str | None = None,
+    ) -> list[Completion]:
         """Run ``prompts`` as one batch to completion; results in prompt order."""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         request_ids = [f"generate-{self._arrivals + i}" for i in range(len(prompts))]
-        prepared = [self.prepare_request(rid, p, sp) for rid, p, sp in zip(request_ids, prompts, params_list)]
+        prepared = [
+            self.prepare_request(rid, p, sp, cache_salt) for rid, p, sp in zip(request_ids, prompts, params_list)
+        ]
         for request in prepared:
             self.submit(request)
         return self.run_to_completion(request_ids)
@@ -241,7 +339,8 @@ class LLMEngine:
 
     def _output(self, state: _RequestState, new_tokens: tuple[int, ...], finished: bool) -> RequestOutput:
         seq = state.seq
-        usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens)
+        cached = CachedTokens(**(seq.cached_tokens or {}))
+        usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, cached)
         return RequestOutput(
             seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage
         )

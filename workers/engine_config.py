@@ -8,9 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-_SIZE_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
+from kvstore.config import parse_size
 
 class EngineConfigError(ValueError):
     """A setting that is well-formed but cannot work with this model or machine; names the key."""
@@ -28,15 +26,15 @@ def parse_memory(text: str) -> MemoryBudget:
     """``auto``, a fraction in (0, 1] such as ``0.8``, or a size such as ``4GiB``, ``512MiB``, ``1000000``."""
     if text == "auto":
         return MemoryBudget()
-    match = _SIZE_PATTERN.match(str(text))
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"{text!r} is not 'auto', a fraction like 0.8, or a size like 4GiB")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    if unit == "" and "." in match.group(1):
-        if not 0 < number <= 1:
+    if re.fullmatch(r"\s*[0-9]*\.[0-9]+\s*", str(text)):
+        fraction = float(text)
+        if not 0 < fraction <= 1:
             raise ValueError(f"fraction {text!r} must be in (0, 1]")
-        return MemoryBudget(fraction=number)
-    num_bytes = int(number * _SIZE_UNITS[unit])
+        return MemoryBudget(fraction=fraction)
+    try:
+        num_bytes = parse_size(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not 'auto', a fraction like 0.8, or a size like 4GiB") from None
     if num_bytes < 1:
         raise ValueError(f"size {text!r} must be at least 1 byte")
     return MemoryBudget(num_bytes=num_bytes)

@@ -6,7 +6,9 @@ safetensors), copied into place and dropped, so no second full copy of the weigh
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,7 +16,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from workers.attention import AttentionBackend
-from workers.engine_config import EngineConfigError
+from kvstore.hashing import model_fingerprint
+from workers.engine_config import EngineConfig, EngineConfigError
 from workers.layers import WeightLoadError
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
@@ -69,3 +72,31 @@ def _load_file(model: LlamaForCausalLM, path: Path, bar: tqdm) -> set[str]:
                 loaded.add(key)
             bar.update(tensor.numel() * tensor.element_size())
     return loaded
+
+
+def weights_identity(model_dir: Path) -> str:
+    """A cheap digest of the weight files: names, sizes, safetensors headers and 16 sampled 4 KiB windows.
+
+    Two checkpoints that differ anywhere in their headers or sampled bytes get different identities; reading
+    every byte of a large checkpoint at each start would cost seconds per GiB."""
+    hasher = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        size = path.stat().st_size
+        hasher.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as weights:
+            header_len = int.from_bytes(weights.read(8), "little")
+            hasher.update(weights.read(min(header_len, size)))
+            for index in range(16):
+                weights.seek(size * index // 16)
+                hasher.update(weights.read(4096))
+    return hasher.hexdigest()
+
+
+def model_fingerprint_of(config: EngineConfig) -> str:
+    """The namespace of ``config``'s model in every tier, computed without loading the weights."""
+    from workers.presets import resolve_model_dir
+
+    model_dir = resolve_model_dir(config.model)
+    model_config = load_model_config(model_dir)
+    dtype = resolve_dtype(config.dtype, model_config)
+    return model_fingerprint(asdict(model_config), str(dtype), config.cache.block_size, weights_identity(model_dir))

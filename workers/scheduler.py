@@ -7,14 +7,22 @@ sequences are admitted, oldest first, with whatever budget and blocks remain, up
 When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks
 are freed and it goes back to the head of the waiting queue, to be recomputed (prompt and generated tokens)
 when it is admitted again. No waiting sequence is admitted in a step that preempted.
+
+Prefix caching: a sequence being admitted first takes the GPU blocks that already cache the leading blocks
+of its tokens (shared, reference-counted), then asks the lower tiers (CPU, Redis) for the run that follows;
+blocks found there get fresh GPU blocks and a ``BlockLoad`` the engine executes before the step's forward.
+Only the rest is computed. At least the last token is always computed, so the step has logits to sample.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from kvstore.block_pool import BlockPool
+from kvstore.redis_keys import BlockLoad, PrefixRef
+from kvstore.stats import TIERS, KVStoreStats
 from workers.engine_config import SchedulerConfig
 from workers.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -35,10 +43,36 @@ class ScheduledChunk:
         return cls(seq, start, num_tokens, samples=start + num_tokens == seq.num_tokens)
 
 
+class LowerTiers(Protocol):
+    """The tiers below the GPU, as the scheduler sees them (``workers.kv_tiers.KVTiers``)."""
+
+    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef) -> list[str]: ...
+
+    def cancel(self, block_hashes: list[bytes], tiers: list[str]) -> None: ...
+
+
+@dataclass(frozen=True)
+class _PrefixMatch:
+    gpu_blocks: int = 0
+    lower_hashes: list[bytes] = field(default_factory=list)
+    lower_tiers: list[str] = field(default_factory=list)
+    lower_blocks: list[int] = field(default_factory=list)
+    missed_blocks: int = 0
+
+    def loads(self) -> list[BlockLoad]:
+        return [BlockLoad(*load) for load in zip(self.lower_hashes, self.lower_blocks, self.lower_tiers)]
+
+    def cached_tokens(self, block_size: int) -> dict[str, int]:
+        counts = {tier: self.lower_tiers.count(tier) * block_size for tier in TIERS}
+        counts["gpu"] = self.gpu_blocks * block_size
+        return counts
+
+
 @dataclass(frozen=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]
+    loads: list[BlockLoad] = field(default_factory=list)  # run before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -46,10 +80,21 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_pool: BlockPool, block_size: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_pool: BlockPool,
+        block_size: int,
+        prefix_caching: bool = False,
+        lower_tiers: LowerTiers | None = None,
+        stats: KVStoreStats | None = None,
+    ) -> None:
         self.config = config
         self.block_pool = block_pool
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.lower_tiers = lower_tiers
+        self.stats = stats or KVStoreStats()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -63,14 +108,37 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks, preempted = self._schedule_running(budget)
         budget -= sum(chunk.num_tokens for chunk in chunks)
+        loads: list[BlockLoad] = []
         if not preempted:
-            chunks += self._admit_waiting(budget)
-        return SchedulerOutput(chunks, preempted)
+            admitted, loads = self._admit_waiting(budget)
+            chunks += admitted
+        return SchedulerOutput(chunks, preempted, loads)
 
     def mark_computed(self, output: SchedulerOutput) -> None:
         """Call after the step ran: the scheduled tokens' KV is now in the cache."""
         for chunk in output.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+
+    def mark_loaded(self, loads: list[BlockLoad]) -> None:
+        """Call once the loads are in their GPU blocks: those blocks now cache their hashes."""
+        for load in loads:
+            self.block_pool.cache(load.block_id, load.block_hash)
+
+    def cache_full_blocks(self, output: SchedulerOutput) -> list[tuple[bytes, int, PrefixRef]]:
+        """Register the blocks this step filled in the GPU prefix cache; returns (hash, block, prefix) of each
+        newly cached one (for the lower tiers to store)."""
+        cached = []
+        for chunk in output.chunks:
+            seq = chunk.seq
+            if seq.hasher is None or seq.status is not SequenceStatus.RUNNING:
+                continue
+            num_full = seq.num_computed_tokens // self.block_size
+            hashes = seq.hasher.update(seq.token_ids[: num_full * self.block_size])
+            for index in range(seq.num_cached_blocks, num_full):
+                if self.block_pool.cache(seq.block_ids[index], hashes[index]):
+                    cached.append((hashes[index], seq.block_ids[index], seq.prefix_ref))
+            seq.num_cached_blocks = num_full
+        return cached
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire a running or waiting sequence and free its blocks."""
@@ -99,19 +167,55 @@ class Scheduler:
             index += 1
         return chunks, preempted
 
-    def _admit_waiting(self, budget: int) -> list[ScheduledChunk]:
-        chunks = []
+    def _admit_waiting(self, budget: int) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
+        chunks: list[ScheduledChunk] = []
+        loads: list[BlockLoad] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            match = self._match_prefix(seq) if seq.num_computed_tokens == 0 else _PrefixMatch()
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, num_tokens):
+                self._unmatch(seq, match)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk.of(seq, num_tokens))
+            loads += match.loads()
+            self._count_match(seq, match)
             budget -= num_tokens
-        return chunks
+        return chunks, loads
+
+    def _match_prefix(self, seq: Sequence) -> _PrefixMatch:
+        """Take the GPU blocks caching ``seq``'s leading blocks and room for what the lower tiers hold."""
+        if not self.prefix_caching or seq.hasher is None:
+            return _PrefixMatch()
+        hashes = seq.hasher.update(seq.token_ids)[: (seq.num_tokens - 1) // self.block_size]
+        gpu_blocks = self.block_pool.match_prefix(hashes)
+        self.block_pool.share(gpu_blocks)
+        rest = hashes[len(gpu_blocks) :]
+        tiers = self.lower_tiers.lookup(rest, seq.prefix_ref) if rest and self.lower_tiers else []
+        if tiers and not self.block_pool.can_allocate(len(tiers)):
+            self.lower_tiers.cancel(rest[: len(tiers)], tiers)
+            tiers = []
+        lower_blocks = self.block_pool.allocate(len(tiers))
+        seq.block_ids = gpu_blocks + lower_blocks
+        seq.num_computed_tokens = len(seq.block_ids) * self.block_size
+        seq.num_cached_blocks = len(gpu_blocks)  # loaded blocks are registered by mark_loaded
+        return _PrefixMatch(len(gpu_blocks), rest[: len(tiers)], tiers, lower_blocks, len(hashes) - len(gpu_blocks))
+
+    def _unmatch(self, seq: Sequence, match: _PrefixMatch) -> None:
+        if match.lower_tiers:
+            self.lower_tiers.cancel(match.lower_hashes, match.lower_tiers)
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
+
+    def _count_match(self, seq: Sequence, match: _PrefixMatch) -> None:
+        self.stats["gpu"].hit_blocks += match.gpu_blocks
+        self.stats["gpu"].miss_blocks += match.missed_blocks
+        if seq.cached_tokens is None:
+            seq.cached_tokens = match.cached_tokens(self.block_size)
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Give ``seq`` enough blocks to hold ``num_tokens`` more tokens; False (and no change) if the pool can't."""
@@ -126,10 +230,11 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.block_pool.free(seq.block_ids)
+        self.block_pool.free(reversed(seq.block_ids))  # tail first: a shared prefix is evicted last
         seq.block_ids = []

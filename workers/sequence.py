@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from kvstore.hashing import BlockHasher
+from kvstore.redis_keys import PrefixRef
 from workers.sampling_params import SamplingParams
 
 
@@ -34,6 +36,14 @@ class Sequence:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
+    salt: str | None = None  # the tenant: blocks are shared only between requests with the same salt
+    hasher: BlockHasher | None = None  # set when prefix caching is on
+    num_cached_blocks: int = 0  # leading blocks registered in the GPU prefix cache
+    cached_tokens: dict[str, int] | None = None  # prompt tokens found per tier, at first admission
+
+    @property
+    def prefix_ref(self) -> PrefixRef:
+        return PrefixRef(self.salt, self.hasher.hashes[0])
 
     @property
     def num_tokens(self) -> int:

@@ -35,7 +35,14 @@ def validate_text_prompt(prompt: str, limits: RequestLimits) -> None:
         raise InvalidRequestError("prompt", "this model has no tokenizer.json; send prompt_token_ids instead")
 
 
-def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
+MAX_CACHE_SALT_CHARS = 1024
+
+
+def validate_request(
+    prompt_token_ids: list[int], params: SamplingParams, limits: RequestLimits, cache_salt: str | None = None
+) -> None:
+    if cache_salt is not None and (not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT_CHARS):
+        raise InvalidRequestError("cache_salt", f"must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
     _check_prompt_ids(prompt_token_ids, limits)
     _check_sampling(params, limits)
     _check_stops(params, limits)

@@ -106,4 +106,4 @@ def test_the_cli_gives_the_same_tokens(reference):
     assert [r["finish_reason"] for r in records] == ["length" if len(e) == MAX_TOKENS else "stop" for e in expected]
     assert [r["usage"]["prompt_tokens"] for r in records] == PROMPT_LENGTHS
     assert [r["usage"]["completion_tokens"] for r in records] == [len(e) for e in expected]
-    assert all(r["usage"]["cached_tokens"] == 0 for r in records)
+    assert all(r["usage"]["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0} for r in records)

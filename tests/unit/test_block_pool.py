@@ -49,7 +49,7 @@ def test_exhaustion_raises_and_leaves_the_pool_unchanged():
     "action, message",
     [
         (lambda pool: pool.free([1]), "already free"),
-        (lambda pool: pool.share([2]), "cannot be shared"),
+        (lambda pool: pool.share([2]), "holds nothing to share"),
         (lambda pool: pool.free([7]), "outside the pool"),
     ],
 )

@@ -67,13 +67,13 @@ def test_newest_running_sequence_is_preempted_and_recomputed_first():
     out = run_step(scheduler)  # a's token 9 needs a block: b (newest) is preempted
     assert [s.request_id for s in out.preempted] == ["b"]
     assert [(c.seq.request_id, c.start) for c in out.chunks] == [("a", 8)]
-    assert a.block_ids == [0, 1, 2] and b.block_ids == [] and b.num_computed_tokens == 0
+    assert a.block_ids == [0, 1, 3] and b.block_ids == [] and b.num_computed_tokens == 0  # b freed tail first
     assert b.status is SequenceStatus.WAITING and list(scheduler.waiting) == [b] and b.num_preemptions == 1
     scheduler.finish(a, FinishReason.LENGTH)
-    assert pool.free_ids() == [3, 0, 1, 2]
+    assert pool.free_ids() == [2, 3, 1, 0]
     out = run_step(scheduler)  # b recomputes its prompt and its generated token
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("b", 0, 9)]
-    assert b.block_ids == [3, 0, 1]
+    assert b.block_ids == [2, 3, 1]
 
 
 def test_a_sequence_that_cannot_grow_preempts_itself_when_it_is_the_newest():

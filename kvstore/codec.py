@@ -1,0 +1,82 @@
+"""The self-describing value of one stored block: a fixed header, then the raw bytes. Pure Python.
+
+Header (little-endian, ``HEADER.size`` bytes): magic ``KVTB``, format version, dtype code, the model
+fingerprint (32 bytes), the block hash (32 bytes), the unit's shape (layers, 2, block_size, kv heads in
+this unit, head_dim), its KV-head range within the model's heads, the payload length, and an XXH3-64 checksum
+over the header fields and the payload. A value that fails any check raises ``CorruptValue``: the caller
+treats it as a miss and deletes it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+MAGIC = b"KVTB"
+FORMAT_VERSION = 1
+DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
+# magic, version, dtype, pad, fingerprint, block hash, 5 dims, head start, head end, total heads, pad, payload length
+_FIELDS = struct.Struct("<4sHBx32s32s5IHHHxxQ")
+_CHECKSUM = struct.Struct("<Q")
+HEADER_SIZE = _FIELDS.size + _CHECKSUM.size
+
+
+class CorruptValue(ValueError):
+    """The stored bytes are not the block asked for (wrong magic, version, model, shape, length or checksum)."""
+
+
+@dataclass(frozen=True)
+class BlockUnit:
+    """What a stored value must be: this model's block ``block_hash``, KV heads ``[head_start, head_end)``."""
+
+    fingerprint: bytes  # 32 bytes
+    block_hash: bytes  # 32 bytes
+    dtype: str
+    shape: tuple[int, int, int, int, int]  # [num_layers, 2, block_size, kv_heads in unit, head_dim]
+    head_start: int
+    head_end: int
+    total_heads: int
+
+    @property
+    def payload_size(self) -> int:
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
+        for dim in self.shape:
+            size *= dim
+        return size
+
+
+def _header_fields(unit: BlockUnit, payload_len: int) -> bytes:
+    return _FIELDS.pack(
+        MAGIC, FORMAT_VERSION, DTYPE_CODES[unit.dtype], unit.fingerprint, unit.block_hash, *unit.shape,
+        unit.head_start, unit.head_end, unit.total_heads, payload_len,
+    )
+
+
+def encode(unit: BlockUnit, payload: bytes | memoryview) -> bytes:
+    if len(payload) != unit.payload_size:
+        raise ValueError(f"payload is {len(payload)} bytes, the unit's shape needs {unit.payload_size}")
+    fields = _header_fields(unit, len(payload))
+    checksum = xxhash.xxh3_64_intdigest(fields + bytes(payload))
+    return b"".join((fields, _CHECKSUM.pack(checksum), payload))
+
+
+def decode(value: bytes, expected: BlockUnit) -> memoryview:
+    """The payload of ``value`` if it is exactly ``expected``; raises ``CorruptValue`` naming what is wrong."""
+    if len(value) < HEADER_SIZE:
+        raise CorruptValue(f"value of {len(value)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    fields = value[: _FIELDS.size]
+    if fields[:4] != MAGIC:
+        raise CorruptValue("bad magic")
+    if fields != _header_fields(expected, expected.payload_size):
+        raise CorruptValue("header does not match the block asked for (version, model, hash, dtype or shape)")
+    payload = memoryview(value)[HEADER_SIZE:]
+    if len(payload) != expected.payload_size:
+        raise CorruptValue(f"payload is {len(payload)} bytes, expected {expected.payload_size}")
+    (checksum,) = _CHECKSUM.unpack_from(value, _FIELDS.size)
+    hasher = xxhash.xxh3_64(fields)
+    hasher.update(payload)
+    if hasher.intdigest() != checksum:
+        raise CorruptValue("checksum mismatch")
+    return payload

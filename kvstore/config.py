@@ -1,0 +1,77 @@
+"""The ``kvstore`` section of the kvtier config: tier capacities and the Redis connection. Pure data."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+          "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """``4GiB``, ``512 MiB``, ``1.5GB``, ``1000000`` -> bytes."""
+    match = _SIZE.match(str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size like 4GiB, 512MiB or 1000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class CpuTierConfig:
+    enabled: bool = True
+    capacity: str = "2GiB"  # host RAM for spilled blocks (pinned when CUDA is present)
+
+    def __post_init__(self) -> None:
+        try:
+            if parse_size(self.capacity) < 1:
+                raise ValueError("must be at least 1 byte")
+        except ValueError as error:
+            raise ValueError(f"capacity: {error}") from None
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str | None = None  # redis://[user:password@]host:port/db or rediss:// for TLS; None: no Redis tier
+    cluster: bool = False  # the url names one node of a Redis Cluster
+    username: str | None = None  # overrides the url's
+    password_file: str | None = None  # read once at start; overrides the url's password
+    ca_file: str | None = None  # CA bundle for rediss://
+    ttl_s: int | None = None  # expire stored blocks after this many seconds
+    socket_timeout_s: float = 0.25  # every Redis call is a miss after this long
+    connect_timeout_s: float = 0.25
+    max_retries: int = 1  # retries of a failed call, with exponential backoff
+    retry_backoff_s: float = 0.02
+    breaker_failures: int = 3  # failures in a row that stop all calls ...
+    breaker_reset_s: float = 2.0  # ... for this long, then one trial call
+    max_connections: int = 8
+    write_queue_blocks: int = 4096  # write-behind queue; blocks beyond it are dropped (and counted)
+    write_batch_blocks: int = 64  # blocks per pipelined write ...
+    write_batch_bytes: str = "8MiB"  # ... and at most this many bytes
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not re.match(r"^rediss?://", self.url):
+            raise ValueError(f"url: {self.url!r} must start with redis:// or rediss://")
+        for name in ("socket_timeout_s", "connect_timeout_s", "breaker_reset_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        for name in ("max_connections", "write_queue_blocks", "write_batch_blocks", "breaker_failures"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if self.max_retries < 0 or self.retry_backoff_s < 0:
+            raise ValueError("max_retries: and retry_backoff_s must be >= 0")
+        try:
+            parse_size(self.write_batch_bytes)
+        except ValueError as error:
+            raise ValueError(f"write_batch_bytes: {error}") from None
+        if self.ttl_s is not None and self.ttl_s < 1:
+            raise ValueError(f"ttl_s: must be >= 1 second, got {self.ttl_s}")
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    prefix_caching: bool = True  # off: no tier is used, every prompt is computed
+    cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    cost_model: bool = True  # skip a fetch that is predicted slower than recomputing

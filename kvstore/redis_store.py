@@ -1,0 +1,216 @@
+"""The Redis tier's transport: bytes in, bytes out, never an error to the caller.
+
+Every call has a socket timeout, a bounded number of retries with exponential backoff, and goes through a
+circuit breaker; a call that fails (or is refused by an open breaker) returns a miss (``None``) and is
+counted. Writes go through ``WriteBehind``, a bounded queue drained by one thread in pipelined batches; a
+full queue drops blocks and counts them. Values are opaque bytes here (``kvstore.codec`` gives them meaning).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError
+from redis.retry import Retry
+
+from kvstore.circuit_breaker import CircuitBreaker
+from kvstore.config import RedisConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Redis unreachable or too slow: retried, and counted by the circuit breaker.
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, OSError)
+
+
+class RedisStore:
+    def __init__(self, config: RedisConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        if config.url is None:
+            raise ValueError("RedisStore needs kvstore.redis.url")
+        self.config = config
+        self.client = _connect(config)
+        self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
+        self._lock = threading.Lock()
+        self.errors = 0
+        self.refused = 0  # calls not sent: the breaker was open
+
+    @property
+    def breaker_state(self) -> str:
+        return self._breaker.state
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """Values in key order (None where absent); None for all when Redis cannot be reached in time."""
+        if not keys:
+            return []
+        return self._call(lambda: self.client.mget(list(keys)))
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> bool:
+        def write() -> bool:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(key, value, ex=self.config.ttl_s)
+            pipe.execute()
+            return True
+
+        return bool(items) and self._call(write) is True
+
+    def delete(self, keys: Sequence[str]) -> int | None:
+        if not keys:
+            return 0
+        if isinstance(self.client, RedisCluster):
+            return self._call(lambda: sum(self.client.unlink(key) for key in keys))
+        return self._call(lambda: self.client.unlink(*keys))
+
+    def delete_matching(self, pattern: str) -> int | None:
+        """UNLINK every key matching ``pattern`` (SCAN, on every primary of a cluster)."""
+
+        def scan_and_unlink() -> int:
+            deleted = 0
+            batch: list[str] = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += self._unlink_now(batch)
+                    batch = []
+            return deleted + self._unlink_now(batch)
+
+        return self._call(scan_and_unlink)
+
+    def ping(self) -> bool:
+        return self._call(self.client.ping) is True
+
+    def _unlink_now(self, keys: list[str]) -> int:
+        if not keys:
+            return 0
+        if isinstance(self.client, RedisCluster):
+            return sum(self.client.unlink(key) for key in keys)
+        return self.client.unlink(*keys)
+
+    def _call(self, operation: Callable[[], T]) -> T | None:
+        """Run ``operation`` with retries and backoff, through the breaker; None on failure."""
+        for attempt in range(self.config.max_retries + 1):
+            with self._lock:
+                allowed = self._breaker.allow()
+            if not allowed:
+                self.refused += 1
+                return None
+            try:
+                result = operation()
+            except _UNAVAILABLE as error:
+                self._on_failure(error, attempt)
+                continue
+            except redis.RedisError as error:  # Redis answered with an error (OOM, ...): no retry, no breaker
+                with self._lock:
+                    self.errors += 1
+                log.warning("redis refused a call: %s", error)
+                return None
+            with self._lock:
+                self._breaker.record_success()
+            return result
+        return None
+
+    def _on_failure(self, error: Exception, attempt: int) -> None:
+        with self._lock:
+            self.errors += 1
+            self._breaker.record_failure()
+        log.warning("redis call failed (attempt %d): %s", attempt + 1, error)
+        if attempt < self.config.max_retries:
+            time.sleep(self.config.retry_backoff_s * 2**attempt)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _connect(config: RedisConfig) -> redis.Redis | RedisCluster:
+    options = dict(
+        socket_timeout=config.socket_timeout_s,
+        socket_connect_timeout=config.connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),  # retries are ours, bounded, and go through the breaker
+        retry_on_timeout=False,
+    )
+    if config.username is not None:
+        options["username"] = config.username
+    if config.password_file is not None:
+        options["password"] = Path(config.password_file).read_text().strip()
+    if config.url.startswith("rediss://") and config.ca_file:
+        options["ssl_ca_certs"] = config.ca_file
+    if config.cluster:
+        return RedisCluster.from_url(config.url, **options)
+    return redis.Redis.from_url(config.url, max_connections=config.max_connections, **options)
+
+
+class WriteBehind:
+    """A bounded queue of (key, value) writes, drained in pipelined batches by one daemon thread."""
+
+    def __init__(self, store: RedisStore, max_items: int, batch_items: int, batch_bytes: int = 8 * 2**20) -> None:
+        self.store = store
+        self.batch_items = batch_items
+        self.batch_bytes = batch_bytes
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=max_items)
+        self.dropped = 0
+        self.written = 0
+        self.failed = 0
+        self.bytes_written = 0
+        self._thread = threading.Thread(target=self._drain, name="kvtier-redis-write-behind", daemon=True)
+        self._thread.start()
+
+    def submit(self, items: Sequence[tuple[str, bytes]]) -> int:
+        """Queue what fits; returns how many were dropped because the queue was full."""
+        dropped = 0
+        for item in items:
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                dropped += 1
+        self.dropped += dropped
+        return dropped
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything queued so far is written (or has failed); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self._queue.unfinished_tasks == 0
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.flush(timeout_s)
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            batch = [item]
+            size = len(item[1])
+            while len(batch) < self.batch_items and size < self.batch_bytes:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    self._queue.task_done()
+                    break
+                batch.append(more)
+                size += len(more[1])
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[str, bytes]]) -> None:
+        if self.store.put_many(batch):
+            self.written += len(batch)
+            self.bytes_written += sum(len(value) for _, value in batch)
+        else:
+            self.failed += len(batch)
+        for _ in batch:
+            self._queue.task_done()

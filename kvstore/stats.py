@@ -1,0 +1,32 @@
+"""Counters of the KV tiers. Pure Python; one ``TierStats`` per tier."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+TIERS = ("gpu", "cpu", "redis")
+
+
+@dataclass
+class TierStats:
+    hit_blocks: int = 0  # blocks a request found here (and loaded, below the GPU)
+    miss_blocks: int = 0  # blocks looked up here and not found
+    bytes_in: int = 0  # stored into this tier
+    bytes_out: int = 0  # loaded out of this tier
+    stored_blocks: int = 0
+    evicted_blocks: int = 0
+    errors: int = 0  # failed calls, corrupt values, write failures
+    skipped_fetches: int = 0  # hits not fetched: the cost model predicted recomputing is faster
+    dropped_writes: int = 0  # write-behind queue full
+    corrupt_values: int = 0
+
+
+@dataclass
+class KVStoreStats:
+    tiers: dict[str, TierStats] = field(default_factory=lambda: {tier: TierStats() for tier in TIERS})
+
+    def __getitem__(self, tier: str) -> TierStats:
+        return self.tiers[tier]
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {tier: asdict(stats) for tier, stats in self.tiers.items()}

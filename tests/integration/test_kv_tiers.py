@@ -1,0 +1,199 @@
+"""The tiered KV store with a real redis-server: same tokens in every cache mode, reuse across engines,
+tenant isolation, and faults (Redis killed, paused, full, or holding corrupt values)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from kvstore import codec
+from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
+from kvstore.hashing import block_hashes
+from workers.engine import LLMEngine
+from workers.engine_config import CacheConfig, EngineConfig
+from workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+BLOCK = 16
+
+
+def tokens(seed: int, count: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 250) for _ in range(count)]
+
+
+def make_engine(kvstore: KVStoreConfig, num_blocks: int = 512) -> LLMEngine:
+    return LLMEngine.from_config(EngineConfig(model="tiny", cache=CacheConfig(num_blocks=num_blocks)), kvstore,
+                                 progress=False)
+
+
+def redis_only(url: str, **redis_options) -> KVStoreConfig:
+    return KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=RedisConfig(url=url, **redis_options))
+
+
+def run_waves(engine: LLMEngine, waves: list[list[list[int]]]) -> list[list[int]]:
+    """Each wave runs to completion before the next; Redis writes land between waves."""
+    outputs = []
+    for wave in waves:
+        outputs += [c.token_ids for c in engine.generate(wave, GREEDY)]
+        if engine.tiers is not None and engine.tiers.writer is not None:
+            assert engine.tiers.writer.flush()
+    return outputs
+
+
+# Three 160-token prefixes (10 blocks each), visited A B C A B C with new questions: with a 24-block GPU pool
+# and an 8-block CPU tier, A is evicted from the GPU, spilled to the CPU, pushed out of the CPU, and found in Redis.
+PREFIXES = [tokens(seed, 160) for seed in (1, 2, 3)]
+WAVES = [[PREFIXES[i % 3] + tokens(100 + i, 9)] for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def uncached_outputs() -> list[list[int]]:
+    return run_waves(make_engine(KVStoreConfig(prefix_caching=False), num_blocks=24), WAVES)
+
+
+def test_gpu_prefix_cache_gives_the_same_tokens(uncached_outputs):
+    engine = make_engine(KVStoreConfig(cpu=CpuTierConfig(enabled=False)), num_blocks=64)
+    assert run_waves(engine, WAVES) == uncached_outputs
+    assert engine.kv_store_stats()["gpu"]["hit_blocks"] == 3 * 10  # the second visit of each prefix
+    assert engine.stats.computed_tokens < sum(len(w[0]) for w in WAVES) + 6 * 6
+
+
+def test_gpu_and_cpu_tiers_give_the_same_tokens(uncached_outputs):
+    engine = make_engine(KVStoreConfig(cpu=CpuTierConfig(capacity="2MiB")), num_blocks=24)
+    assert run_waves(engine, WAVES) == uncached_outputs
+    stats = engine.kv_store_stats()
+    assert stats["gpu"]["evicted_blocks"] > 0 and stats["cpu"]["stored_blocks"] > 0
+    assert stats["cpu"]["hit_blocks"] > 0 and stats["cpu"]["bytes_out"] == stats["cpu"]["hit_blocks"] * 32 * 1024
+
+
+def test_blocks_travel_gpu_to_cpu_to_redis_and_back(uncached_outputs, redis_server):
+    cpu_bytes = 8 * 32 * 1024  # 8 tiny blocks
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity=str(cpu_bytes)), redis=RedisConfig(url=redis_server.url))
+    engine = make_engine(kvstore, num_blocks=24)
+    assert run_waves(engine, WAVES) == uncached_outputs
+    stats = engine.kv_store_stats()
+    assert stats["gpu"]["evicted_blocks"] > 0
+    assert stats["cpu"]["stored_blocks"] > 0 and stats["cpu"]["evicted_blocks"] > 0
+    assert stats["redis"]["stored_blocks"] > 0 and stats["redis"]["hit_blocks"] > 0
+    assert stats["redis"]["errors"] == 0
+    engine.close()
+
+
+def test_another_engine_reuses_a_long_prefix_from_redis(redis_server):
+    prefix = tokens(7, 2000)
+    first = make_engine(redis_only(redis_server.url))
+    first.generate([prefix + tokens(8, 12)], GREEDY)
+    first.close()
+    second = make_engine(redis_only(redis_server.url))
+    question = tokens(9, 20)
+    (done,) = second.generate([prefix + question], GREEDY)
+    assert done.usage.cached_tokens.redis == 2000 and done.usage.cached_tokens.gpu == 0
+    assert second.stats.computed_tokens == len(question) + GREEDY.max_tokens - 1  # only the tail was prefilled
+    uncached = make_engine(KVStoreConfig(prefix_caching=False)).generate([prefix + question], GREEDY)
+    assert done.token_ids == uncached[0].token_ids
+
+
+def test_cache_salts_isolate_tenants_in_every_tier(redis_server):
+    prompt = tokens(11, 100) + tokens(12, 5)
+    engine = make_engine(KVStoreConfig(cpu=CpuTierConfig(capacity="1MiB"), redis=RedisConfig(url=redis_server.url)))
+    engine.generate([prompt], GREEDY, cache_salt="tenant-a")
+    engine.tiers.writer.flush()
+    (other,) = engine.generate([prompt], GREEDY, cache_salt="tenant-b")
+    assert other.usage.cached_tokens.total == 0  # GPU blocks of tenant-a are not shared
+    (same,) = engine.generate([prompt], GREEDY, cache_salt="tenant-a")
+    assert same.usage.cached_tokens.gpu == 96
+    fresh = make_engine(KVStoreConfig(redis=RedisConfig(url=redis_server.url)))
+    assert fresh.generate([prompt], GREEDY, cache_salt="tenant-c")[0].usage.cached_tokens.total == 0
+    assert fresh.generate([prompt], GREEDY)[0].usage.cached_tokens.total == 0  # no salt is not a salt
+    assert fresh.generate([prompt], GREEDY, cache_salt="tenant-a")[0].usage.cached_tokens.redis == 96
+    assert other.token_ids == same.token_ids
+
+
+def test_redis_killed_mid_workload_loses_no_request_and_reconnects(redis_server):
+    kvstore = redis_only(redis_server.url, breaker_reset_s=0.2)
+    prompts = [tokens(20 + i, 64) for i in range(6)]
+    expected = make_engine(KVStoreConfig(prefix_caching=False)).generate(prompts, GREEDY)
+    engine = make_engine(kvstore)
+    assert engine.generate(prompts[:2], GREEDY)[0].token_ids == expected[0].token_ids
+    redis_server.kill()
+    during = engine.generate(prompts[2:4], GREEDY)
+    assert [c.token_ids for c in during] == [c.token_ids for c in expected[2:4]]
+    engine.tiers.writer.flush()
+    assert engine.kv_store_stats()["redis"]["errors"] > 0
+    redis_server.start()  # same port
+    time.sleep(0.3)  # past breaker_reset_s: the next call is a trial
+    after = engine.generate(prompts[4:], GREEDY)
+    assert [c.token_ids for c in after] == [c.token_ids for c in expected[4:]]
+    engine.tiers.writer.flush()
+    assert redis_server.client().dbsize() > 0  # writes flow again
+    fresh = make_engine(kvstore)
+    assert fresh.generate([prompts[5]], GREEDY)[0].usage.cached_tokens.redis == 48
+
+
+@pytest.mark.parametrize("damage", ["flip a payload byte", "truncate", "wrong model", "garbage"])
+def test_corrupt_values_are_detected_deleted_and_recomputed(redis_server, damage):
+    prompt = tokens(30, 80) + tokens(31, 7)
+    kvstore = redis_only(redis_server.url)
+    writer = make_engine(kvstore)
+    expected = writer.generate([prompt], GREEDY)[0].token_ids
+    writer.close()
+    client = redis_server.client()
+    keys = client.keys("kvtier:*")
+    assert len(keys) == 5  # 87 prompt + 5 computed generated tokens: 5 full blocks
+    third_block = block_hashes(prompt, BLOCK)[2].hex().encode()
+    (victim,) = [key for key in keys if third_block in key]
+    value = client.get(victim)
+    damaged = {
+        "flip a payload byte": value[:-100] + bytes([value[-100] ^ 0x01]) + value[-99:],
+        "truncate": value[: len(value) // 2],
+        "wrong model": value[:7] + b"\xff" + value[8:],
+        "garbage": b"not a block",
+    }[damage]
+    client.set(victim, damaged)
+    reader = make_engine(kvstore)
+    (done,) = reader.generate([prompt], GREEDY)
+    assert done.token_ids == expected
+    assert reader.kv_store_stats()["redis"]["corrupt_values"] == 1
+    assert done.usage.cached_tokens.redis == 2 * BLOCK  # the run stops at the damaged block
+    reader.tiers.writer.flush()
+    rewritten = client.get(victim)  # deleted, then written again by the recompute
+    assert rewritten != damaged
+    codec.decode(rewritten, reader.tiers.unit_of(block_hashes(prompt, BLOCK)[2]))
+
+
+def test_redis_at_maxmemory_with_lru_never_fails_a_request(tmp_path):
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "full", extra_args=("--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"))
+    server.start()
+    try:
+        prompts = [tokens(40 + i, 400) for i in range(12)]  # 300 blocks of 32 KiB: 9.6 MiB into 4 MiB
+        kvstore = redis_only(server.url, write_batch_bytes="1MiB")
+        engine = make_engine(kvstore, num_blocks=64)
+        expected = make_engine(KVStoreConfig(prefix_caching=False)).generate(prompts, GREEDY)
+        assert run_waves(engine, [[p] for p in prompts]) == [c.token_ids for c in expected]
+        assert server.client().info("memory")["used_memory"] < 6 * 2**20
+        assert server.client().info("stats")["evicted_keys"] > 0
+        assert engine.kv_store_stats()["redis"]["stored_blocks"] > 0
+    finally:
+        server.stop()
+
+
+def test_a_stalled_redis_costs_at_most_its_timeouts(redis_server):
+    prompt = tokens(50, 300)
+    kvstore = redis_only(redis_server.url, socket_timeout_s=0.2, connect_timeout_s=0.2, max_retries=1)
+    expected = make_engine(KVStoreConfig(prefix_caching=False)).generate([prompt], GREEDY)[0].token_ids
+    engine = make_engine(kvstore)
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        (done,) = engine.generate([prompt], GREEDY)
+        elapsed = time.monotonic() - started
+    finally:
+        redis_server.resume()
+    assert done.token_ids == expected
+    assert elapsed < 2.0  # one lookup: 2 attempts x 0.2 s timeout + backoff, plus about 0.1 s of compute
+    assert engine.kv_store_stats()["redis"]["errors"] > 0

@@ -1,0 +1,65 @@
+from kvstore.circuit_breaker import CircuitBreaker
+from kvstore.cost_model import FetchCostModel
+from kvstore.redis_keys import PrefixRef, block_key, flush_pattern
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_breaker_opens_after_consecutive_failures_and_half_opens_after_the_reset_time():
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_after_s=5.0, clock=clock)
+    breaker.record_failure()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now = 5.0
+    assert breaker.allow()  # the one trial
+    assert not breaker.allow()  # others wait for it
+    breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now = 10.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.allow() and breaker.times_opened == 2
+
+
+def test_a_success_resets_the_failure_count():
+    breaker = CircuitBreaker(failure_threshold=2, reset_after_s=1.0, clock=Clock())
+    breaker.record_failure()
+    breaker.record_success()
+    breaker.record_failure()
+    assert breaker.state == "closed"
+
+
+def test_cost_model_fetches_until_it_has_measurements_then_compares():
+    model = FetchCostModel()
+    assert model.should_fetch("redis", 10, block_bytes=1_000_000, block_tokens=16)
+    model.observe_prefill(tokens=16_000, seconds=1.0)  # 16k tokens/s: a block recomputes in 1 ms
+    model.observe_fetch("redis", num_bytes=500_000_000, seconds=1.0)  # 0.5 GB/s: a 1 MB block loads in 2 ms
+    assert not model.should_fetch("redis", 10, block_bytes=1_000_000, block_tokens=16)
+    assert model.should_fetch("redis", 10, block_bytes=100_000, block_tokens=16)  # 0.2 ms per block
+    assert FetchCostModel(enabled=False).should_fetch("redis", 10, 10**9, 1)
+
+
+def test_keys_put_a_prefix_in_one_cluster_slot_and_scope_flushes():
+    fingerprint = "ab" * 32
+    prefix = PrefixRef(salt="acme", root_hash=b"\x11" * 32)
+    first = block_key(fingerprint, prefix, b"\x11" * 32, (0, 8))
+    later = block_key(fingerprint, prefix, b"\x22" * 32, (0, 8))
+    tag = first[first.index("{") : first.index("}") + 1]
+    assert tag == later[later.index("{") : later.index("}") + 1]
+    assert first.endswith(":h0-8") and ("22" * 32) in later
+    import fnmatch
+
+    assert fnmatch.fnmatchcase(first, flush_pattern(fingerprint))
+    assert fnmatch.fnmatchcase(first, flush_pattern(fingerprint, "acme", any_salt=False))
+    assert not fnmatch.fnmatchcase(first, flush_pattern(fingerprint, "other", any_salt=False))
+    assert not fnmatch.fnmatchcase(first, flush_pattern("cd" * 32))
+    unsalted = block_key(fingerprint, PrefixRef(None, b"\x11" * 32), b"\x11" * 32, (0, 8))
+    assert not fnmatch.fnmatchcase(unsalted, flush_pattern(fingerprint, "acme", any_salt=False))
