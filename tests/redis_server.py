@@ -70,3 +70,49 @@ class RedisServer:
         if self.process is not None:
             self.resume()
             self.kill()
+
+
+class RedisClusterNodes:
+    """Three redis-server primaries on free loopback ports, joined into one Redis Cluster (no replicas)."""
+
+    def __init__(self, directory: Path, size: int = 3) -> None:
+        self.nodes = [
+            RedisServer(
+                directory / f"node{i}",
+                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                            "--cluster-node-timeout", "2000"),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisClusterNodes:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+        self._wait_until_ok()
+        return self
+
+    def _wait_until_ok(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = [node.client().cluster("info") for node in self.nodes]
+            if all(state.get("cluster_state") == "ok" for state in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def key_counts(self) -> list[int]:
+        return [node.client().dbsize() for node in self.nodes]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
