@@ -19,6 +19,11 @@ class TierStats:
     skipped_fetches: int = 0  # hits not fetched: the cost model predicted recomputing is faster
     dropped_writes: int = 0  # write-behind queue full
     corrupt_values: int = 0
+    transfer_seconds: float = 0.0  # time spent fetching and loading out of this tier
+
+    @property
+    def load_bytes_per_s(self) -> float | None:
+        return self.bytes_out / self.transfer_seconds if self.transfer_seconds > 0 else None
 
 
 @dataclass

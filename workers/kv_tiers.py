@@ -87,13 +87,18 @@ class KVTiers:
         """Copy looked-up blocks into their GPU blocks (before the step's forward reads them)."""
         cpu_loads = [load for load in loads if load.tier == "cpu"]
         if cpu_loads:
+            began = time.perf_counter()
             self.cpu.load(cpu_loads, self.kv_cache)
+            self.stats["cpu"].transfer_seconds += _synchronized_seconds(began, self.kv_cache.device)
             self.stats["cpu"].bytes_out += len(cpu_loads) * self.block_bytes
-        for load in loads:
-            if load.tier == "redis":
-                payload = self._staged.pop(load.block_hash)
-                self.kv_cache[load.block_id].copy_(_tensor_from(payload, self.shape))
-                self.stats["redis"].bytes_out += len(payload)
+        redis_loads = [load for load in loads if load.tier == "redis"]
+        began = time.perf_counter()
+        for load in redis_loads:
+            payload = self._staged.pop(load.block_hash)
+            self.kv_cache[load.block_id].copy_(_tensor_from(payload, self.shape))
+            self.stats["redis"].bytes_out += len(payload)
+        if redis_loads:
+            self.stats["redis"].transfer_seconds += _synchronized_seconds(began, self.kv_cache.device)
 
     def _fetch_from_redis(self, block_hashes: list[bytes], prefix: PrefixRef) -> int:
         """Stage the longest verified run of ``block_hashes`` found in Redis; returns its length."""
@@ -111,7 +116,9 @@ class KVTiers:
                 return found
             verified = self._verify_run(batch, keys, values)
             fetched = sum(len(v) for v in values[:verified] if v is not None)
-            self.cost_model.observe_fetch("redis", fetched, time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            self.stats["redis"].transfer_seconds += seconds
+            self.cost_model.observe_fetch("redis", fetched, seconds)
             found += verified
             if verified < len(batch):
                 return found
@@ -257,6 +264,12 @@ class _HostTier:
         self.slots.index_copy_(0, slots, kv_cache.index_select(0, sources).cpu())
         self.policy.complete_store([h for h, _ in planned], ok=True)
         return len(planned)
+
+
+def _synchronized_seconds(began: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - began
 
 
 def _bytes_of(kv_cache: torch.Tensor, block_ids: list[int]) -> list[memoryview]:

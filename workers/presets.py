@@ -50,6 +50,10 @@ PRESETS = {
         num_kv_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, dtype="float32", seed=0,
         init_std=0.05,
     ),
+    "small": PresetSpec(  # about 50M parameters: long-prompt benchmarks on a CPU
+        vocab_size=BYTE_VOCAB + 3, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+        num_kv_heads=4, max_position_embeddings=16384, tie_word_embeddings=False, dtype="float32", seed=0,
+    ),
     "llama3-1b-shape": PresetSpec(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8,
         max_position_embeddings=131072, tie_word_embeddings=True, dtype="bfloat16", seed=0,

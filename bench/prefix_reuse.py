@@ -1,0 +1,147 @@
+"""Time to first token of a long shared prefix, from each place it can come from; prints a Markdown table.
+
+    python bench/prefix_reuse.py --redis-url redis://127.0.0.1:6379/0            # CPU: the `small` model
+    python bench/prefix_reuse.py --model llama3-1b-shape --dtype bfloat16 --prefix-lens 16384 --redis-url ...
+
+For each prefix length: a question after the prefix is answered (one token) with the prefix
+- recomputed (every cache off),
+- found in this engine's GPU block pool,
+- found in its CPU tier (the GPU copy was evicted by another prefix and spilled there),
+- found in Redis, written by this process and read by a separate process with empty GPU and CPU tiers.
+Load bandwidths are bytes moved / time spent moving them. A PNG plot is written next to --plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
+from workers.engine import LLMEngine  # noqa: E402
+from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from workers.sampling_params import SamplingParams  # noqa: E402
+
+ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+QUESTION_LEN = 64
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--prefix-lens", default="2048,4096")
+    parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
+    parser.add_argument("--plot", default="docs/prefix_reuse.png")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # run one Redis-hit measurement (another process)
+    return parser.parse_args()
+
+
+def engine_for(args: argparse.Namespace, kvstore: KVStoreConfig, num_blocks: int) -> LLMEngine:
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, cache=CacheConfig(num_blocks=num_blocks),
+        scheduler=SchedulerConfig(max_num_batched_tokens=8192),
+    )
+    return LLMEngine.from_config(config, kvstore, progress=False)
+
+
+def ttft(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
+    """(seconds to the first token, prompt tokens that came from a cache)."""
+    began = time.perf_counter()
+    (done,) = engine.generate([prompt], ONE_TOKEN)
+    return time.perf_counter() - began, done.usage.cached_tokens.total
+
+
+def prompts(prefix_len: int, vocab: int) -> tuple[list[int], list[list[int]]]:
+    rng = random.Random(prefix_len)
+    prefix = [rng.randrange(3, min(vocab, 256)) for _ in range(prefix_len)]
+    questions = [[rng.randrange(3, min(vocab, 256)) for _ in range(QUESTION_LEN)] for _ in range(4)]
+    return prefix, questions
+
+
+def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]:
+    blocks = prefix_len // 16 + 16
+    uncached = engine_for(args, KVStoreConfig(prefix_caching=False), blocks)
+    prefix, questions = prompts(prefix_len, uncached.model_config.vocab_size)
+    ttft(uncached, prefix[:256] + questions[0])  # warm-up
+    results = {"recompute": ttft(uncached, prefix + questions[0])[0]}
+    del uncached
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity=str(2 * blocks * 2**20)),
+                            redis=RedisConfig(url=args.redis_url))
+    engine = engine_for(args, kvstore, blocks)  # room for one prefix: a second one evicts the first
+    engine.flush_cache()
+    ttft(engine, prefix + questions[0])
+    results["gpu hit"], cached = ttft(engine, prefix + questions[1])
+    assert cached >= prefix_len - 16, cached
+    other, _ = prompts(prefix_len + 1, engine.model_config.vocab_size)
+    ttft(engine, other + questions[0])  # evicts the prefix from the GPU pool into the CPU tier
+    results["cpu hit"], cached = ttft(engine, prefix + questions[2])
+    assert cached >= prefix_len - 16, cached
+    stats = engine.kv_store_stats()
+    results["cpu GB/s"] = stats["cpu"]["bytes_out"] / stats["cpu"]["transfer_seconds"] / 1e9
+    engine.close()  # every block is in Redis before the other process reads
+    results.update(json.loads(subprocess.run(
+        [sys.executable, __file__, "--child", str(prefix_len), *sys.argv[1:]], check=True, capture_output=True,
+        text=True,
+    ).stdout))
+    return results
+
+
+def measure_redis_in_child(args: argparse.Namespace) -> None:
+    prefix_len = int(args.child)
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=RedisConfig(url=args.redis_url))
+    engine = engine_for(args, kvstore, prefix_len // 16 + 16)
+    prefix, questions = prompts(prefix_len, engine.model_config.vocab_size)
+    ttft(engine, questions[0] + questions[1])  # warm-up, no shared prefix
+    seconds, cached = ttft(engine, prefix + questions[3])
+    assert cached >= prefix_len - 16, cached
+    stats = engine.kv_store_stats()["redis"]
+    print(json.dumps({"redis hit": seconds, "redis GB/s": stats["bytes_out"] / stats["transfer_seconds"] / 1e9}))
+
+
+def plot(rows: dict[int, dict[str, float]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = ["recompute", "gpu hit", "cpu hit", "redis hit"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(rows)
+    for index, (prefix_len, results) in enumerate(sorted(rows.items())):
+        xs = [m + index * width for m in range(len(modes))]
+        axis.bar(xs, [results[m] * 1000 for m in modes], width, label=f"{prefix_len:,}-token prefix")
+    axis.set_xticks([m + width * (len(rows) - 1) / 2 for m in range(len(modes))], modes)
+    axis.set_ylabel("time to first token (ms)")
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        measure_redis_in_child(args)
+        return
+    rows = {}
+    print("| prefix tokens | recompute ms | GPU hit ms | CPU hit ms | Redis hit (other process) ms | CPU->GPU GB/s "
+          "| Redis->GPU GB/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for prefix_len in [int(n) for n in args.prefix_lens.split(",")]:
+        r = rows[prefix_len] = measure_local(args, prefix_len)
+        print(f"| {prefix_len:,} | {r['recompute'] * 1e3:,.0f} | {r['gpu hit'] * 1e3:,.0f} | {r['cpu hit'] * 1e3:,.0f}"
+              f" | {r['redis hit'] * 1e3:,.0f} | {r['cpu GB/s']:.2f} | {r['redis GB/s']:.2f} |", flush=True)
+    plot(rows, args.plot, f"kvtier prefix reuse: {args.model}, question {QUESTION_LEN} tokens")
+    print(f"\nplot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
