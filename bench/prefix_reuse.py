@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import add_engine_args  # noqa: E402
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
@@ -34,9 +35,7 @@ QUESTION_LEN = 64
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
+    add_engine_args(parser, default_model="small")
     parser.add_argument("--prefix-lens", default="2048,4096")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     parser.add_argument("--plot", default="docs/prefix_reuse.png")

@@ -27,12 +27,16 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
 
     async def generate(
-        self, request_id: str, prompt: str | Seq[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; leaving early (or cancellation) aborts it."""
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        request = self.engine.prepare_request(request_id, prompt, params)
+        request = self.engine.prepare_request(request_id, prompt, params, cache_salt)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue
         self._to_add.append(request)
