@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -16,6 +17,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, so at most 55535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55535)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class RedisServer:
@@ -46,13 +66,15 @@ class RedisServer:
 
     def _wait_until_up(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if self.client().ping():
                     return
             except redis.ConnectionError:
                 time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.directory / 'redis.log'}")
+        log = self.directory / "redis.log"
+        last_lines = log.read_text().splitlines()[-2:] if log.exists() else []
+        raise RuntimeError(f"redis-server on port {self.port} did not start: {last_lines}")
 
     def kill(self) -> None:
         if self.process is not None:
@@ -79,6 +101,7 @@ class RedisClusterNodes:
         self.nodes = [
             RedisServer(
                 directory / f"node{i}",
+                port=free_cluster_port(),
                 extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                             "--cluster-node-timeout", "2000"),
             )
