@@ -197,3 +197,37 @@ def test_a_stalled_redis_costs_at_most_its_timeouts(redis_server):
     assert done.token_ids == expected
     assert elapsed < 2.0  # one lookup: 2 attempts x 0.2 s timeout + backoff, plus about 0.1 s of compute
     assert engine.kv_store_stats()["redis"]["errors"] > 0
+
+
+def test_stored_blocks_expire_after_the_configured_ttl(redis_server):
+    engine = make_engine(redis_only(redis_server.url, ttl_s=300))
+    engine.generate([tokens(60, 40)], GREEDY)
+    engine.close()
+    client = redis_server.client()
+    ttls = [client.ttl(key) for key in client.keys("kvtier:*")]
+    assert ttls and all(0 < ttl <= 300 for ttl in ttls)
+
+
+def test_a_full_write_behind_queue_drops_and_counts(redis_server):
+    engine = make_engine(redis_only(redis_server.url, write_queue_blocks=2, socket_timeout_s=0.5))
+    redis_server.pause()  # the writer thread blocks on its first batch; the queue fills behind it
+    try:
+        (done,) = engine.generate([tokens(61, 200)], GREEDY)  # 12 full blocks for a 2-block queue
+    finally:
+        redis_server.resume()
+    stats = engine.kv_store_stats()["redis"]
+    assert stats["dropped_writes"] >= 12 - 2 - 1
+    assert len(done.token_ids) == GREEDY.max_tokens
+
+
+def test_the_cost_model_skips_a_fetch_slower_than_recomputing(redis_server):
+    prompt = tokens(62, 100)
+    writer = make_engine(redis_only(redis_server.url))
+    expected = writer.generate([prompt], GREEDY)[0].token_ids
+    writer.close()
+    reader = make_engine(redis_only(redis_server.url))
+    reader.cost_model.observe_prefill(tokens=10**9, seconds=1.0)  # recomputing looks nearly free ...
+    reader.cost_model.observe_fetch("redis", num_bytes=1000, seconds=1.0)  # ... and Redis looks slow
+    (done,) = reader.generate([prompt], GREEDY)
+    assert done.token_ids == expected and done.usage.cached_tokens.redis == 0
+    assert reader.kv_store_stats()["redis"]["skipped_fetches"] == 1
