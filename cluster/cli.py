@@ -14,6 +14,7 @@ from cluster.config import ConfigError, load_config
 from workers.engine_config import EngineConfigError
 from workers.layers import WeightLoadError
 from workers.model_config import ModelConfigError
+from workers.parallel import TensorParallelError
 from workers.validation import InvalidRequestError
 
 log = logging.getLogger("kvtier")
@@ -30,6 +31,7 @@ _ENGINE_FLAGS = {
     "max_num_seqs": ("engine", "scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("engine", "scheduler", "max_num_batched_tokens"),
     "redis_url": ("kvstore", "redis", "url"),
+    "tp": ("engine", "tensor_parallel_size"),
 }
 
 
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, EngineConfigError, InvalidRequestError, ModelConfigError, WeightLoadError,
-            FileNotFoundError) as error:
+            FileNotFoundError, TensorParallelError) as error:
         print(f"kvtier: error: {error}", file=sys.stderr)
         return 2
 
@@ -87,6 +89,7 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     engine = _add_model_flags(parser)
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--tp", type=int, help="tensor-parallel ranks (local processes), default 1")
     engine.add_argument("--kv-cache-memory", help="auto, a fraction of free memory (0.8) or a size (4GiB)")
     engine.add_argument("--num-kv-blocks", type=int, help="exact KV pool size in blocks (overrides memory)")
     engine.add_argument("--max-num-seqs", type=int)

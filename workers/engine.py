@@ -27,6 +27,7 @@ from workers.kv_tiers import KVTiers
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
 from workers.model_loader import load_model, model_fingerprint_of, resolve_dtype
+from workers.parallel import ParallelContext, check_parallel_degree
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
 from workers.sampler import sample
@@ -34,6 +35,7 @@ from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
 from workers.text_output import TextOutput
+from workers.tp_group import LocalTPGroup
 from workers.tokenizer import Tokenizer, load_tokenizer
 from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
@@ -124,6 +126,7 @@ class LLMEngine:
         device: torch.device,
         kvstore: KVStoreConfig | None = None,
         fingerprint: str = "0" * 64,
+        tp_group: LocalTPGroup | None = None,
     ) -> None:
         self.config = config
         self.kvstore_config = kvstore or KVStoreConfig()
@@ -132,8 +135,10 @@ class LLMEngine:
         self.device = device
         self.cache_shape = cache_shape
         self.fingerprint = fingerprint
+        self.tp_group = tp_group
         self.block_pool = BlockPool(cache_shape.num_blocks)
-        self.runner = ModelRunner(model, allocate_kv_cache(cache_shape, device), cache_shape.block_size, device)
+        kv_cache = allocate_kv_cache(cache_shape, device)
+        self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, broadcaster=tp_group)
         self.kv_stats = KVStoreStats()
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
         self.tiers = self._make_tiers()
@@ -161,15 +166,29 @@ class LLMEngine:
         device = resolve_device(config.device)
         model_config = load_model_config(model_dir)
         dtype = resolve_dtype(config.dtype, model_config)
-        model = load_model(model_dir, dtype, str(device), make_backend(config.attention_backend), progress)
-        cache_shape = plan_kv_cache(config.cache, model_config, dtype, device)
-        log.info("%s on %s", cache_shape.describe(), device)
+        check_parallel_degree(model_config, config.tensor_parallel_size)
+        parallel = ParallelContext(0, config.tensor_parallel_size)
+        group = LocalTPGroup(config, device) if parallel.world_size > 1 else None
+        try:
+            backend = make_backend(config.attention_backend)
+            model = load_model(model_dir, dtype, str(device), backend, progress, parallel)
+            cache_shape = plan_kv_cache(config.cache, model_config, dtype, device, parallel.kv_heads(model_config).size)
+            if group is not None:
+                group.broadcast_num_blocks(cache_shape.num_blocks)
+        except BaseException:
+            if group is not None:
+                group.stop()
+            raise
+        log.info("%s on %s (rank 0 of %d)", cache_shape.describe(), device, parallel.world_size)
         fingerprint = model_fingerprint_of(config)
-        return cls(config, model, load_tokenizer(model_dir), cache_shape, device, kvstore, fingerprint)
+        return cls(config, model, load_tokenizer(model_dir), cache_shape, device, kvstore, fingerprint, group)
 
     def _make_tiers(self) -> KVTiers | None:
         kvstore = self.kvstore_config
         if not kvstore.prefix_caching or not (kvstore.cpu.enabled or kvstore.redis.url):
+            return None
+        if self.tp_group is not None:
+            log.warning("tensor parallel: the CPU and Redis tiers are not per-rank yet; only the GPU prefix cache is on")
             return None
         return KVTiers(
             self.runner.kv_cache, self.cache_shape, kvstore, self.fingerprint, self.kv_stats, self.cost_model
@@ -280,9 +299,12 @@ class LLMEngine:
         return self.kv_stats.as_dict()
 
     def close(self) -> None:
-        """Finish queued Redis writes and close connections."""
+        """Finish queued Redis writes, close connections, stop the other tensor-parallel ranks."""
         if self.tiers is not None:
             self.tiers.close()
+        if self.tp_group is not None:
+            self.tp_group.stop()
+            self.tp_group = None
 
     def generate(
         self,

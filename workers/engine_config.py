@@ -77,6 +77,8 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + generated tokens; default: the model's max positions
     attention_backend: str = "torch"
     seed: int = 0  # seeds requests that bring no seed of their own, in arrival order
+    tensor_parallel_size: int = 1  # ranks that split every layer's heads and KV cache
+    collective_timeout_s: float = 60.0  # a rank silent this long takes its tensor-parallel group down
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -87,5 +89,17 @@ class EngineConfig:
             raise ValueError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
         if self.attention_backend not in ("torch",):
             raise ValueError(f"attention_backend: {self.attention_backend!r} is unknown (known: torch)")
+
+
+def engine_config_from_dict(data: dict) -> EngineConfig:
+    """Rebuild an ``EngineConfig`` from ``dataclasses.asdict`` output (how tensor-parallel ranks receive it)."""
+    values = dict(data)
+    values["cache"] = CacheConfig(**values["cache"])
+    values["scheduler"] = SchedulerConfig(**values["scheduler"])
+    return EngineConfig(**values)

@@ -48,12 +48,16 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
     return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def plan_kv_cache(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device) -> KVCacheShape:
-    per_block = bytes_per_block(model.num_layers, cache.block_size, model.num_kv_heads, model.head_dim, dtype)
+def plan_kv_cache(
+    cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device, kv_heads: int | None = None
+) -> KVCacheShape:
+    """The pool this rank can afford; ``kv_heads`` is this rank's share (all of the model's by default)."""
+    kv_heads = kv_heads or model.num_kv_heads
+    per_block = bytes_per_block(model.num_layers, cache.block_size, kv_heads, model.head_dim, dtype)
     num_blocks = cache.num_blocks or _budget_bytes(cache.memory, device) // per_block
     if num_blocks < 1:
         raise EngineConfigError(f"engine.cache.memory: {cache.memory!r} holds no block ({per_block:,} bytes each)")
-    return KVCacheShape(num_blocks, model.num_layers, cache.block_size, model.num_kv_heads, model.head_dim, dtype)
+    return KVCacheShape(num_blocks, model.num_layers, cache.block_size, kv_heads, model.head_dim, dtype)
 
 
 def allocate_kv_cache(shape: KVCacheShape, device: torch.device) -> torch.Tensor:

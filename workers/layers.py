@@ -1,6 +1,7 @@
 """Building blocks of the Llama family, with weights allocated empty and filled by the loader.
 
-``Linear`` may merge several projections (q/k/v, gate/up) into one matrix; ``load`` fills one part's rows.
+Linear layers take their slice of a tensor-parallel split at load time: ``ColumnParallelLinear`` may merge
+several projections (q/k/v, gate/up) into one matrix and fills one part's rows per checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workers.parallel import ParallelContext, Span
 
 
 class WeightLoadError(ValueError):
@@ -26,14 +29,16 @@ def copy_checked(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
     target.copy_(source)
 
 
-class Linear(nn.Module):
-    """y = x Wᵀ + b where W stacks the parts named by ``part_sizes`` (output rows of each projection)."""
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ + b over the output rows this rank keeps. W stacks several projections (parts: q/k/v or
+    gate/up), each sliced on its own; with one rank and full spans it is a plain (merged) linear layer."""
 
     def __init__(
-        self, in_features: int, part_sizes: Sequence[int], bias: bool, dtype: torch.dtype, device: torch.device | str
+        self, in_features: int, parts: Sequence[Span], bias: bool, dtype: torch.dtype, device: torch.device | str
     ) -> None:
         super().__init__()
-        self.part_sizes = tuple(part_sizes)
+        self.parts = tuple(parts)
+        self.part_sizes = tuple(part.size for part in self.parts)
         out_features = sum(self.part_sizes)
         self.weight = empty_parameter(out_features, in_features, dtype=dtype, device=device)
         self.bias = empty_parameter(out_features, dtype=dtype, device=device) if bias else None
@@ -45,8 +50,41 @@ class Linear(nn.Module):
         param = getattr(self, param_name)
         if param is None:
             raise WeightLoadError(f"{name}: the model has no {param_name} here")
-        start = sum(self.part_sizes[:part])
-        copy_checked(param.data[start : start + self.part_sizes[part]], tensor, name)
+        span = self.parts[part]
+        offset = sum(self.part_sizes[:part])
+        if tensor.shape[0] < span.stop:
+            raise WeightLoadError(f"{name}: checkpoint has {tensor.shape[0]} rows, this rank needs {span.stop}")
+        copy_checked(param.data[offset : offset + span.size], tensor[span.start : span.stop], name)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x W_localᵀ) + b: this rank keeps the input columns ``in_span`` and adds its partial sum
+    to the others'. The bias is added once, after the reduction."""
+
+    def __init__(
+        self, in_span: Span, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str,
+        parallel: ParallelContext,
+    ) -> None:
+        super().__init__()
+        self.in_span = in_span
+        self.part_sizes = (out_features,)
+        self.parallel = parallel
+        self.weight = empty_parameter(out_features, in_span.size, dtype=dtype, device=device)
+        self.bias = empty_parameter(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.parallel.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+    def load(self, param_name: str, part: int, tensor: torch.Tensor, name: str) -> None:
+        if param_name == "bias":
+            if self.bias is None:
+                raise WeightLoadError(f"{name}: the model has no bias here")
+            copy_checked(self.bias.data, tensor, name)
+            return
+        copy_checked(self.weight.data, tensor[:, self.in_span.start : self.in_span.stop], name)
 
 
 class RMSNorm(nn.Module):

@@ -1,7 +1,8 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2) over a paged, block-major KV cache.
 
 Tokens of every sequence in a step are flattened into one batch of T tokens; attention finds each chunk's
-context through ``AttentionMetadata``. Parameter names follow transformers, except that q/k/v are merged into
+context through ``AttentionMetadata``. Under tensor parallelism each rank builds the same model over its slice
+(``ParallelContext``): its query and KV heads, its MLP features; the embedding and LM head are replicated. Parameter names follow transformers, except that q/k/v are merged into
 ``qkv_proj`` and gate/up into ``gate_up_proj`` (``load_weight`` routes checkpoint names to them).
 """
 
@@ -12,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention import AttentionBackend, AttentionMetadata, LayerKVCache
-from workers.layers import Embedding, Linear, RMSNorm, WeightLoadError, copy_checked
+from workers.layers import ColumnParallelLinear, Embedding, RMSNorm, RowParallelLinear, WeightLoadError, copy_checked
 from workers.model_config import ModelConfig
+from workers.parallel import ParallelContext, Span
 from workers.rope import RotaryEmbedding
 
 # checkpoint projection name -> (merged module name, part index)
@@ -28,13 +30,18 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str, parallel: ParallelContext
+    ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.scale = config.head_dim**-0.5
-        parts = (config.q_size, config.kv_size, config.kv_size)
-        self.qkv_proj = Linear(config.hidden_size, parts, config.qkv_bias, dtype, device)
-        self.o_proj = Linear(config.q_size, (config.hidden_size,), config.o_bias, dtype, device)
+        q_heads, kv_heads, head_dim = parallel.q_heads(config), parallel.kv_heads(config), config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = q_heads.size, kv_heads.size, head_dim
+        self.scale = head_dim**-0.5
+        q_rows = Span(q_heads.start * head_dim, q_heads.size * head_dim)
+        kv_rows = Span(kv_heads.start * head_dim, kv_heads.size * head_dim)
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, (q_rows, kv_rows, kv_rows), config.qkv_bias, dtype,
+                                             device)
+        self.o_proj = RowParallelLinear(q_rows, config.hidden_size, config.o_bias, dtype, device, parallel)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
         self.backend = backend
 
@@ -52,11 +59,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: str) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: str, parallel: ParallelContext) -> None:
         super().__init__()
-        parts = (config.intermediate_size, config.intermediate_size)
-        self.gate_up_proj = Linear(config.hidden_size, parts, config.mlp_bias, dtype, device)
-        self.down_proj = Linear(config.intermediate_size, (config.hidden_size,), config.mlp_bias, dtype, device)
+        features = parallel.even_span(config.intermediate_size)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, (features, features), config.mlp_bias, dtype,
+                                                 device)
+        self.down_proj = RowParallelLinear(features, config.hidden_size, config.mlp_bias, dtype, device, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -64,12 +72,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str, parallel: ParallelContext
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, backend, dtype, device)
+        self.self_attn = Attention(config, backend, dtype, device, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.mlp = MLP(config, dtype, device)
+        self.mlp = MLP(config, dtype, device, parallel)
 
     def forward(
         self, hidden: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata
@@ -79,19 +89,31 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBody(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str, parallel: ParallelContext
+    ) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend, dtype, device) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, backend, dtype, device, parallel) for _ in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: str,
+        parallel: ParallelContext | None = None,
+    ) -> None:
         super().__init__()
+        parallel = parallel or ParallelContext()
         self.config = config
-        self.model = LlamaBody(config, backend, dtype, device)
-        self.lm_head = Linear(config.hidden_size, (config.vocab_size,), False, dtype, device)
+        self.model = LlamaBody(config, backend, dtype, device, parallel)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, (Span(0, config.vocab_size),), False, dtype, device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -117,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
         """What a complete checkpoint fills: one key per parameter, one per part of a merged projection."""
         keys = {name for name, _ in self.named_parameters()}  # a tied lm_head appears once, as the embedding
         for module_name, module in self.named_modules():
-            if isinstance(module, Linear) and len(module.part_sizes) > 1:
+            if isinstance(module, ColumnParallelLinear) and len(module.part_sizes) > 1:
                 for param_name in ("weight", "bias") if module.bias is not None else ("weight",):
                     keys.discard(f"{module_name}.{param_name}")
                     keys.update(f"{module_name}.{param_name}[{part}]" for part in range(len(module.part_sizes)))
@@ -134,6 +156,10 @@ class LlamaForCausalLM(nn.Module):
             merged, part = _MERGED_PROJECTIONS[leaf]
             self._submodule(f"{parent}.{merged}", name).load(param_name, part, tensor, name)
             return f"{parent}.{merged}.{param_name}[{part}]"
+        module = self._submodule(module_path, name)
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            module.load(param_name, 0, tensor, name)
+            return name
         try:
             param = self.get_parameter(name)
         except AttributeError as error:
@@ -141,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         copy_checked(param.data, tensor, name)
         return name
 
-    def _submodule(self, path: str, name: str) -> Linear:
+    def _submodule(self, path: str, name: str) -> nn.Module:
         try:
             return self.get_submodule(path)
         except AttributeError as error:

@@ -21,6 +21,7 @@ from workers.engine_config import EngineConfig, EngineConfigError
 from workers.layers import WeightLoadError
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
+from workers.parallel import ParallelContext
 
 _DTYPES = {
     "float32": torch.float32,
@@ -42,13 +43,19 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: str, backend: AttentionBackend, progress: bool = True
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: str,
+    backend: AttentionBackend,
+    progress: bool = True,
+    parallel: ParallelContext | None = None,
 ) -> LlamaForCausalLM:
+    """This rank's slice of the model (all of it without ``parallel``)."""
     config = load_model_config(model_dir)
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weight files")
-    model = LlamaForCausalLM(config, backend, dtype, device)
+    model = LlamaForCausalLM(config, backend, dtype, device, parallel)
     loaded: set[str] = set()
     total_bytes = sum(f.stat().st_size for f in files)
     with tqdm(

@@ -1,0 +1,144 @@
+"""A local tensor-parallel group: rank 0 in this process, ranks 1..N-1 as child processes.
+
+The ranks join over torch.distributed on loopback (gloo on CPU, NCCL with CUDA, rank r on ``cuda:r``). Rank 0
+broadcasts each step's inputs; every collective has ``collective_timeout_s``, and rank 0 checks before each
+step that every child is alive, so a dead rank ends the group with a ``TensorParallelError`` naming it, within
+bounded time. The group is started and stopped as a unit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from workers import step_packet
+from workers.engine_config import EngineConfig
+from workers.parallel import TensorParallelError
+from workers.step_packet import HostBatch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def init_group(rank: int, world_size: int, port: int, device: torch.device, timeout_s: float) -> None:
+    dist.init_process_group(
+        backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+class Collectives:
+    """The broadcasts rank 0 and the other ranks exchange, on the device the backend needs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if backend_for(device) == "nccl" else torch.device("cpu")
+
+    def send(self, tensor: torch.Tensor) -> None:
+        dist.broadcast(tensor.to(self.device), src=0)
+
+    def receive(self, size: int) -> torch.Tensor:
+        tensor = torch.empty(size, dtype=torch.long, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return tensor.cpu()
+
+    def receive_step(self) -> HostBatch | None:
+        """The next step's batch, or None when rank 0 says stop."""
+        header = self.receive(step_packet.HEADER_SIZE)
+        if header[0].item() == step_packet.STOP:
+            return None
+        return step_packet.unpack(header, self.receive(step_packet.body_size(header)))
+
+
+class LocalTPGroup:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.world_size = config.tensor_parallel_size
+        self.collectives = Collectives(device)
+        port = _free_port()
+        self.workers = [_spawn_rank(rank, self.world_size, port, config) for rank in range(1, self.world_size)]
+        log.info("tensor parallel: %d ranks, pids %s", self.world_size, [w.pid for w in self.workers])
+        try:
+            init_group(0, self.world_size, port, device, config.collective_timeout_s)
+        except Exception:
+            self._kill_workers()
+            raise
+
+    def broadcast_num_blocks(self, num_blocks: int) -> None:
+        self._guarded(lambda: self.collectives.send(torch.tensor([num_blocks], dtype=torch.long)))
+
+    def run_step(self, batch: HostBatch, run: Callable[[], T]) -> T:
+        """Broadcast ``batch``, then ``run`` this rank's share of the step (its all-reduces meet the others')."""
+        header, body = step_packet.pack(batch)
+
+        def step() -> T:
+            self.collectives.send(header)
+            self.collectives.send(body)
+            return run()
+
+        return self._guarded(step)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        try:
+            if all(worker.poll() is None for worker in self.workers):
+                self.collectives.send(step_packet.stop_header())
+            for worker in self.workers:
+                worker.wait(timeout=timeout_s)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            log.warning("tensor-parallel ranks did not stop cleanly (%s); killing them", error)
+            self._kill_workers()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def check_alive(self) -> None:
+        for rank, worker in enumerate(self.workers, start=1):
+            if worker.poll() is not None:
+                raise TensorParallelError(
+                    f"tensor-parallel rank {rank} (pid {worker.pid}) exited with code {worker.returncode}; "
+                    "the group must be restarted"
+                )
+
+    def _guarded(self, collective: Callable[[], T]) -> T:
+        self.check_alive()
+        try:
+            return collective()
+        except RuntimeError as error:  # gloo/NCCL: a peer closed its connection or the timeout passed
+            self.check_alive()
+            raise TensorParallelError(f"tensor-parallel collective failed: {error}") from error
+
+    def _kill_workers(self) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
+def _spawn_rank(rank: int, world_size: int, port: int, config: EngineConfig) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "workers.tp_worker", "--rank", str(rank), "--world-size", str(world_size),
+        "--port", str(port), "--config-json", json.dumps(asdict(config)),
+    ]
+    return subprocess.Popen(command, stdout=sys.stderr, stderr=sys.stderr)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
