@@ -13,6 +13,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import timedelta
@@ -120,8 +121,17 @@ class LocalTPGroup:
         try:
             return collective()
         except RuntimeError as error:  # gloo/NCCL: a peer closed its connection or the timeout passed
-            self.check_alive()
+            self._name_the_dead_rank(grace_s=2.0)
             raise TensorParallelError(f"tensor-parallel collective failed: {error}") from error
+
+    def _name_the_dead_rank(self, grace_s: float) -> None:
+        """A peer's socket can close a moment before its process is reapable: wait briefly to name it."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            self.check_alive()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def _kill_workers(self) -> None:
         for worker in self.workers:
