@@ -170,7 +170,8 @@ def run_cache_flush(args: argparse.Namespace) -> int:
         print(f"kvtier: error: Redis at {config.kvstore.redis.url} did not answer", file=sys.stderr)
         return 1
     scope = f"cache salt {args.cache_salt!r} of " if args.cache_salt is not None else ""
-    print(f"deleted {deleted} blocks of {scope}model {config.engine.model} ({fingerprint[:16]}) from Redis")
+    print(f"deleted {deleted} keys (block units and manifests) of {scope}model {config.engine.model} "
+          f"({fingerprint[:16]}) from Redis")
     return 0
 
 

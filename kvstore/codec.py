@@ -80,3 +80,35 @@ def decode(value: bytes, expected: BlockUnit) -> memoryview:
     if hasher.intdigest() != checksum:
         raise CorruptValue("checksum mismatch")
     return payload
+
+
+# --- manifests: which head-range units make up one stored block --------------------------------------------
+
+MANIFEST_MAGIC = b"KVTM"
+_MANIFEST_FIELDS = struct.Struct("<4sH32s32sH")  # magic, version, fingerprint, block hash, number of ranges
+_RANGE = struct.Struct("<HH")
+
+
+def encode_manifest(fingerprint: bytes, block_hash: bytes, head_ranges: list[tuple[int, int]]) -> bytes:
+    """Written after every unit it lists: a reader that finds it may fetch exactly those units."""
+    body = _MANIFEST_FIELDS.pack(MANIFEST_MAGIC, FORMAT_VERSION, fingerprint, block_hash, len(head_ranges))
+    body += b"".join(_RANGE.pack(start, end) for start, end in head_ranges)
+    return body + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def decode_manifest(value: bytes, fingerprint: bytes, block_hash: bytes, total_heads: int) -> list[tuple[int, int]]:
+    """The head ranges of a manifest for this block; they must tile ``[0, total_heads)`` in order."""
+    if len(value) < _MANIFEST_FIELDS.size + _CHECKSUM.size:
+        raise CorruptValue("manifest shorter than its header")
+    body, (checksum,) = value[: -_CHECKSUM.size], _CHECKSUM.unpack(value[-_CHECKSUM.size :])
+    if xxhash.xxh3_64_intdigest(body) != checksum:
+        raise CorruptValue("manifest checksum mismatch")
+    magic, version, stored_fingerprint, stored_hash, count = _MANIFEST_FIELDS.unpack_from(body)
+    if (magic, version, stored_fingerprint, stored_hash) != (MANIFEST_MAGIC, FORMAT_VERSION, fingerprint, block_hash):
+        raise CorruptValue("manifest is for another format, model or block")
+    if len(body) != _MANIFEST_FIELDS.size + count * _RANGE.size:
+        raise CorruptValue("manifest length does not match its range count")
+    ranges = [_RANGE.unpack_from(body, _MANIFEST_FIELDS.size + i * _RANGE.size) for i in range(count)]
+    if [r[0] for r in ranges] != [0] + [r[1] for r in ranges[:-1]] or not ranges or ranges[-1][1] != total_heads:
+        raise CorruptValue(f"manifest ranges {ranges} do not tile the {total_heads} KV heads")
+    return ranges

@@ -22,8 +22,9 @@ from kvstore.hashing import BlockHasher
 from kvstore.stats import KVStoreStats
 from workers.attention import make_backend
 from workers.engine_config import EngineConfig, EngineConfigError
+from workers.block_mover import BlockMover, writer_head_ranges
 from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
-from workers.kv_tiers import KVTiers
+from workers.kv_tiers import KVTiers, cpu_tier_slots
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
 from workers.model_loader import load_model, model_fingerprint_of, resolve_dtype
@@ -35,7 +36,7 @@ from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
 from workers.text_output import TextOutput
-from workers.tp_group import LocalTPGroup
+from workers.tp_group import Collectives, LocalTPGroup
 from workers.tokenizer import Tokenizer, load_tokenizer
 from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
@@ -136,12 +137,25 @@ class LLMEngine:
         self.cache_shape = cache_shape
         self.fingerprint = fingerprint
         self.tp_group = tp_group
+        self.parallel = ParallelContext(0, config.tensor_parallel_size)
         self.block_pool = BlockPool(cache_shape.num_blocks)
         kv_cache = allocate_kv_cache(cache_shape, device)
         self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, broadcaster=tp_group)
         self.kv_stats = KVStoreStats()
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
-        self.tiers = self._make_tiers()
+        self.full_block_shape = KVCacheShape(
+            cache_shape.num_blocks, cache_shape.num_layers, cache_shape.block_size, self.model_config.num_kv_heads,
+            cache_shape.head_dim, cache_shape.dtype,
+        )
+        num_cpu_slots = cpu_tier_slots(self.kvstore_config, self.full_block_shape.bytes_per_block)
+        if tp_group is not None:
+            tp_group.broadcast_sizes(cache_shape.num_blocks, num_cpu_slots)
+        self.mover = BlockMover(
+            kv_cache, num_cpu_slots, self.parallel.kv_heads(self.model_config), self.model_config.num_kv_heads,
+            self.parallel, Collectives(device).device,
+        )
+        self.tiers = self._make_tiers(num_cpu_slots)
+        self._pending_stores: list = []
         self.scheduler = Scheduler(
             config.scheduler, self.block_pool, cache_shape.block_size,
             prefix_caching=self.kvstore_config.prefix_caching, lower_tiers=self.tiers, stats=self.kv_stats,
@@ -160,39 +174,48 @@ class LLMEngine:
 
     @classmethod
     def from_config(
-        cls, config: EngineConfig, kvstore: KVStoreConfig | None = None, progress: bool = True
+        cls,
+        config: EngineConfig,
+        kvstore: KVStoreConfig | None = None,
+        progress: bool = True,
+        distributed: bool | None = None,
     ) -> LLMEngine:
+        """Load the model and size the pools. ``distributed``: run through a torch.distributed group (None: only
+        when tensor_parallel_size > 1; True also at 1, which exercises the NCCL path on a single GPU)."""
         model_dir = resolve_model_dir(config.model)
         device = resolve_device(config.device)
         model_config = load_model_config(model_dir)
         dtype = resolve_dtype(config.dtype, model_config)
         check_parallel_degree(model_config, config.tensor_parallel_size)
         parallel = ParallelContext(0, config.tensor_parallel_size)
-        group = LocalTPGroup(config, device) if parallel.world_size > 1 else None
+        use_group = parallel.world_size > 1 if distributed is None else distributed
+        group = LocalTPGroup(config, device) if use_group else None
         try:
             backend = make_backend(config.attention_backend)
             model = load_model(model_dir, dtype, str(device), backend, progress, parallel)
             cache_shape = plan_kv_cache(config.cache, model_config, dtype, device, parallel.kv_heads(model_config).size)
-            if group is not None:
-                group.broadcast_num_blocks(cache_shape.num_blocks)
+            log.info("%s on %s (rank 0 of %d)", cache_shape.describe(), device, parallel.world_size)
+            fingerprint = model_fingerprint_of(config)
+            return cls(config, model, load_tokenizer(model_dir), cache_shape, device, kvstore, fingerprint, group)
         except BaseException:
             if group is not None:
                 group.stop()
             raise
-        log.info("%s on %s (rank 0 of %d)", cache_shape.describe(), device, parallel.world_size)
-        fingerprint = model_fingerprint_of(config)
-        return cls(config, model, load_tokenizer(model_dir), cache_shape, device, kvstore, fingerprint, group)
 
-    def _make_tiers(self) -> KVTiers | None:
+    def _make_tiers(self, num_cpu_slots: int) -> KVTiers | None:
         kvstore = self.kvstore_config
-        if not kvstore.prefix_caching or not (kvstore.cpu.enabled or kvstore.redis.url):
+        if not kvstore.prefix_caching or not (num_cpu_slots or kvstore.redis.url):
             return None
-        if self.tp_group is not None:
-            log.warning("tensor parallel: the CPU and Redis tiers are not per-rank yet; only the GPU prefix cache is on")
-            return None
+        unit_ranges = writer_head_ranges(self.parallel.world_size, self.model_config.num_kv_heads)
         return KVTiers(
-            self.runner.kv_cache, self.cache_shape, kvstore, self.fingerprint, self.kv_stats, self.cost_model
+            self.full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
+            self.cost_model, self._apply_tier_ops,
         )
+
+    def _apply_tier_ops(self, ops, payload):
+        if self.tp_group is None:
+            return self.mover.apply(ops, payload)
+        return self.tp_group.run_tier_ops(ops, lambda: self.mover.apply(ops, payload))
 
     def prepare_request(
         self,
@@ -263,19 +286,26 @@ class LLMEngine:
         self._observe_step(plan, time.perf_counter() - began)
         self.scheduler.mark_computed(plan)
         newly_cached = self.scheduler.cache_full_blocks(plan)
+        outputs += [self._append_token(state, token) for state, token in zip(sampling, tokens)]
         if self.tiers is not None:
-            self.tiers.store(newly_cached)
-        return outputs + [self._append_token(state, token) for state, token in zip(sampling, tokens)]
+            self._pending_stores += newly_cached
+            if not self.scheduler.has_unfinished():  # idle: write what is pending now, not at the next request
+                self.tiers.move([], [], self._take_pending_stores())
+        return outputs
 
     def _move_blocks_in(self, plan: SchedulerOutput) -> None:
-        """Before the forward: spill what the pool evicted (its slots are about to be reused), then load hits."""
+        """Before the forward, in this order: gather last step's new blocks for Redis, spill what the pool evicted
+        (its blocks are about to be reused), load this step's hits."""
         evicted = self.block_pool.take_evicted()
         if self.tiers is None:
             self.kv_stats["gpu"].evicted_blocks += len(evicted)
             return
-        self.tiers.spill(evicted)
-        self.tiers.load(plan.loads)
+        self.tiers.move(evicted, plan.loads, self._take_pending_stores())
         self.scheduler.mark_loaded(plan.loads)
+
+    def _take_pending_stores(self) -> list:
+        pending, self._pending_stores = self._pending_stores, []
+        return pending
 
     def _observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
         self.stats.steps += 1
@@ -289,6 +319,7 @@ class LLMEngine:
         """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), Redis for this model
         (or only ``salt``'s blocks when ``all_salts`` is False). Returns blocks dropped per tier."""
         dropped = {"gpu": self.block_pool.reset_cache(), "cpu": 0, "redis": 0}
+        self._pending_stores = []
         if self.tiers is not None:
             dropped.update(self.tiers.flush(salt, all_salts))
         return dropped

@@ -1,7 +1,8 @@
 """One step's model inputs as int64 tensors, so rank 0 can broadcast them to the other ranks (never pickle).
 
-header: [command, T, B, table entries, S]; body: token_ids[T], positions[T], slot_blocks[T],
+STEP header: [STEP, T, B, table entries, S]; body: token_ids[T], positions[T], slot_blocks[T],
 query_start_loc[B+1], context_lens[B], table lengths[B], block tables (flattened), sample_indices[S].
+TIER header: [TIER, gathers, spills, CPU loads, full loads]; body: ``TierOps.flat()``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from itertools import accumulate
 
 import torch
 
-STOP, STEP = 0, 1
+STOP, STEP, TIER = 0, 1, 2
 HEADER_SIZE = 5
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from workers import step_packet
+from workers.block_mover import TierOps
 from workers.engine_config import EngineConfig
 from workers.parallel import TensorParallelError
 from workers.step_packet import HostBatch
@@ -60,11 +61,15 @@ class Collectives:
         dist.broadcast(tensor, src=0)
         return tensor.cpu()
 
-    def receive_step(self) -> HostBatch | None:
-        """The next step's batch, or None when rank 0 says stop."""
+    def receive_message(self) -> HostBatch | TierOps | None:
+        """The next step's batch or tier moves, or None when rank 0 says stop."""
         header = self.receive(step_packet.HEADER_SIZE)
-        if header[0].item() == step_packet.STOP:
+        command = header[0].item()
+        if command == step_packet.STOP:
             return None
+        if command == step_packet.TIER:
+            counts = header[1:].tolist()
+            return TierOps.from_flat(counts, self.receive(counts[0] + 2 * (counts[1] + counts[2]) + counts[3]).tolist())
         return step_packet.unpack(header, self.receive(step_packet.body_size(header)))
 
 
@@ -81,8 +86,22 @@ class LocalTPGroup:
             self._kill_workers()
             raise
 
-    def broadcast_num_blocks(self, num_blocks: int) -> None:
-        self._guarded(lambda: self.collectives.send(torch.tensor([num_blocks], dtype=torch.long)))
+    def broadcast_sizes(self, num_blocks: int, num_cpu_slots: int) -> None:
+        """Rank 0 sized the pools; every rank allocates the same number of GPU blocks and CPU slots."""
+        self._guarded(lambda: self.collectives.send(torch.tensor([num_blocks, num_cpu_slots], dtype=torch.long)))
+
+    def run_tier_ops(self, ops: TierOps, run: Callable[[], T]) -> T:
+        """Send ``ops`` to the other ranks, then ``run`` this rank's part (their collectives meet)."""
+        header = torch.tensor([step_packet.TIER, *ops.counts()], dtype=torch.long)
+        body = torch.tensor(ops.flat(), dtype=torch.long)
+
+        def tier_step() -> T:
+            self.collectives.send(header)
+            if body.numel():
+                self.collectives.send(body)
+            return run()
+
+        return self._guarded(tier_step)
 
     def run_step(self, batch: HostBatch, run: Callable[[], T]) -> T:
         """Broadcast ``batch``, then ``run`` this rank's share of the step (its all-reduces meet the others')."""

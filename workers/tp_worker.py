@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from workers.attention import make_backend
+from workers.block_mover import BlockMover, TierOps
 from workers.engine import resolve_device
 from workers.engine_config import EngineConfig, engine_config_from_dict
 from workers.kv_cache import KVCacheShape, allocate_kv_cache
@@ -39,12 +40,18 @@ def serve(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
     dtype = resolve_dtype(config.dtype, model_config)
     model = load_model(model_dir, dtype, str(device), make_backend(config.attention_backend), False, parallel)
     collectives = Collectives(device)
-    num_blocks = int(collectives.receive(1)[0])
-    shape = KVCacheShape(num_blocks, model_config.num_layers, config.cache.block_size,
-                         parallel.kv_heads(model_config).size, model_config.head_dim, dtype)
-    runner = ModelRunner(model, allocate_kv_cache(shape, device), config.cache.block_size, device)
-    while (batch := collectives.receive_step()) is not None:
-        runner.run(batch, with_logits=False)
+    num_blocks, num_cpu_slots = collectives.receive(2).tolist()
+    kv_heads = parallel.kv_heads(model_config)
+    shape = KVCacheShape(num_blocks, model_config.num_layers, config.cache.block_size, kv_heads.size,
+                         model_config.head_dim, dtype)
+    kv_cache = allocate_kv_cache(shape, device)
+    runner = ModelRunner(model, kv_cache, config.cache.block_size, device)
+    mover = BlockMover(kv_cache, num_cpu_slots, kv_heads, model_config.num_kv_heads, parallel, collectives.device)
+    while (message := collectives.receive_message()) is not None:
+        if isinstance(message, TierOps):
+            mover.apply(message)
+        else:
+            runner.run(message, with_logits=False)
     dist.destroy_process_group()
 
 

@@ -47,3 +47,20 @@ def test_tiny_runs_in_bf16_with_a_memory_fraction():
     (done,) = engine.generate(["hello"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert len(done.token_ids) == 8
     assert engine.runner.kv_cache.dtype == torch.bfloat16 and engine.runner.kv_cache.is_cuda
+
+
+def test_the_nccl_path_runs_tp1_end_to_end(tmp_path):
+    import torch.distributed as dist
+
+    model_dir = save_random_model("llama3", tmp_path)
+    prompts = random_prompts([1, 40, 200], vocab_size=320, seed=2)
+    expected = hf_greedy_cuda(model_dir, prompts, 12)
+    config = EngineConfig(model=str(model_dir), device="cuda", cache=CacheConfig(num_blocks=64))
+    engine = LLMEngine.from_config(config, progress=False, distributed=True)
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "nccl" and dist.get_world_size() == 1
+        outputs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+        assert [c.token_ids for c in outputs] == expected
+    finally:
+        engine.close()
+    assert not dist.is_initialized()

@@ -142,9 +142,9 @@ def test_corrupt_values_are_detected_deleted_and_recomputed(redis_server, damage
     writer.close()
     client = redis_server.client()
     keys = client.keys("kvtier:*")
-    assert len(keys) == 5  # 87 prompt + 5 computed generated tokens: 5 full blocks
+    assert len(keys) == 2 * 5  # 87 prompt + 5 computed generated tokens: 5 full blocks, a unit and a manifest each
     third_block = block_hashes(prompt, BLOCK)[2].hex().encode()
-    (victim,) = [key for key in keys if third_block in key]
+    (victim,) = [key for key in keys if third_block in key and key.endswith(b":h0-2")]
     value = client.get(victim)
     damaged = {
         "flip a payload byte": value[:-100] + bytes([value[-100] ^ 0x01]) + value[-99:],

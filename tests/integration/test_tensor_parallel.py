@@ -86,3 +86,78 @@ def test_killing_a_rank_fails_the_group_within_bounded_time():
     assert time.monotonic() - killed_at < 30
     assert returncode != 0
     assert f"tensor-parallel rank 1 (pid {rank_pid}) exited" in remaining_stderr, remaining_stderr
+
+
+# --- tiers under tensor parallelism: per-rank CPU slices, Redis units by KV-head range ---------------------
+
+from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
+from kvstore.hashing import block_hashes  # noqa: E402
+
+TINY_PREFIX = [(i * 37) % 250 + 3 for i in range(160)]  # 10 blocks
+TINY_GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def tiny_engine(tp: int, kvstore: KVStoreConfig, num_blocks: int = 256) -> LLMEngine:
+    config = EngineConfig(model="tiny", tensor_parallel_size=tp, cache=CacheConfig(num_blocks=num_blocks))
+    return LLMEngine.from_config(config, kvstore, progress=False)
+
+
+def redis_tier(url: str) -> KVStoreConfig:
+    return KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=RedisConfig(url=url))
+
+
+def generate_and_close(engine: LLMEngine, prompt: list[int]):
+    try:
+        (done,) = engine.generate([prompt], TINY_GREEDY)
+        return done
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("writer_tp, reader_tp", [(2, 1), (1, 2)])
+def test_a_prefix_stored_at_one_tp_degree_is_reused_at_another(redis_server, writer_tp, reader_tp):
+    expected = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), TINY_PREFIX + [9, 9, 9])
+    generate_and_close(tiny_engine(writer_tp, redis_tier(redis_server.url)), TINY_PREFIX + [5, 6])
+    units = {key.rsplit(b":", 1)[1] for key in redis_server.client().keys("kvtier:*")}
+    assert units == ({b"h0-1", b"h1-2", b"m"} if writer_tp == 2 else {b"h0-2", b"m"})
+    done = generate_and_close(tiny_engine(reader_tp, redis_tier(redis_server.url)), TINY_PREFIX + [9, 9, 9])
+    assert done.usage.cached_tokens.redis == 160
+    assert done.token_ids == expected.token_ids
+
+
+def test_a_block_with_a_missing_head_slice_is_a_miss(redis_server):
+    expected = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), TINY_PREFIX + [9, 9, 9])
+    generate_and_close(tiny_engine(2, redis_tier(redis_server.url)), TINY_PREFIX + [5, 6])
+    client = redis_server.client()
+    fourth = block_hashes(TINY_PREFIX, 16)[3].hex().encode()
+    (slice_key,) = [key for key in client.keys("kvtier:*") if fourth in key and key.endswith(b":h1-2")]
+    client.delete(slice_key)
+    done = generate_and_close(tiny_engine(1, redis_tier(redis_server.url)), TINY_PREFIX + [9, 9, 9])
+    assert done.usage.cached_tokens.redis == 3 * 16  # blocks 0-2; block 3 lacks a slice
+    assert done.token_ids == expected.token_ids
+
+
+def test_each_rank_spills_and_loads_its_own_slice_in_the_cpu_tier():
+    prefixes = [[(i * seed) % 250 + 3 for i in range(160)] for seed in (37, 41, 43)]
+    waves = [prefixes[i % 3] + [7 + i] * 9 for i in range(6)]
+    expected = [generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), w).token_ids for w in waves]
+    engine = tiny_engine(2, KVStoreConfig(cpu=CpuTierConfig(capacity="4MiB")), num_blocks=24)
+    try:
+        outputs = [engine.generate([wave], TINY_GREEDY)[0].token_ids for wave in waves]
+        stats = engine.kv_store_stats()
+    finally:
+        engine.close()
+    assert outputs == expected
+    assert stats["cpu"]["stored_blocks"] > 0 and stats["cpu"]["hit_blocks"] > 0
+
+
+def test_a_one_rank_group_runs_the_distributed_path():
+    import torch.distributed as dist
+
+    prompt = TINY_PREFIX[:50]
+    plain = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), prompt)
+    config = EngineConfig(model="tiny", cache=CacheConfig(num_blocks=64))
+    engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False, distributed=True)
+    assert dist.is_initialized() and dist.get_world_size() == 1
+    assert generate_and_close(engine, prompt).token_ids == plain.token_ids
+    assert not dist.is_initialized()

@@ -1,0 +1,118 @@
+"""The KV copies every rank makes in lockstep when blocks move between tiers.
+
+Rank 0 decides (``workers.kv_tiers``); a ``TierOps`` says, in this order:
+1. ``gather_blocks``: copy these GPU blocks, all KV heads, to rank 0 (to be written to Redis);
+2. ``spills``: copy GPU block -> this rank's CPU slot (its own heads);
+3. ``cpu_loads``: copy this rank's CPU slot -> GPU block;
+4. ``full_loads``: rank 0 broadcasts these blocks with every KV head; each rank keeps its own heads.
+With one rank all of it is local. With several, rank 0 first sends the ops (``workers.tp_group``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from workers.parallel import ParallelContext, Span
+
+
+@dataclass(frozen=True)
+class TierOps:
+    gather_blocks: list[int] = field(default_factory=list)
+    spills: list[tuple[int, int]] = field(default_factory=list)  # (GPU block, CPU slot)
+    cpu_loads: list[tuple[int, int]] = field(default_factory=list)  # (CPU slot, GPU block)
+    full_loads: list[int] = field(default_factory=list)  # GPU blocks
+
+    @property
+    def empty(self) -> bool:
+        return not (self.gather_blocks or self.spills or self.cpu_loads or self.full_loads)
+
+    def counts(self) -> list[int]:
+        return [len(self.gather_blocks), len(self.spills), len(self.cpu_loads), len(self.full_loads)]
+
+    def flat(self) -> list[int]:
+        pairs = [value for pair in self.spills + self.cpu_loads for value in pair]
+        return self.gather_blocks + pairs + self.full_loads
+
+    @classmethod
+    def from_flat(cls, counts: list[int], values: list[int]) -> TierOps:
+        gathers, spills, loads, fulls = counts
+        pairs = values[gathers : gathers + 2 * (spills + loads)]
+        pair_list = list(zip(pairs[0::2], pairs[1::2]))
+        return cls(values[:gathers], pair_list[:spills], pair_list[spills:], values[len(values) - fulls :])
+
+
+class BlockMover:
+    """One rank's side of tier moves: its GPU cache, its CPU slots, its share of the KV heads."""
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,  # [num_blocks, L, 2, block_size, Hkv_local, D]
+        num_cpu_slots: int,
+        kv_heads: Span,
+        total_kv_heads: int,
+        parallel: ParallelContext,
+        collective_device: torch.device,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.kv_heads = kv_heads
+        self.total_kv_heads = total_kv_heads
+        self.parallel = parallel
+        self.collective_device = collective_device
+        pinned = kv_cache.device.type == "cuda"
+        dims = (num_cpu_slots, *kv_cache.shape[1:])
+        self.host = torch.empty(dims, dtype=kv_cache.dtype, pin_memory=pinned) if num_cpu_slots else None
+
+    def apply(self, ops: TierOps, full_payload: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run ``ops`` on this rank; rank 0 gets the gathered blocks [n, L, 2, bs, Hkv, D] (host) back."""
+        gathered = self._gather(ops.gather_blocks) if ops.gather_blocks else None
+        cache = self.kv_cache
+        if ops.spills:
+            blocks, slots = (torch.tensor(column) for column in zip(*ops.spills))
+            self.host.index_copy_(0, slots, cache.index_select(0, blocks.to(cache.device)).cpu())
+        if ops.cpu_loads:
+            slots, blocks = (torch.tensor(column) for column in zip(*ops.cpu_loads))
+            cache.index_copy_(0, blocks.to(cache.device), self.host[slots].to(cache.device, non_blocking=True))
+        if ops.full_loads:
+            payload = self._broadcast_payload(full_payload, len(ops.full_loads))  # [n, L, 2, bs, Hkv, D]
+            mine = payload[:, :, :, :, self.kv_heads.start : self.kv_heads.stop].to(cache.device)
+            cache.index_copy_(0, torch.tensor(ops.full_loads, device=cache.device), mine)
+        return gathered
+
+    def _gather(self, block_ids: list[int]) -> torch.Tensor | None:
+        local = self.kv_cache.index_select(0, torch.tensor(block_ids, device=self.kv_cache.device))
+        if self.parallel.world_size == 1:
+            return local.cpu()
+        local = local.to(self.collective_device)
+        parts = [torch.empty_like(local) for _ in range(self.parallel.world_size)] if self.parallel.rank == 0 else None
+        dist.gather(local, parts, dst=0)
+        if parts is None:
+            return None
+        owners = self._first_rank_of_each_span()
+        return torch.cat([parts[rank] for rank in owners], dim=4).cpu()  # heads in order
+
+    def _first_rank_of_each_span(self) -> list[int]:
+        """With replicated KV heads several ranks hold the same head: take each head once, in head order."""
+        replicas = max(1, self.parallel.world_size // self.total_kv_heads)
+        return list(range(0, self.parallel.world_size, replicas))
+
+    def _broadcast_payload(self, payload: torch.Tensor | None, count: int) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            return payload
+        dims = (count, *self.kv_cache.shape[1:4], self.total_kv_heads, self.kv_cache.shape[5])
+        if self.parallel.rank == 0:
+            tensor = payload.to(self.collective_device)
+        else:
+            tensor = torch.empty(dims, dtype=self.kv_cache.dtype, device=self.collective_device)
+        dist.broadcast(tensor, src=0)
+        return tensor
+
+
+def writer_head_ranges(world_size: int, total_kv_heads: int) -> list[tuple[int, int]]:
+    """The distinct KV-head ranges of a group of ``world_size`` ranks: the units it writes to Redis."""
+    if world_size <= total_kv_heads:
+        per_rank = total_kv_heads // world_size
+        return [(r * per_rank, (r + 1) * per_rank) for r in range(world_size)]
+    return [(head, head + 1) for head in range(total_kv_heads)]
