@@ -143,18 +143,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, broadcaster=tp_group)
         self.kv_stats = KVStoreStats()
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
-        self.full_block_shape = KVCacheShape(
-            cache_shape.num_blocks, cache_shape.num_layers, cache_shape.block_size, self.model_config.num_kv_heads,
-            cache_shape.head_dim, cache_shape.dtype,
-        )
-        num_cpu_slots = cpu_tier_slots(self.kvstore_config, self.full_block_shape.bytes_per_block)
-        if tp_group is not None:
-            tp_group.broadcast_sizes(cache_shape.num_blocks, num_cpu_slots)
-        self.mover = BlockMover(
-            kv_cache, num_cpu_slots, self.parallel.kv_heads(self.model_config), self.model_config.num_kv_heads,
-            self.parallel, Collectives(device).device,
-        )
-        self.tiers = self._make_tiers(num_cpu_slots)
+        self.tiers = self._set_up_tiers(kv_cache)
         self._pending_stores: list = []
         self.scheduler = Scheduler(
             config.scheduler, self.block_pool, cache_shape.block_size,
@@ -202,13 +191,25 @@ class LLMEngine:
                 group.stop()
             raise
 
-    def _make_tiers(self, num_cpu_slots: int) -> KVTiers | None:
+    def _set_up_tiers(self, kv_cache: torch.Tensor) -> KVTiers | None:
+        """This rank's block mover, the other ranks' pool sizes, and rank 0's tier decisions (None: GPU only)."""
+        shape, model = self.cache_shape, self.model_config
+        full_block_shape = KVCacheShape(
+            shape.num_blocks, shape.num_layers, shape.block_size, model.num_kv_heads, shape.head_dim, shape.dtype
+        )
+        num_cpu_slots = cpu_tier_slots(self.kvstore_config, full_block_shape.bytes_per_block)
+        if self.tp_group is not None:
+            self.tp_group.broadcast_sizes(shape.num_blocks, num_cpu_slots)
+        self.mover = BlockMover(
+            kv_cache, num_cpu_slots, self.parallel.kv_heads(model), model.num_kv_heads, self.parallel,
+            Collectives(self.device).device,
+        )
         kvstore = self.kvstore_config
         if not kvstore.prefix_caching or not (num_cpu_slots or kvstore.redis.url):
             return None
-        unit_ranges = writer_head_ranges(self.parallel.world_size, self.model_config.num_kv_heads)
+        unit_ranges = writer_head_ranges(self.parallel.world_size, model.num_kv_heads)
         return KVTiers(
-            self.full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
+            full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
             self.cost_model, self._apply_tier_ops,
         )
 
