@@ -32,6 +32,8 @@ _ENGINE_FLAGS = {
     "max_num_batched_tokens": ("engine", "scheduler", "max_num_batched_tokens"),
     "redis_url": ("kvstore", "redis", "url"),
     "tp": ("engine", "tensor_parallel_size"),
+    "port": ("router", "port"),
+    "workers": ("workers", "count"),
 }
 
 
@@ -59,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     flush.add_argument("--cache-salt", help="only this salt's blocks (default: every salt of the model)")
     flush.add_argument("--quiet", action="store_true")
     flush.set_defaults(handler=run_cache_flush)
+    serve = commands.add_parser("serve", help="start a kvtier cluster (Ray workers and the gRPC router)")
+    serve.add_argument("--config", help="kvtier YAML config file")
+    serve.add_argument("--model", help="built-in preset (tiny) or a Hugging Face-format directory")
+    serve.add_argument("--redis-url", help="redis:// or rediss:// URL of the shared KV tier")
+    serve.add_argument("--port", type=int, help="router port (default 50051)")
+    serve.add_argument("--workers", type=int, help="number of workers (default 2)")
+    serve.add_argument("--quiet", action="store_true")
+    serve.set_defaults(handler=run_serve_command)
+    status = commands.add_parser("status", help="show the cluster behind a router")
+    status.add_argument("--server", default="127.0.0.1:50051", help="router host:port")
+    status.add_argument("--quiet", action="store_true")
+    status.set_defaults(handler=run_status)
     return parser
 
 
@@ -96,6 +110,7 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-batched-tokens", type=int)
     engine.add_argument("--cache-salt", help="tenant salt: blocks are shared only between requests with the same")
     engine.add_argument("--no-cache", action="store_true", help="turn every KV cache tier off (recompute all)")
+    parser.add_argument("--server", help="send the prompts to a running cluster's router (host:port)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order")
     parser.add_argument("--stats", action="store_true", help="print engine and KV tier counters to stderr as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress or info on stderr")
@@ -122,18 +137,25 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from workers.engine import LLMEngine
+def sampling_params_of(args: argparse.Namespace):
     from workers.sampling_params import SamplingParams
 
-    if not args.prompts:
-        raise InvalidRequestError("prompt", "give at least one --prompt or --prompt-token-ids")
-    config = load_config(args.config, engine_overrides(args))
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
         ignore_eos=args.ignore_eos,
     )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from workers.engine import LLMEngine
+
+    if not args.prompts:
+        raise InvalidRequestError("prompt", "give at least one --prompt or --prompt-token-ids")
+    if args.server:
+        return run_remote_generate(args)
+    config = load_config(args.config, engine_overrides(args))
+    params = sampling_params_of(args)
     engine = LLMEngine.from_config(config.engine, config.kvstore, progress=not args.quiet)
     try:
         completions = engine.generate(args.prompts, params, cache_salt=args.cache_salt)
@@ -151,6 +173,57 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.stats:
         stats = {"engine": asdict(engine.stats), "kvstore": engine.kv_store_stats()}
         print(f"kvtier stats: {json.dumps(stats)}", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_remote_generate(args: argparse.Namespace) -> int:
+    """The prompts go to a router, concurrently (the cluster batches them); output as the offline form."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from cluster.client import KvtierClient
+
+    client = KvtierClient(args.server)
+    params = sampling_params_of(args)
+    try:
+        with ThreadPoolExecutor(max_workers=min(32, len(args.prompts))) as pool:
+            completions = list(pool.map(lambda p: client.complete(p, params, args.cache_salt), args.prompts))
+    except grpc.RpcError as error:
+        print(f"kvtier: error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    for completion in completions:
+        if args.json:
+            record = {"token_ids": completion.token_ids, "text": completion.text,
+                      "finish_reason": completion.finish_reason, "usage": completion.usage}
+            print(json.dumps(record), flush=True)
+        else:
+            print(completion.text, flush=True)
+    return 0
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    from cluster.serve import run_serve
+
+    return run_serve(load_config(args.config, engine_overrides(args)))
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from cluster.client import KvtierClient
+
+    client = KvtierClient(args.server)
+    info = client.cluster_info()
+    stats = client.stats()
+    print(f"model {info.model} ({info.fingerprint[:16]}), policy {info.routing_policy}, ready {info.ready}")
+    print(f"{'worker':<12} {'healthy':<8} {'load':>5} {'gpu hit':>8} {'cpu hit':>8} {'redis hit':>9} {'address'}")
+    for worker in info.workers:
+        tiers = stats.workers[worker.worker_id].tiers if worker.worker_id in stats.workers else {}
+        hits = [int(tiers[t].counters["hit_blocks"]) if t in tiers else 0 for t in ("gpu", "cpu", "redis")]
+        print(f"{worker.worker_id:<12} {str(worker.healthy):<8} {worker.load:>5} {hits[0]:>8} {hits[1]:>8} "
+              f"{hits[2]:>9} {worker.address}")
+    client.close()
     return 0
 
 

@@ -26,9 +26,49 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class WorkersConfig:
+    count: int = 2  # workers (each one engine, possibly tensor-parallel)
+    num_cpus: float = 1.0  # Ray CPUs reserved per worker (per rank when it has GPUs)
+    max_restarts: int = -1  # Ray restarts of a dead worker (-1: always)
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"count: must be >= 1, got {self.count}")
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"  # where the gRPC endpoint listens
+    port: int = 50051
+    policy: str = "cache_aware"  # cache_aware, least_loaded, round_robin
+    max_in_flight: int = 256  # admitted requests; beyond it, RESOURCE_EXHAUSTED at once
+    prefill_tokens_per_s: float = 20000.0  # cache_aware cost model until measured
+    seconds_per_queued_request: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("cache_aware", "least_loaded", "round_robin"):
+            raise ValueError(f"policy: {self.policy!r} is unknown (known: cache_aware, least_loaded, round_robin)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # an existing Ray cluster ("auto", "ray://..."); None starts a local one
+    namespace: str = "kvtier"
+
+
+@dataclass(frozen=True)
 class KvtierConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> KvtierConfig:

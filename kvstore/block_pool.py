@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+from kvstore.events import KVEventLog
+
 
 class BlockPoolError(RuntimeError):
     """A block id was used against the pool's invariants (double free, out of range, or pool exhausted)."""
@@ -26,9 +28,10 @@ class BlockPoolError(RuntimeError):
 class BlockPool:
     """Hands out KV-cache block ids, tracks who holds each, and remembers which full block each one caches."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, events: KVEventLog | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.events = events or KVEventLog()
         self._ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._hash_of: dict[int, bytes] = {}
@@ -108,7 +111,12 @@ class BlockPool:
             return False
         self._hash_of[block_id] = block_hash
         self._block_of[block_hash] = block_id
+        self.events.record("gpu", True, [block_hash])
         return True
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash the pool caches (a snapshot for the router's index)."""
+        return list(self._block_of)
 
     def cached_block(self, block_hash: bytes) -> int | None:
         return self._block_of.get(block_hash)
@@ -131,6 +139,7 @@ class BlockPool:
     def reset_cache(self) -> int:
         """Forget every cached hash (a flush); returns how many were dropped. Nothing counts as evicted."""
         dropped = len(self._block_of)
+        self.events.record("gpu", False, list(self._block_of))
         self._hash_of.clear()
         self._block_of.clear()
         return dropped
@@ -139,5 +148,6 @@ class BlockPool:
         block_hash = self._hash_of.pop(block_id, None)
         if block_hash is not None:
             del self._block_of[block_hash]
+            self.events.record("gpu", False, [block_hash])
             if evicted:
                 self._evicted.append((block_hash, block_id))

@@ -25,6 +25,26 @@ class AsyncEngine:
         self._to_add: list[PreparedRequest] = []
         self._to_abort: list[str] = []
         self._loop_task: asyncio.Task | None = None
+        self._kv_subscribers: list[asyncio.Queue] = []
+        self._new_kv_subscribers: list[asyncio.Queue] = []
+
+    def subscribe_kv_events(self) -> asyncio.Queue:
+        """A queue of ("snapshot", {tier: hashes}) first, then ("events", [KVEvent, ...]) as blocks move."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._new_kv_subscribers.append(queue)
+        self._wake()
+        return queue
+
+    def unsubscribe_kv_events(self, queue: asyncio.Queue) -> None:
+        for subscribers in (self._kv_subscribers, self._new_kv_subscribers):
+            if queue in subscribers:
+                subscribers.remove(queue)
+
+    def load(self) -> int:
+        return len(self._streams)
+
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self._streams
 
     async def generate(
         self,
@@ -63,8 +83,11 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while self._to_add or self._to_abort or self.engine.has_unfinished():
+        """Owns the engine: between steps it applies queued requests, aborts and subscriptions."""
+        while True:
             self._apply_queued()
+            if not self.engine.has_unfinished():
+                return
             try:
                 outputs = await asyncio.to_thread(self.engine.step)
             except Exception as error:  # the engine is broken: every open stream gets the error
@@ -77,8 +100,26 @@ class AsyncEngine:
                     queue.put_nowait(output)
                     if output.finished:
                         del self._streams[output.request_id]
+            self._publish_kv_events()
+
+    def _publish_kv_events(self) -> None:
+        events, overflowed = self.engine.kv_events.drain()
+        if overflowed:
+            snapshot = self.engine.kv_snapshot()
+            for queue in self._kv_subscribers:
+                queue.put_nowait(("snapshot", snapshot))
+        elif events:
+            for queue in self._kv_subscribers:
+                queue.put_nowait(("events", events))
 
     def _apply_queued(self) -> None:
+        self._publish_kv_events()
+        if self._new_kv_subscribers:
+            snapshot = self.engine.kv_snapshot()
+            for queue in self._new_kv_subscribers:
+                queue.put_nowait(("snapshot", snapshot))
+            self._kv_subscribers += self._new_kv_subscribers
+            self._new_kv_subscribers = []
         adds, self._to_add = self._to_add, []
         aborts, self._to_abort = self._to_abort, []
         for request in adds:

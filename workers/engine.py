@@ -18,6 +18,7 @@ import torch
 from kvstore.block_pool import BlockPool
 from kvstore.config import KVStoreConfig
 from kvstore.cost_model import FetchCostModel
+from kvstore.events import KVEventLog
 from kvstore.hashing import BlockHasher
 from kvstore.stats import KVStoreStats
 from workers.attention import make_backend
@@ -138,7 +139,8 @@ class LLMEngine:
         self.fingerprint = fingerprint
         self.tp_group = tp_group
         self.parallel = ParallelContext(0, config.tensor_parallel_size)
-        self.block_pool = BlockPool(cache_shape.num_blocks)
+        self.kv_events = KVEventLog()
+        self.block_pool = BlockPool(cache_shape.num_blocks, self.kv_events)
         kv_cache = allocate_kv_cache(cache_shape, device)
         self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, broadcaster=tp_group)
         self.kv_stats = KVStoreStats()
@@ -210,7 +212,7 @@ class LLMEngine:
         unit_ranges = writer_head_ranges(self.parallel.world_size, model.num_kv_heads)
         return KVTiers(
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
-            self.cost_model, self._apply_tier_ops,
+            self.cost_model, self._apply_tier_ops, self.kv_events,
         )
 
     def _apply_tier_ops(self, ops, payload):
@@ -324,6 +326,15 @@ class LLMEngine:
         if self.tiers is not None:
             dropped.update(self.tiers.flush(salt, all_salts))
         return dropped
+
+    def kv_snapshot(self) -> dict[str, list[bytes]]:
+        """The blocks this worker holds per local tier (what a freshly subscribed router indexes)."""
+        cpu = self.tiers.cpu.lru_order() if self.tiers is not None and self.tiers.cpu is not None else []
+        return {"gpu": self.block_pool.cached_hashes(), "cpu": cpu}
+
+    def load(self) -> int:
+        """Requests running or waiting."""
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
 
     def kv_store_stats(self) -> dict[str, dict[str, int]]:
         if self.tiers is not None:

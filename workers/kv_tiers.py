@@ -24,6 +24,7 @@ import torch
 from kvstore import codec
 from kvstore.config import KVStoreConfig, parse_size
 from kvstore.cost_model import FetchCostModel
+from kvstore.events import KVEventLog
 from kvstore.redis_keys import BlockLoad, PrefixRef, block_key, flush_pattern, manifest_key
 from kvstore.redis_store import RedisStore, WriteBehind
 from kvstore.stats import KVStoreStats
@@ -66,7 +67,9 @@ class KVTiers:
         stats: KVStoreStats,
         cost_model: FetchCostModel,
         apply: ApplyOps,
+        events: KVEventLog | None = None,
     ) -> None:
+        self.events = events or KVEventLog()
         self.shape = full_shape
         self.unit_ranges = unit_ranges
         self.fingerprint = fingerprint
@@ -240,7 +243,10 @@ class KVTiers:
             self.cpu.complete_store(moves.spilled, ok=True)
             self.stats["cpu"].stored_blocks += len(moves.spilled)
             self.stats["cpu"].bytes_in += len(moves.spilled) * self.block_bytes
-            self.stats["cpu"].evicted_blocks += len(self.cpu.take_evicted())
+            evicted = self.cpu.take_evicted()
+            self.stats["cpu"].evicted_blocks += len(evicted)
+            self.events.record("cpu", False, evicted)
+            self.events.record("cpu", True, moves.spilled)
         if moves.cpu_loaded:
             self.cpu.complete_load(moves.cpu_loaded)
         if moves.stored:
@@ -258,11 +264,14 @@ class KVTiers:
             items.append((manifest_key(self.fingerprint, prefix, block_hash), manifest))
             self._remember_in_redis(block_hash)
         self.stats["redis"].dropped_writes += self.writer.submit(items)
+        self.events.record("redis", True, [block_hash for block_hash, _ in blocks])
 
     # --- flush, stats, close -------------------------------------------------------------------------------
 
     def flush(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
         """Drop this model's blocks (or one salt's) from the CPU tier and Redis; counts per tier."""
+        if self.cpu:
+            self.events.record("cpu", False, self.cpu.lru_order())
         dropped = {"cpu": self.cpu.clear() if self.cpu else 0, "redis": 0}
         self._known_in_redis.clear()
         if self.redis is not None:

@@ -17,8 +17,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 log = logging.getLogger(__name__)
@@ -100,6 +98,8 @@ def ensure_preset(name: str, root: Path | None = None) -> Path:
 
 
 def write_preset(spec: PresetSpec, directory: Path) -> None:
+    from safetensors.torch import save_file  # torch only when generating: the router resolves paths without it
+
     (directory / "config.json").write_text(json.dumps(hf_config(spec), indent=2, sort_keys=True))
     save_file(random_weights(spec), str(directory / "model.safetensors"), metadata={"format": "pt"})
     byte_level_tokenizer().save(str(directory / "tokenizer.json"))
@@ -131,8 +131,10 @@ def hf_config(spec: PresetSpec) -> dict:
     }
 
 
-def random_weights(spec: PresetSpec) -> dict[str, torch.Tensor]:
+def random_weights(spec: PresetSpec) -> dict:
     """Normal(0, init_std) matrices and unit norms, drawn in a fixed order from one seeded generator."""
+    import torch
+
     generator = torch.Generator().manual_seed(spec.seed)
     dtype = getattr(torch, spec.dtype)
     head_dim = spec.hidden_size // spec.num_heads
@@ -154,7 +156,9 @@ def random_weights(spec: PresetSpec) -> dict[str, torch.Tensor]:
     return {name: _draw(shape, spec.init_std, generator).to(dtype) for name, shape in shapes.items()}
 
 
-def _draw(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
+def _draw(shape: tuple[int, ...], std: float, generator):
+    import torch
+
     if len(shape) == 1:
         return torch.ones(shape)
     return torch.empty(shape).normal_(0.0, std, generator=generator)

@@ -28,7 +28,9 @@ def test_yaml_and_overrides_merge_with_overrides_winning(tmp_path):
         ({"engine": {"cache": {"memory": "lots"}}}, "engine.cache.memory: 'lots' is not 'auto'"),
         ({"engine": {"device": "tpu"}}, "engine.device: 'tpu' is not auto"),
         ({"engine": []}, "engine: must be a mapping"),
-        ({"router": {}}, "router: unknown key"),
+        ({"routr": {}}, "routr: unknown key"),
+        ({"router": {"policy": "random"}}, "router.policy: 'random' is unknown"),
+        ({"workers": {"count": 0}}, "workers.count: must be >= 1"),
     ],
 )
 def test_errors_name_the_key_path(data, message):

@@ -1,0 +1,78 @@
+"""A small Python client of the kvtier gRPC API (the CLI and the tests use it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from protos.kvtier.v1 import generation_pb2 as pb
+from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
+from workers.sampling_params import SamplingParams
+
+FINISH_REASON_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                       pb.FINISH_REASON_ABORT: "abort"}
+
+
+@dataclass(frozen=True)
+class RemoteCompletion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    usage: dict
+    worker_id: str
+    ttft_s: float
+
+
+def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
+                  request_id: str = "") -> pb.GenerateRequest:
+    request = pb.GenerateRequest(request_id=request_id, max_tokens=params.max_tokens, stop=list(params.stop),
+                                 stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids[:] = list(prompt)
+    sampling = request.sampling
+    sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p = (
+        params.temperature, params.top_p, params.top_k, params.min_p)
+    if params.seed is not None:
+        sampling.seed = params.seed
+    if cache_salt is not None:
+        request.cache_salt = cache_salt
+    return request
+
+
+class KvtierClient:
+    def __init__(self, address: str, max_message_bytes: int = 64 * 2**20) -> None:
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def stream(self, request: pb.GenerateRequest, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
+        return self.stub.Generate(request, timeout=timeout_s)
+
+    def complete(self, prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
+                 timeout_s: float | None = None) -> RemoteCompletion:
+        token_ids, text = [], ""
+        for response in self.stream(build_request(prompt, params, cache_salt), timeout_s):
+            if response.HasField("delta"):
+                token_ids += response.delta.token_ids
+                text += response.delta.text
+            else:
+                final = response.final
+        cached = final.usage.cached_tokens
+        usage = {"prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens,
+                 "cached_tokens": {"gpu": cached.gpu, "cpu": cached.cpu, "redis": cached.redis}}
+        return RemoteCompletion(token_ids, text, FINISH_REASON_NAMES[final.finish_reason], usage, final.worker_id,
+                                final.timings.ttft_s)
+
+    def cluster_info(self) -> pb.ClusterInfo:
+        return self.stub.GetClusterInfo(pb.GetClusterInfoRequest())
+
+    def stats(self) -> pb.Stats:
+        return self.stub.GetStats(pb.GetStatsRequest())
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,100 @@
+"""The Ray actor that hosts the router: its gRPC endpoint, health and reflection, and the worker supervisor.
+
+On ``start`` it asks every worker (through Ray) where it listens, connects, and waits until each worker's KV
+snapshot is indexed before it reports ready: a restarted router routes from a rebuilt index, never a cold
+one. The supervisor then reconnects any worker that becomes unhealthy once Ray has restarted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.config import KvtierConfig, from_dict
+from protos.kvtier.v1 import generation_pb2 as pb
+from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
+from router.policies import CostRates, make_policy
+from router.prefix_index import PrefixIndex
+from router.servicer import ModelFacts, RouterServicer
+from router.worker_pool import WorkerPool
+from workers.validation import RequestLimits
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+_RECONNECT_EVERY_S = 0.5
+
+
+class RouterActor:
+    def __init__(self, config_json: str, worker_handles: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="kvtier router: %(message)s")
+        self.config: KvtierConfig = from_dict(KvtierConfig, json.loads(config_json))
+        self.handles = worker_handles
+        self.address: str | None = None
+
+    async def start(self) -> str:
+        """Connect every worker, index their caches, then open the endpoint; returns host:port."""
+        if self.address is not None:
+            return self.address
+        self.pool = WorkerPool(list(self.handles), PrefixIndex())
+        await asyncio.gather(*(self._connect(worker_id) for worker_id in self.handles))
+        facts, tokenizer = await self._model_facts()
+        router = self.config.router
+        rates = CostRates(prefill_tokens_per_s=router.prefill_tokens_per_s,
+                          seconds_per_queued_request=router.seconds_per_queued_request)
+        policy = make_policy(router.policy, self.pool.index, rates)
+        self.servicer = RouterServicer(self.pool, policy, router.policy, facts, tokenizer, router.max_in_flight)
+        self.address = await self._serve(facts)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        return self.address
+
+    async def _serve(self, facts: ModelFacts) -> str:
+        max_bytes = 64 * 1024 + facts.limits.max_model_len * 16  # the largest valid request, with room
+        options = [("grpc.max_receive_message_length", max_bytes)]
+        self.server = grpc.aio.server(options=options)
+        pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        router = self.config.router
+        port = self.server.add_insecure_port(f"{router.host}:{router.port}")
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s:%d", router.host, port)
+        return f"{router.host}:{port}"
+
+    async def _connect(self, worker_id: str) -> None:
+        address = await self.handles[worker_id].ensure_started.remote()
+        await self.pool.connect(worker_id, address)
+
+    async def _model_facts(self) -> tuple[ModelFacts, object]:
+        from workers.presets import resolve_model_dir
+        from workers.tokenizer import load_tokenizer
+
+        worker = next(iter(self.pool.workers.values()))
+        info = await worker.stub.GetClusterInfo(pb.GetClusterInfoRequest())
+        tokenizer = load_tokenizer(resolve_model_dir(self.config.engine.model))
+        limits = RequestLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len,
+                               kv_capacity_tokens=2**62, has_tokenizer=tokenizer is not None)
+        return ModelFacts(info.model, info.fingerprint, info.block_size, limits), tokenizer
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(_RECONNECT_EVERY_S)
+            for worker_id, worker in self.pool.workers.items():
+                if not worker.healthy:
+                    try:
+                        await asyncio.wait_for(self._connect(worker_id), timeout=120)
+                    except Exception as error:  # noqa: BLE001 - logged; the next round tries again
+                        log.warning("worker %s not back yet: %s", worker_id, error)
+
+    async def ready(self) -> bool:
+        return self.address is not None and all(w.healthy for w in self.pool.workers.values())
+
+    async def routed(self) -> dict[str, int]:
+        return dict(self.servicer.routed)

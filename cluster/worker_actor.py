@@ -1,0 +1,44 @@
+"""The Ray actor that hosts one worker: its engine and its gRPC endpoint (``cluster.worker_server``).
+
+Ray places it (one placement group per worker) and restarts it when its process dies; a restarted actor
+loads the model again when the router's supervisor asks where it listens (``ensure_started``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+
+from cluster.config import KvtierConfig, from_dict
+
+
+class WorkerActor:
+    def __init__(self, worker_id: str, config_json: str) -> None:
+        logging.basicConfig(level=logging.INFO, format=f"kvtier {worker_id}: %(message)s")
+        self.worker_id = worker_id
+        self.config: KvtierConfig = from_dict(KvtierConfig, json.loads(config_json))
+        self._address: str | None = None
+        self._server = None
+        self._starting = asyncio.Lock()
+
+    async def ensure_started(self) -> str:
+        """Load the engine and open the gRPC endpoint, once per process; returns host:port."""
+        async with self._starting:
+            if self._address is None:
+                await self._start()
+        return self._address
+
+    async def _start(self) -> None:
+        from cluster.worker_server import start_worker_server
+        from workers.async_engine import AsyncEngine
+        from workers.engine import LLMEngine
+
+        config = self.config
+        engine = await asyncio.to_thread(LLMEngine.from_config, config.engine, config.kvstore, False)
+        self._engine = AsyncEngine(engine)
+        self._server, self._address = await start_worker_server(self._engine, self.worker_id, config.engine.model)
+
+    def pid(self) -> int:
+        return os.getpid()

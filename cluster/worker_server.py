@@ -1,0 +1,123 @@
+"""A worker's own gRPC endpoint: the Generation service over its engine, and its KV event stream.
+
+The router is this endpoint's client: token streams go router -> worker over gRPC (protobuf, never pickle);
+Ray only places and restarts the process that hosts it (``cluster.worker_actor``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict
+
+import grpc
+
+from protos.kvtier.v1 import generation_pb2 as pb
+from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
+from router.errors import map_errors
+from router.requests import FINISH_REASONS, prompt_of, salt_of, sampling_of
+from workers.async_engine import AsyncEngine
+from workers.engine import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
+    def __init__(self, engine: AsyncEngine, worker_id: str, model_name: str) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.model_name = model_name
+
+    @map_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        arrived = time.monotonic()
+        request_id = request.request_id or uuid.uuid4().hex
+        stream = self.engine.generate(request_id, prompt_of(request), sampling_of(request), salt_of(request))
+        first_token_at = None
+        async for output in stream:
+            if first_token_at is None and output.new_token_ids:
+                first_token_at = time.monotonic()
+            if output.new_token_ids or output.new_text:
+                yield pb.GenerateResponse(delta=pb.Delta(token_ids=output.new_token_ids, text=output.new_text))
+            if output.finished:
+                yield pb.GenerateResponse(final=self._final(output, request_id, arrived, first_token_at))
+
+    def _final(self, output: RequestOutput, request_id: str, arrived: float, first: float | None) -> pb.Final:
+        now = time.monotonic()
+        cached = output.usage.cached_tokens
+        usage = pb.Usage(
+            prompt_tokens=output.usage.prompt_tokens, completion_tokens=output.usage.completion_tokens,
+            cached_tokens=pb.CachedTokens(gpu=cached.gpu, cpu=cached.cpu, redis=cached.redis),
+        )
+        timings = pb.Timings(ttft_s=(first or now) - arrived, total_s=now - arrived)
+        return pb.Final(finish_reason=FINISH_REASONS[output.finish_reason.value], usage=usage, timings=timings,
+                        worker_id=self.worker_id, request_id=request_id)
+
+    @map_errors
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        found = self.engine.is_running(request.request_id)
+        self.engine.abort(request.request_id)
+        return pb.AbortResponse(aborted=found)
+
+    @map_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+        tokenizer = self.engine.engine.tokenizer
+        if tokenizer is None:
+            from workers.validation import InvalidRequestError
+
+            raise InvalidRequestError("text", "this model has no tokenizer")
+        return pb.TokenizeResponse(token_ids=tokenizer.encode(request.text))
+
+    @map_errors
+    async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:
+        engine = self.engine.engine
+        worker = pb.WorkerInfo(worker_id=self.worker_id, healthy=True, load=self.engine.load(),
+                               tensor_parallel_size=engine.config.tensor_parallel_size)
+        return pb.ClusterInfo(
+            model=self.model_name, fingerprint=engine.fingerprint, max_model_len=engine.limits.max_model_len,
+            block_size=engine.cache_shape.block_size, vocab_size=engine.model_config.vocab_size, workers=[worker],
+            ready=True,
+        )
+
+    @map_errors
+    async def GetStats(self, request, context) -> pb.Stats:
+        engine = self.engine.engine
+        counters = {key: float(value) for key, value in asdict(engine.stats).items()}
+        counters.update(running=float(len(engine.scheduler.running)), waiting=float(len(engine.scheduler.waiting)))
+        tiers = {
+            tier: pb.TierStats(counters={k: float(v) for k, v in values.items()})
+            for tier, values in engine.kv_store_stats().items()
+        }
+        return pb.Stats(workers={self.worker_id: pb.WorkerStats(engine=counters, tiers=tiers)})
+
+    async def WatchKVEvents(self, request, context: grpc.aio.ServicerContext):
+        queue = self.engine.subscribe_kv_events()
+        try:
+            while True:
+                kind, payload = await queue.get()
+                yield _event_batch(kind, payload)
+        finally:
+            self.engine.unsubscribe_kv_events(queue)
+
+
+def _event_batch(kind: str, payload) -> pb.KVEventBatch:
+    if kind == "snapshot":
+        events = [pb.KVEvent(tier=tier, stored=True, block_hashes=hashes) for tier, hashes in payload.items()]
+        return pb.KVEventBatch(snapshot=True, events=events)
+    events = [pb.KVEvent(tier=e.tier, stored=e.stored, block_hashes=e.block_hashes) for e in payload]
+    return pb.KVEventBatch(snapshot=False, events=events)
+
+
+async def start_worker_server(engine: AsyncEngine, worker_id: str, model_name: str, host: str = "127.0.0.1",
+                              max_message_bytes: int = 64 * 2**20) -> tuple[grpc.aio.Server, str]:
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.aio.server(options=options)
+    servicer = WorkerServicer(engine, worker_id, model_name)
+    pb_grpc.add_GenerationServicer_to_server(servicer, server)
+    pb_grpc.add_WorkerControlServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{host}:0")
+    await server.start()
+    return server, f"{host}:{port}"

@@ -1,0 +1,151 @@
+"""The router's Generation service: validate, admit, route, and proxy the worker's stream. Thin by design."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from kvstore.hashing import block_hashes
+from protos.kvtier.v1 import generation_pb2 as pb
+from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
+from router.errors import NoHealthyWorker, Overloaded, map_errors
+from router.requests import prompt_of, salt_of, sampling_of, with_token_ids
+from router.worker_pool import WorkerPool
+from workers.tokenizer import Tokenizer
+from workers.validation import RequestLimits, validate_request, validate_text_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the router must know of the model to validate and hash requests (from a worker's ClusterInfo)."""
+
+    name: str
+    fingerprint: str
+    block_size: int
+    limits: RequestLimits
+
+
+class RouterServicer(pb_grpc.GenerationServicer):
+    def __init__(self, pool: WorkerPool, policy, policy_name: str, facts: ModelFacts, tokenizer: Tokenizer | None,
+                 max_in_flight: int) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.policy_name = policy_name
+        self.facts = facts
+        self.tokenizer = tokenizer
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.routed: dict[str, int] = {}  # worker id -> requests routed there
+
+    @map_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        arrived = time.monotonic()
+        token_ids, salt = self._validated(request)
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"{self.in_flight} requests in flight, the limit is {self.max_in_flight}")
+        request_id = request.request_id or uuid.uuid4().hex
+        self.in_flight += 1
+        try:
+            async for response in self._stream(request, request_id, token_ids, salt, context, arrived):
+                yield response
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request, request_id, token_ids, salt, context, arrived):
+        """Proxy the worker's stream. If the worker fails, migrate: resubmit the prompt plus every token already
+        streamed to another worker, so the client's stream goes on with nothing repeated or missing."""
+        streamed: list[int] = []
+        first_token_at = None
+        for _ in range(len(self.pool.workers) + 1):
+            worker = self._choose(token_ids + streamed, salt)
+            forwarded = with_token_ids(request, request_id, token_ids + streamed)
+            forwarded.max_tokens = (request.max_tokens if request.HasField("max_tokens") else 16) - len(streamed)
+            worker.in_flight += 1
+            try:
+                async for response in worker.stub.Generate(forwarded, timeout=context.time_remaining()):
+                    if response.HasField("delta"):
+                        first_token_at = first_token_at or time.monotonic()
+                        streamed += response.delta.token_ids
+                    else:
+                        _client_view(response.final, len(token_ids), len(streamed), arrived, first_token_at)
+                    yield response
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+                self.pool.mark_unhealthy(worker.worker_id, f"request failed: {error.code().name}")
+                log.warning("migrating %s after %d tokens: worker %s failed", request_id, len(streamed),
+                            worker.worker_id)
+            finally:
+                worker.in_flight -= 1
+        raise NoHealthyWorker(f"request {request_id}: every worker failed")
+
+    def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], str | None]:
+        prompt, params, salt = prompt_of(request), sampling_of(request), salt_of(request)
+        limits = self.facts.limits
+        if isinstance(prompt, str):
+            validate_text_prompt(prompt, limits)
+            prompt = self.tokenizer.encode(prompt)
+        validate_request(prompt, params, limits, salt)
+        return prompt, salt
+
+    def _choose(self, token_ids: list[int], salt: str | None):
+        candidates = self.pool.healthy_loads()
+        if not candidates:
+            raise NoHealthyWorker("no healthy worker")
+        hashes = block_hashes(token_ids[:-1], self.facts.block_size, salt=salt)
+        choice = self.policy.choose(candidates, hashes, self.facts.block_size)
+        self.routed[choice.worker_id] = self.routed.get(choice.worker_id, 0) + 1
+        return self.pool.workers[choice.worker_id]
+
+    @map_errors
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        aborted = False
+        for worker in self.pool.workers.values():
+            if worker.healthy:
+                aborted |= (await worker.stub.Abort(request)).aborted
+        return pb.AbortResponse(aborted=aborted)
+
+    @map_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        if self.tokenizer is None:
+            from workers.validation import InvalidRequestError
+
+            raise InvalidRequestError("text", "this model has no tokenizer")
+        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+
+    @map_errors
+    async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:
+        workers = [
+            pb.WorkerInfo(worker_id=w.worker_id, address=w.address, healthy=w.healthy, load=w.in_flight)
+            for w in self.pool.workers.values()
+        ]
+        facts = self.facts
+        return pb.ClusterInfo(
+            model=facts.name, fingerprint=facts.fingerprint, routing_policy=self.policy_name, workers=workers,
+            max_model_len=facts.limits.max_model_len, block_size=facts.block_size,
+            vocab_size=facts.limits.vocab_size, ready=all(w.healthy for w in self.pool.workers.values()),
+        )
+
+    @map_errors
+    async def GetStats(self, request, context) -> pb.Stats:
+        stats = pb.Stats()
+        for worker in self.pool.workers.values():
+            if worker.healthy:
+                stats.workers.MergeFrom((await worker.stub.GetStats(request)).workers)
+        return stats
+
+
+def _client_view(final: pb.Final, prompt_tokens: int, streamed: int, arrived: float, first: float | None) -> None:
+    """The final message as the client sees it: its own prompt, every token streamed, the router's timings."""
+    now = time.monotonic()
+    final.usage.prompt_tokens = prompt_tokens
+    final.usage.completion_tokens = streamed
+    final.timings.ttft_s = (first or now) - arrived
+    final.timings.total_s = now - arrived

@@ -1,0 +1,86 @@
+"""The workers the router routes to: their gRPC channels, health, load, and the KV events that feed the index.
+
+A worker is healthy once its channel is up and its first KV snapshot is in the index. Any failure of its event
+stream or of a request to it marks it unhealthy at once (no more routing there) and drops its local tiers from
+the index; ``reconnect`` (from the supervisor, which asks Ray where the worker now listens) takes it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from kvstore.events import KVEvent
+from protos.kvtier.v1 import generation_pb2 as pb
+from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
+from router.policies import WorkerLoad
+from router.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    address: str = ""
+    healthy: bool = False
+    in_flight: int = 0  # requests the router has routed here and not seen finish
+    channel: grpc.aio.Channel | None = None
+    stub: pb_grpc.GenerationStub | None = None
+    watcher: asyncio.Task | None = None
+    snapshot_loaded: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class WorkerPool:
+    def __init__(self, worker_ids: list[str], index: PrefixIndex) -> None:
+        self.index = index
+        self.workers = {worker_id: Worker(worker_id) for worker_id in worker_ids}
+
+    def healthy_loads(self) -> list[WorkerLoad]:
+        return [WorkerLoad(w.worker_id, w.in_flight) for w in self.workers.values() if w.healthy]
+
+    async def connect(self, worker_id: str, address: str) -> None:
+        """(Re)connect and start following the worker's KV events; healthy once its snapshot is indexed."""
+        worker = self.workers[worker_id]
+        await self._close(worker)
+        worker.address = address
+        worker.channel = grpc.aio.insecure_channel(address)
+        worker.stub = pb_grpc.GenerationStub(worker.channel)
+        worker.snapshot_loaded = asyncio.Event()
+        worker.watcher = asyncio.get_running_loop().create_task(self._watch(worker))
+        await asyncio.wait_for(worker.snapshot_loaded.wait(), timeout=30)
+        worker.healthy = True
+        log.info("worker %s at %s is serving", worker_id, address)
+
+    def mark_unhealthy(self, worker_id: str, reason: str) -> None:
+        worker = self.workers[worker_id]
+        if worker.healthy:
+            log.warning("worker %s is unhealthy: %s", worker_id, reason)
+        worker.healthy = False
+        self.index.remove_worker(worker_id)
+
+    async def _watch(self, worker: Worker) -> None:
+        stub = pb_grpc.WorkerControlStub(worker.channel)
+        try:
+            async for batch in stub.WatchKVEvents(pb.WatchKVEventsRequest()):
+                events = [KVEvent(e.tier, e.stored, tuple(e.block_hashes)) for e in batch.events]
+                if batch.snapshot:
+                    self.index.replace(worker.worker_id, {e.tier: list(e.block_hashes) for e in events})
+                    worker.snapshot_loaded.set()
+                else:
+                    self.index.apply(worker.worker_id, events)
+        except grpc.aio.AioRpcError as error:
+            self.mark_unhealthy(worker.worker_id, f"event stream ended: {error.code().name}")
+
+    async def _close(self, worker: Worker) -> None:
+        if worker.watcher is not None:
+            worker.watcher.cancel()
+        if worker.channel is not None:
+            await worker.channel.close()
+
+    async def close(self) -> None:
+        for worker in self.workers.values():
+            await self._close(worker)

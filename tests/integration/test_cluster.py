@@ -1,0 +1,216 @@
+"""The cluster with real Ray, real gRPC and a real redis-server, on CPU: routing by cached prefix, a killed
+worker (its prefix found again in Redis), streaming and cancellation, the bad-input matrix, overload, health."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import grpc
+import pytest
+
+from cluster.client import KvtierClient, build_request
+from cluster.config import load_config
+from protos.kvtier.v1 import generation_pb2 as pb
+from tests.redis_server import RedisServer
+from workers.engine import LLMEngine
+from workers.engine_config import EngineConfig
+from kvstore.config import KVStoreConfig
+from workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+rng = random.Random(11)
+PREFIX = [rng.randrange(3, 250) for _ in range(1500)]
+
+
+def question(seed: int) -> list[int]:
+    return [random.Random(seed).randrange(3, 250) for _ in range(20)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+
+    from cluster.serve import start_cluster, stop_cluster
+
+    redis = RedisServer(tmp_path_factory.mktemp("cluster-redis")).start()
+    overrides = {
+        "kvstore": {"redis": {"url": redis.url}},
+        "workers": {"count": 2, "num_cpus": 0.5},
+        "router": {"port": 0, "max_in_flight": 4},
+    }
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-test")
+    handle = start_cluster(load_config(overrides=overrides))
+    client = KvtierClient(handle.address)
+    yield handle, client, redis
+    client.close()
+    stop_cluster(handle)
+    ray.shutdown()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLMEngine.from_config(EngineConfig(), KVStoreConfig(prefix_caching=False), progress=False)
+
+
+def expected(offline: LLMEngine, prompt: list[int]) -> list[int]:
+    return offline.generate([prompt], GREEDY)[0].token_ids
+
+
+def wait_until(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_tokens_through_the_router_equal_the_offline_engine(cluster, offline):
+    _, client, _ = cluster
+    prompt = question(1) * 3
+    assert client.complete(prompt, GREEDY).token_ids == expected(offline, prompt)
+    text = client.complete("Hello, kvtier", GREEDY)
+    assert text.token_ids == offline.generate(["Hello, kvtier"], GREEDY)[0].token_ids
+
+
+def test_shared_prefix_requests_follow_the_prefix_and_survive_its_worker(cluster, offline):
+    import ray
+
+    handle, client, _ = cluster
+    first = client.complete(PREFIX + question(100), GREEDY)
+    holder = first.worker_id
+    followers = [client.complete(PREFIX + question(101 + i), GREEDY) for i in range(5)]
+    assert {f.worker_id for f in followers} == {holder}
+    assert all(f.usage["cached_tokens"]["gpu"] >= 1488 for f in followers)
+    time.sleep(0.5)  # the holder's write-behind lands its blocks in Redis
+
+    ray.kill(handle.workers[holder], no_restart=False)
+    after = client.complete(PREFIX + question(200), GREEDY, timeout_s=120)
+    assert after.worker_id != holder
+    assert after.usage["cached_tokens"]["redis"] > 0
+    assert after.token_ids == expected(offline, PREFIX + question(200))
+
+    def holder_healthy() -> bool:
+        workers = {w.worker_id: w for w in client.cluster_info().workers}
+        return workers[holder].healthy
+
+    wait_until(holder_healthy)  # Ray restarted it; the supervisor reconnected it
+    address = {w.worker_id: w.address for w in client.cluster_info().workers}[holder]
+    direct = KvtierClient(address)
+    assert direct.complete(question(300), GREEDY).token_ids == expected(offline, question(300))
+    direct.close()
+
+
+def test_streaming_is_incremental_and_cancelling_frees_the_worker(cluster):
+    _, client, _ = cluster
+    request = build_request(question(7) * 4, SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    stream = client.stream(request)
+    deltas = [next(stream) for _ in range(3)]
+    assert all(d.HasField("delta") and len(d.delta.token_ids) >= 1 for d in deltas)
+    stream.cancel()
+
+    def idle() -> bool:
+        stats = client.stats().workers
+        return all(w.engine["running"] == 0 and w.engine["waiting"] == 0 for w in stats.values())
+
+    wait_until(idle, timeout_s=30)
+
+
+BAD_REQUESTS = [
+    ("empty prompt", pb.GenerateRequest(text=""), "prompt"),
+    ("no prompt", pb.GenerateRequest(), "prompt"),
+    ("token id >= vocab", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 100000])), "prompt_token_ids[1]"),
+    ("max_tokens 0", pb.GenerateRequest(text="x", max_tokens=0), "max_tokens"),
+    ("max_tokens < 0", pb.GenerateRequest(text="x", max_tokens=-3), "max_tokens"),
+    ("too long", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 4000), max_tokens=200), "max_tokens"),
+    ("temperature < 0", pb.GenerateRequest(text="x", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
+    ("top_p > 1", pb.GenerateRequest(text="x", sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
+    ("too many stops", pb.GenerateRequest(text="x", stop=[str(i) for i in range(17)]), "stop"),
+]
+
+
+@pytest.mark.parametrize("name, request_, field", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_invalid_argument_naming_the_field(cluster, name, request_, field):
+    _, client, _ = cluster
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.stream(request_))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: ")
+    assert client.complete([5, 6, 7], GREEDY).finish_reason == "length"  # still serving
+
+
+def test_a_message_over_the_size_limit_is_refused(cluster):
+    _, client, _ = cluster
+    huge = pb.GenerateRequest(text="x" * (4 * 2**20))
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.stream(huge))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.complete([5, 6, 7], GREEDY).finish_reason == "length"
+
+
+def test_a_burst_over_the_admission_limit_gets_fast_resource_exhausted(cluster, offline):
+    _, client, _ = cluster
+    prompts = [question(400 + i) for i in range(12)]  # 3x the limit of 4
+    results: list = [None] * len(prompts)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    def call(index: int) -> None:
+        began = time.monotonic()
+        try:
+            results[index] = ("ok", client.complete(prompts[index], params).token_ids)
+        except grpc.RpcError as error:
+            results[index] = (error.code(), time.monotonic() - began)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    refused = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    served = [(i, r) for i, r in enumerate(results) if r[0] == "ok"]
+    assert refused and served and len(refused) + len(served) == len(prompts)
+    assert all(seconds < 1.0 for _, seconds in refused)
+    for index, (_, tokens) in served:
+        assert tokens == offline.generate([prompts[index]], params)[0].token_ids
+
+
+def test_health_and_reflection(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, client, _ = cluster
+    health = health_pb2_grpc.HealthStub(client.channel)
+    for service in ("", "kvtier.v1.Generation"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(responses).list_services_response.service}
+    assert "kvtier.v1.Generation" in names
+
+
+def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token(cluster, offline):
+    import ray
+
+    handle, client, _ = cluster
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+    prompt = question(500) * 2
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    stream = client.stream(build_request(prompt, params))
+    received = []
+    for response in stream:
+        received += response.delta.token_ids
+        if len(received) >= 20:
+            break
+    (busy,) = [w.worker_id for w in client.cluster_info().workers if w.load > 0]
+    ray.kill(handle.workers[busy], no_restart=False)
+    final = None
+    for response in stream:
+        if response.HasField("delta"):
+            received += response.delta.token_ids
+        else:
+            final = response.final
+    assert received == offline.generate([prompt], params)[0].token_ids
+    assert final.worker_id != busy and final.usage.completion_tokens == 300
+    assert final.usage.prompt_tokens == len(prompt)
