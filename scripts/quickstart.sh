@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs kvtier and runs it on the embedded default: the built-in tiny model, generated locally (no downloads).
+# Installs kvtier and starts a cluster on the embedded default: a local Ray, two workers on the built-in tiny
+# model (generated locally, no downloads), and the gRPC router on 127.0.0.1:50051. Ctrl-C stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/kvtier generate --model tiny --prompt "The quick brown fox" --max-tokens 32 --temperature 0.8 --seed 0 --json "$@"
+exec .venv/bin/kvtier serve "$@"
