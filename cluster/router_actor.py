@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,11 +36,19 @@ class RouterActor:
         self.config: KvtierConfig = from_dict(KvtierConfig, json.loads(config_json))
         self.handles = worker_handles
         self.address: str | None = None
+        self._starting = asyncio.Lock()
+        import ray
+
+        ray.get_runtime_context().current_actor.start.remote()  # also after Ray restarts this actor
 
     async def start(self) -> str:
         """Connect every worker, index their caches, then open the endpoint; returns host:port."""
-        if self.address is not None:
-            return self.address
+        async with self._starting:
+            if self.address is None:
+                await self._start()
+        return self.address
+
+    async def _start(self) -> None:
         self.pool = WorkerPool(list(self.handles), PrefixIndex())
         await asyncio.gather(*(self._connect(worker_id) for worker_id in self.handles))
         facts, tokenizer = await self._model_facts()
@@ -50,7 +59,6 @@ class RouterActor:
         self.servicer = RouterServicer(self.pool, policy, router.policy, facts, tokenizer, router.max_in_flight)
         self.address = await self._serve(facts)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-        return self.address
 
     async def _serve(self, facts: ModelFacts) -> str:
         max_bytes = 64 * 1024 + facts.limits.max_model_len * 16  # the largest valid request, with room
@@ -92,6 +100,9 @@ class RouterActor:
                         await asyncio.wait_for(self._connect(worker_id), timeout=120)
                     except Exception as error:  # noqa: BLE001 - logged; the next round tries again
                         log.warning("worker %s not back yet: %s", worker_id, error)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     async def ready(self) -> bool:
         return self.address is not None and all(w.healthy for w in self.pool.workers.values())

@@ -85,7 +85,9 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
     async def GetStats(self, request, context) -> pb.Stats:
         engine = self.engine.engine
         counters = {key: float(value) for key, value in asdict(engine.stats).items()}
-        counters.update(running=float(len(engine.scheduler.running)), waiting=float(len(engine.scheduler.waiting)))
+        counters.update(running=float(len(engine.scheduler.running)), waiting=float(len(engine.scheduler.waiting)),
+                        kv_blocks_in_use=float(engine.block_pool.num_used),
+                        kv_blocks_cached=float(engine.block_pool.num_cached))
         tiers = {
             tier: pb.TierStats(counters={k: float(v) for k, v in values.items()})
             for tier, values in engine.kv_store_stats().items()

@@ -112,7 +112,8 @@ def test_streaming_is_incremental_and_cancelling_frees_the_worker(cluster):
 
     def idle() -> bool:
         stats = client.stats().workers
-        return all(w.engine["running"] == 0 and w.engine["waiting"] == 0 for w in stats.values())
+        return all(w.engine["running"] == 0 and w.engine["waiting"] == 0 and w.engine["kv_blocks_in_use"] == 0
+                   for w in stats.values())
 
     wait_until(idle, timeout_s=30)
 
@@ -214,3 +215,30 @@ def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token
     assert received == offline.generate([prompt], params)[0].token_ids
     assert final.worker_id != busy and final.usage.completion_tokens == 300
     assert final.usage.prompt_tokens == len(prompt)
+
+
+def test_a_restarted_router_routes_from_a_rebuilt_index(cluster):
+    import ray
+
+    handle, client, _ = cluster
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+    prefix = [random.Random(77).randrange(3, 250) for _ in range(600)]
+    holder = client.complete(prefix + question(600), GREEDY).worker_id
+    old_pid = ray.get(handle.router.pid.remote())
+    ray.kill(handle.router, no_restart=False)
+
+    def restarted_process() -> bool:
+        try:
+            return ray.get(handle.router.pid.remote(), timeout=10) != old_pid
+        except ray.exceptions.RayActorError:
+            return False  # still restarting
+
+    wait_until(restarted_process)
+    address = ray.get(handle.router.start.remote(), timeout=120)  # it started itself; this waits for it
+    restarted = KvtierClient(address)
+    try:
+        assert restarted.cluster_info().ready
+        after = restarted.complete(prefix + question(601), GREEDY)
+        assert after.worker_id == holder and after.usage["cached_tokens"]["gpu"] >= 592
+    finally:
+        restarted.close()
