@@ -22,6 +22,7 @@ class Cluster:
     address: str
     router: object  # ray ActorHandle
     workers: dict  # worker id -> ray ActorHandle
+    placement_groups: list  # one per worker, removed with the cluster
 
 
 def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
@@ -37,9 +38,10 @@ def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
                  log_to_driver=True)
     config_json = json.dumps(asdict(config))
     worker_cls = ray.remote(WorkerActor)
-    workers = {}
+    workers, groups = {}, []
     for index in range(config.workers.count):
         group = placement_group([{"CPU": config.workers.num_cpus}], strategy="STRICT_PACK")
+        groups.append(group)
         ray.get(group.ready(), timeout=timeout_s)
         worker_id = f"worker-{index}"
         workers[worker_id] = worker_cls.options(
@@ -51,14 +53,18 @@ def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
         name="kvtier-router", max_restarts=-1, num_cpus=0, max_concurrency=1000,
     ).remote(config_json, workers)
     address = ray.get(router.start.remote(), timeout=timeout_s)
-    return Cluster(address, router, workers)
+    return Cluster(address, router, workers, groups)
 
 
 def stop_cluster(cluster: Cluster) -> None:
+    """Kill the actors and give their placement groups' resources back to Ray."""
     import ray
+    from ray.util.placement_group import remove_placement_group
 
     for handle in [cluster.router, *cluster.workers.values()]:
         ray.kill(handle, no_restart=True)
+    for group in cluster.placement_groups:
+        remove_placement_group(group)
 
 
 def run_serve(config: KvtierConfig) -> int:

@@ -34,6 +34,11 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    code, details = _status_of(error)
+    await context.abort(code, details)
+
+
 def map_errors(method):
     """Decorate a grpc.aio servicer method (unary or server-streaming) so exceptions become statuses."""
     if inspect.isasyncgenfunction(method):
@@ -46,8 +51,7 @@ def map_errors(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001 - mapped, not swallowed: the client gets the status
-                code, details = _status_of(error)
-                await context.abort(code, details)
+                await _abort(context, error)
 
         return streaming
 
@@ -58,7 +62,6 @@ def map_errors(method):
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - mapped, not swallowed: the client gets the status
-            code, details = _status_of(error)
-            await context.abort(code, details)
+            await _abort(context, error)
 
     return unary

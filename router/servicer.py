@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from kvstore.events import KVEvent
 from kvstore.hashing import block_hashes
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
@@ -102,6 +103,9 @@ class RouterServicer(pb_grpc.GenerationServicer):
         hashes = block_hashes(token_ids[:-1], self.facts.block_size, salt=salt)
         choice = self.policy.choose(candidates, hashes, self.facts.block_size)
         self.routed[choice.worker_id] = self.routed.get(choice.worker_id, 0) + 1
+        # The chosen worker will hold this prefix in a moment: index it now, so requests for the same prefix
+        # that arrive before the worker's events follow it there. Its events confirm or correct this guess.
+        self.pool.index.apply(choice.worker_id, [KVEvent("gpu", True, tuple(hashes))])
         return self.pool.workers[choice.worker_id]
 
     @map_errors
