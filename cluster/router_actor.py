@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from cluster.config import KvtierConfig, from_dict
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
-from router.policies import CostRates, make_policy
+from router.policies import CacheAware, CostRates, make_policy, measured_rates
 from router.prefix_index import PrefixIndex
 from router.servicer import ModelFacts, RouterServicer
 from router.worker_pool import WorkerPool
@@ -28,6 +28,7 @@ from workers.validation import RequestLimits
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _RECONNECT_EVERY_S = 0.5
+_RATES_EVERY_S = 5.0
 
 
 class RouterActor:
@@ -53,12 +54,14 @@ class RouterActor:
         await asyncio.gather(*(self._connect(worker_id) for worker_id in self.handles))
         facts, tokenizer = await self._model_facts()
         router = self.config.router
-        rates = CostRates(prefill_tokens_per_s=router.prefill_tokens_per_s,
-                          seconds_per_queued_request=router.seconds_per_queued_request)
-        policy = make_policy(router.policy, self.pool.index, rates)
+        self.configured_rates = CostRates(prefill_tokens_per_s=router.prefill_tokens_per_s,
+                                          seconds_per_queued_request=router.seconds_per_queued_request)
+        policy = make_policy(router.policy, self.pool.index, self.configured_rates)
         self.servicer = RouterServicer(self.pool, policy, router.policy, facts, tokenizer, router.max_in_flight)
         self.address = await self._serve(facts)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        if isinstance(policy, CacheAware):
+            self._rates_task = asyncio.get_running_loop().create_task(self._follow_measured_rates(policy))
 
     async def _serve(self, facts: ModelFacts) -> str:
         max_bytes = 64 * 1024 + facts.limits.max_model_len * 16  # the largest valid request, with room
@@ -92,14 +95,32 @@ class RouterActor:
         return ModelFacts(info.model, info.fingerprint, info.block_size, limits), tokenizer
 
     async def _supervise(self) -> None:
+        """Reconnect workers Ray restarted; readiness says whether any worker can take a request."""
         while True:
             await asyncio.sleep(_RECONNECT_EVERY_S)
+            serving = any(worker.healthy for worker in self.pool.workers.values())
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self.health.set(SERVICE_NAME, status)
             for worker_id, worker in self.pool.workers.items():
                 if not worker.healthy:
                     try:
                         await asyncio.wait_for(self._connect(worker_id), timeout=120)
                     except Exception as error:  # noqa: BLE001 - logged; the next round tries again
                         log.warning("worker %s not back yet: %s", worker_id, error)
+
+    async def _follow_measured_rates(self, policy: CacheAware) -> None:
+        """Every few seconds, the cost model takes the rates the workers measured (not a per-request poll)."""
+        while True:
+            await asyncio.sleep(_RATES_EVERY_S)
+            reports = []
+            for worker in self.pool.workers.values():
+                if worker.healthy:
+                    try:
+                        stats = await worker.stub.GetStats(pb.GetStatsRequest(), timeout=2)
+                    except grpc.aio.AioRpcError:
+                        continue
+                    reports += [dict(w.engine) for w in stats.workers.values()]
+            policy.rates = measured_rates(self.configured_rates, reports)
 
     def pid(self) -> int:
         return os.getpid()

@@ -88,6 +88,7 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         counters.update(running=float(len(engine.scheduler.running)), waiting=float(len(engine.scheduler.waiting)),
                         kv_blocks_in_use=float(engine.block_pool.num_used),
                         kv_blocks_cached=float(engine.block_pool.num_cached))
+        counters.update(_measured_rates(engine))
         tiers = {
             tier: pb.TierStats(counters={k: float(v) for k, v in values.items()})
             for tier, values in engine.kv_store_stats().items()
@@ -102,6 +103,20 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
                 yield _event_batch(kind, payload)
         finally:
             self.engine.unsubscribe_kv_events(queue)
+
+
+def _measured_rates(engine) -> dict[str, float]:
+    """What this worker has measured, for the router's cost model (absent until measured)."""
+    shape = engine.cache_shape
+    rates = {"kv_bytes_per_token": float(shape.bytes_per_block * engine.parallel.world_size // shape.block_size)}
+    prefill = engine.cost_model.prefill_tokens_per_s.value
+    if prefill:
+        rates["prefill_tokens_per_s"] = prefill
+    for tier in ("cpu", "redis"):
+        rate = engine.kv_stats[tier].load_bytes_per_s
+        if rate:
+            rates[f"{tier}_load_bytes_per_s"] = rate
+    return rates
 
 
 def _event_batch(kind: str, payload) -> pb.KVEventBatch:

@@ -10,7 +10,8 @@ A hot prefix on an overloaded worker therefore spreads to another worker, which 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, replace
 
 from router.prefix_index import PrefixIndex
 
@@ -75,6 +76,25 @@ class CacheAware:
             scored.append((cost, worker.load, order, worker.worker_id, found))
         _, _, _, worker_id, found = min(scored)
         return RouteChoice(worker_id, found)
+
+
+def measured_rates(configured: CostRates, workers: list[dict[str, float]]) -> CostRates:
+    """The configured rates, with each one the workers have measured replaced by their median.
+
+    Each worker reports (when measured) ``prefill_tokens_per_s``, ``cpu_load_bytes_per_s``,
+    ``redis_load_bytes_per_s`` and ``kv_bytes_per_token``; tier rates become tokens/s through the latter."""
+
+    def median(key: str, per_token: bool) -> float | None:
+        values = [w[key] / w["kv_bytes_per_token"] if per_token else w[key]
+                  for w in workers if w.get(key, 0) > 0 and (not per_token or w.get("kv_bytes_per_token", 0) > 0)]
+        return statistics.median(values) if values else None
+
+    updates = {
+        "prefill_tokens_per_s": median("prefill_tokens_per_s", per_token=False),
+        "cpu_tokens_per_s": median("cpu_load_bytes_per_s", per_token=True),
+        "redis_tokens_per_s": median("redis_load_bytes_per_s", per_token=True),
+    }
+    return replace(configured, **{key: value for key, value in updates.items() if value is not None})
 
 
 def make_policy(name: str, index: PrefixIndex, rates: CostRates | None = None):

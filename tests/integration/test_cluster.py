@@ -217,6 +217,24 @@ def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token
     assert final.usage.prompt_tokens == len(prompt)
 
 
+def test_a_deadline_ends_the_stream_with_deadline_exceeded(cluster):
+    _, client, _ = cluster
+    request = build_request(question(800) * 4, SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
+    with pytest.raises(grpc.RpcError) as caught:
+        list(client.stream(request, timeout_s=0.5))
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.complete([5, 6, 7], GREEDY).finish_reason == "length"
+
+
+def test_workers_report_measured_rates_for_the_router(cluster):
+    _, client, _ = cluster
+    client.complete(question(900) * 20, GREEDY)  # a prefill-heavy step gets measured
+    reports = [dict(w.engine) for w in client.stats().workers.values()]
+    assert all(r["kv_bytes_per_token"] == 2048 for r in reports)  # tiny: 32 KiB per 16-token block
+    assert any(r.get("prefill_tokens_per_s", 0) > 0 for r in reports)
+
+
+# Last: the router comes back on a new port, so the module's client no longer reaches it.
 def test_a_restarted_router_routes_from_a_rebuilt_index(cluster):
     import ray
 

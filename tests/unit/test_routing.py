@@ -56,3 +56,19 @@ def test_the_event_log_overflows_into_a_snapshot_request():
     assert log.drain() == ([KVEvent("gpu", True, (H[0], H[1]))], False)
     log.record("gpu", True, H[:4])
     assert log.drain() == ([], True)
+
+
+def test_measured_rates_replace_configured_ones_where_workers_measured_them():
+    from router.policies import measured_rates
+
+    configured = CostRates(prefill_tokens_per_s=20_000.0, cpu_tokens_per_s=400_000.0, redis_tokens_per_s=100_000.0)
+    reports = [
+        {"kv_bytes_per_token": 1000.0, "prefill_tokens_per_s": 3000.0, "redis_load_bytes_per_s": 2e8},
+        {"kv_bytes_per_token": 1000.0, "prefill_tokens_per_s": 5000.0},
+        {"kv_bytes_per_token": 1000.0},
+    ]
+    rates = measured_rates(configured, reports)
+    assert rates.prefill_tokens_per_s == 4000.0  # median of the two measurements
+    assert rates.redis_tokens_per_s == 200_000.0  # 2e8 bytes/s over 1000 bytes per token
+    assert rates.cpu_tokens_per_s == 400_000.0  # nobody measured it: configured
+    assert measured_rates(configured, []) == configured
