@@ -37,8 +37,14 @@ class WorkerActor:
 
         config = self.config
         engine = await asyncio.to_thread(LLMEngine.from_config, config.engine, config.kvstore, False)
-        self._engine = AsyncEngine(engine)
+        self._engine = AsyncEngine(engine, on_fatal=self._exit_for_restart)
         self._server, self._address = await start_worker_server(self._engine, self.worker_id, config.engine.model)
+
+    def _exit_for_restart(self, error: Exception) -> None:
+        """A broken engine (a dead tensor-parallel rank, ...) is restarted as a unit: leave, Ray starts us again.
+        The short delay lets the failed streams' statuses reach the router first."""
+        logging.getLogger(__name__).error("engine failed (%s); exiting so that Ray restarts this worker", error)
+        asyncio.get_running_loop().call_later(0.5, os._exit, 1)
 
     def pid(self) -> int:
         return os.getpid()

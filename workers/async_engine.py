@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator, Callable, Sequence as Seq
 
 from workers.engine import LLMEngine, PreparedRequest, RequestOutput
 from workers.sampling_params import SamplingParams
@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_fatal: Callable[[Exception], None] | None = None) -> None:
+        """``on_fatal`` is called once a step has failed (after every open stream got the error): the engine is
+        broken, and whoever hosts it should restart it as a unit."""
         self.engine = engine
+        self.on_fatal = on_fatal
+        self.failed: Exception | None = None
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._to_add: list[PreparedRequest] = []
         self._to_abort: list[str] = []
@@ -54,6 +58,8 @@ class AsyncEngine:
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; leaving early (or cancellation) aborts it."""
+        if self.failed is not None:
+            raise RuntimeError(f"the engine failed and is being restarted: {self.failed}")
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         request = self.engine.prepare_request(request_id, prompt, params, cache_salt)
@@ -92,7 +98,10 @@ class AsyncEngine:
                 outputs = await asyncio.to_thread(self.engine.step)
             except Exception as error:  # the engine is broken: every open stream gets the error
                 log.exception("engine step failed; failing %d open streams", len(self._streams))
+                self.failed = error
                 self._fail_all(error)
+                if self.on_fatal is not None:
+                    self.on_fatal(error)
                 return
             for output in outputs:
                 queue = self._streams.get(output.request_id)

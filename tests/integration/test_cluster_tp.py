@@ -1,0 +1,79 @@
+"""A cluster whose worker is tensor-parallel (tp=2, local rank processes): it serves, and when one of its ranks
+dies the worker is restarted as a unit by Ray and serves again; no request hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from cluster.client import KvtierClient, build_request
+from cluster.config import load_config
+from kvstore.config import KVStoreConfig
+from workers.engine import LLMEngine
+from workers.engine_config import EngineConfig
+from workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tp_cluster():
+    import ray
+
+    from cluster.serve import start_cluster, stop_cluster
+
+    overrides = {
+        "engine": {"tensor_parallel_size": 2, "cache": {"num_blocks": 256}},
+        "kvstore": {"prefix_caching": False},
+        "workers": {"count": 1, "num_cpus": 0.5},
+        "router": {"port": 0},
+    }
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-tp-test")
+    handle = start_cluster(load_config(overrides=overrides))
+    client = KvtierClient(handle.address)
+    yield handle, client
+    client.close()
+    stop_cluster(handle)
+    ray.shutdown()
+
+
+def rank_pids(worker_pid: int) -> list[int]:
+    """The worker actor's tensor-parallel rank processes (its children running workers.tp_worker)."""
+    children = []
+    for task in os.listdir(f"/proc/{worker_pid}/task"):  # the ranks are spawned from the engine-loading thread
+        children += open(f"/proc/{worker_pid}/task/{task}/children").read().split()
+    return [int(pid) for pid in children if b"workers.tp_worker" in open(f"/proc/{pid}/cmdline", "rb").read()]
+
+
+def test_a_tp2_worker_serves_and_restarts_as_a_unit_when_a_rank_dies(tp_cluster):
+    import ray
+
+    handle, client = tp_cluster
+    prompt = [(i * 7) % 250 + 3 for i in range(100)]
+    offline = LLMEngine.from_config(EngineConfig(), KVStoreConfig(prefix_caching=False), progress=False)
+    expected = offline.generate([prompt], GREEDY)[0].token_ids
+    assert client.complete(prompt, GREEDY).token_ids == expected
+
+    (worker,) = handle.workers.values()
+    old_pid = ray.get(worker.pid.remote())
+    (rank,) = rank_pids(old_pid)
+    os.kill(rank, signal.SIGKILL)
+    long_request = build_request(prompt, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    began = time.monotonic()
+    with pytest.raises(grpc.RpcError):  # the only worker is down: the request fails fast, it does not hang
+        list(client.stream(long_request, timeout_s=60))
+    assert time.monotonic() - began < 30
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(worker.pid.remote(), timeout=5) != old_pid and client.cluster_info().workers[0].healthy:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.5)
+    assert client.complete(prompt, GREEDY, timeout_s=60).token_ids == expected
