@@ -20,6 +20,7 @@ from router.errors import map_errors
 from router.requests import FINISH_REASONS, prompt_of, salt_of, sampling_of
 from workers.async_engine import AsyncEngine
 from workers.engine import RequestOutput
+from workers.validation import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         tokenizer = self.engine.engine.tokenizer
         if tokenizer is None:
-            from workers.validation import InvalidRequestError
-
             raise InvalidRequestError("text", "this model has no tokenizer")
         return pb.TokenizeResponse(token_ids=tokenizer.encode(request.text))
 

@@ -17,7 +17,7 @@ from router.errors import NoHealthyWorker, Overloaded, map_errors
 from router.requests import prompt_of, salt_of, sampling_of, with_token_ids
 from router.worker_pool import WorkerPool
 from workers.tokenizer import Tokenizer
-from workers.validation import RequestLimits, validate_request, validate_text_prompt
+from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,6 @@ class RouterServicer(pb_grpc.GenerationServicer):
     @map_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         if self.tokenizer is None:
-            from workers.validation import InvalidRequestError
-
             raise InvalidRequestError("text", "this model has no tokenizer")
         return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
 
