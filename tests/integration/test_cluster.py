@@ -234,6 +234,38 @@ def test_workers_report_measured_rates_for_the_router(cluster):
     assert any(r.get("prefill_tokens_per_s", 0) > 0 for r in reports)
 
 
+def test_the_cli_against_the_cluster_prints_what_the_offline_cli_prints(cluster):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    handle, _, _ = cluster
+    kvtier = str(Path(sys.executable).parent / "kvtier")
+    flags = ["--prompt", "Hello there", "--prompt-token-ids", "5,6,7,8", "--max-tokens", "6", "--temperature", "0",
+             "--ignore-eos", "--json", "--quiet"]
+    remote = subprocess.run([kvtier, "generate", "--server", handle.address, *flags], capture_output=True, text=True,
+                            timeout=120)
+    local = subprocess.run([kvtier, "generate", "--model", "tiny", "--no-cache", *flags], capture_output=True,
+                           text=True, timeout=120)
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+
+    def comparable(line: str) -> dict:
+        """Everything but where cached tokens came from (the cluster's caches may be warm)."""
+        record = json.loads(line)
+        usage = record.pop("usage")
+        assert set(usage["cached_tokens"]) == {"gpu", "cpu", "redis"}
+        return record | {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"]}
+
+    remote_records = [comparable(line) for line in remote.stdout.splitlines()]
+    assert len(remote_records) == 2
+    assert remote_records == [comparable(line) for line in local.stdout.splitlines()]
+    status = subprocess.run([kvtier, "status", "--server", handle.address], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "worker-0" in status.stdout and "worker-1" in status.stdout and "policy cache_aware" in status.stdout
+
+
 # Last: the router comes back on a new port, so the module's client no longer reaches it.
 def test_a_restarted_router_routes_from_a_rebuilt_index(cluster):
     import ray
