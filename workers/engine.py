@@ -28,7 +28,7 @@ from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
 from workers.kv_tiers import KVTiers, cpu_tier_slots
 from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
-from workers.model_loader import load_model, model_fingerprint_of, resolve_dtype
+from workers.model_loader import fingerprint_model, load_model, resolve_dtype
 from workers.parallel import ParallelContext, check_parallel_degree
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
@@ -186,7 +186,7 @@ class LLMEngine:
             model = load_model(model_dir, dtype, str(device), backend, progress, parallel)
             cache_shape = plan_kv_cache(config.cache, model_config, dtype, device, parallel.kv_heads(model_config).size)
             log.info("%s on %s (rank 0 of %d)", cache_shape.describe(), device, parallel.world_size)
-            fingerprint = model_fingerprint_of(config)
+            fingerprint = fingerprint_model(model_dir, model_config, dtype, config.cache.block_size)
             return cls(config, model, load_tokenizer(model_dir), cache_shape, device, kvstore, fingerprint, group)
         except BaseException:
             if group is not None:

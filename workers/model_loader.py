@@ -99,11 +99,15 @@ def weights_identity(model_dir: Path) -> str:
     return hasher.hexdigest()
 
 
+def fingerprint_model(model_dir: Path, model_config: ModelConfig, dtype: torch.dtype, block_size: int) -> str:
+    """The namespace of a loaded model in every tier: its config, dtype, block size and weights identity."""
+    return model_fingerprint(asdict(model_config), str(dtype), block_size, weights_identity(model_dir))
+
+
 def model_fingerprint_of(config: EngineConfig) -> str:
-    """The namespace of ``config``'s model in every tier, computed without loading the weights."""
+    """The same namespace from the config alone, without loading the weights (``kvtier cache flush``)."""
     from workers.presets import resolve_model_dir
 
     model_dir = resolve_model_dir(config.model)
     model_config = load_model_config(model_dir)
-    dtype = resolve_dtype(config.dtype, model_config)
-    return model_fingerprint(asdict(model_config), str(dtype), config.cache.block_size, weights_identity(model_dir))
+    return fingerprint_model(model_dir, model_config, resolve_dtype(config.dtype, model_config), config.cache.block_size)
