@@ -54,10 +54,12 @@ class BlockHasher:
         self.extra_keys = dict(extra_keys or {})
         self.hashes: list[bytes] = []
 
-    def update(self, token_ids: Sequence[int]) -> list[bytes]:
-        """Hash every full block of ``token_ids`` not hashed yet; returns all hashes so far."""
+    def update(self, token_ids: Sequence[int], num_tokens: int | None = None) -> list[bytes]:
+        """Hash every full block among the first ``num_tokens`` (default: all) of ``token_ids`` not hashed yet;
+        returns all hashes so far. Only new blocks are read, so calling it every step costs nothing between."""
         size = self.block_size
-        for index in range(len(self.hashes), len(token_ids) // size):
+        limit = len(token_ids) if num_tokens is None else min(num_tokens, len(token_ids))
+        for index in range(len(self.hashes), limit // size):
             parent = self.hashes[-1] if self.hashes else None
             self.hashes.append(hash_block(parent, token_ids[index * size : (index + 1) * size], self.salt,
                                           self.extra_keys))

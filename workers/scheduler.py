@@ -133,7 +133,7 @@ class Scheduler:
             if seq.hasher is None or seq.status is not SequenceStatus.RUNNING:
                 continue
             num_full = seq.num_computed_tokens // self.block_size
-            hashes = seq.hasher.update(seq.token_ids[: num_full * self.block_size])
+            hashes = seq.hasher.update(seq.token_ids, seq.num_computed_tokens)
             for index in range(seq.num_cached_blocks, num_full):
                 if self.block_pool.cache(seq.block_ids[index], hashes[index]):
                     cached.append((hashes[index], seq.block_ids[index], seq.prefix_ref))

@@ -36,6 +36,12 @@ def test_the_incremental_hasher_matches_the_one_shot_hashes():
     assert hasher.update(TOKENS[:13]) == block_hashes(TOKENS[:13], 4, salt="t")
 
 
+def test_the_hasher_reads_only_the_first_num_tokens():
+    hasher = BlockHasher(4)
+    assert hasher.update(TOKENS, num_tokens=9) == block_hashes(TOKENS[:9], 4)
+    assert hasher.update(TOKENS, num_tokens=100) == block_hashes(TOKENS, 4)
+
+
 def test_hashes_are_stable_across_releases():
     # Pinned values: a change here orphans every block already in Redis. Bump HASH_VERSION on purpose instead.
     assert block_hashes([0] * 16, 16)[0].hex() == "7f1e58c6232a64f711f76a7a80f7b3041139fd67707d5aedc251564e88117c47"
