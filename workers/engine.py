@@ -148,8 +148,7 @@ class LLMEngine:
         self.tiers = self._set_up_tiers(kv_cache)
         self._pending_stores: list = []
         self.scheduler = Scheduler(
-            config.scheduler, self.block_pool, cache_shape.block_size,
-            prefix_caching=self.kvstore_config.prefix_caching, lower_tiers=self.tiers, stats=self.kv_stats,
+            config.scheduler, self.block_pool, cache_shape.block_size, lower_tiers=self.tiers, stats=self.kv_stats,
         )
         self.limits = RequestLimits(
             vocab_size=self.model_config.vocab_size,
@@ -254,7 +253,6 @@ class LLMEngine:
             seed = self._seed_source.randrange(2**63)
         seq = Sequence(
             request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), request.params,
-            salt=request.cache_salt,
         )
         if self.kvstore_config.prefix_caching:
             seq.hasher = BlockHasher(self.cache_shape.block_size, salt=request.cache_salt)

@@ -85,14 +85,12 @@ class Scheduler:
         config: SchedulerConfig,
         block_pool: BlockPool,
         block_size: int,
-        prefix_caching: bool = False,
         lower_tiers: LowerTiers | None = None,
         stats: KVStoreStats | None = None,
     ) -> None:
         self.config = config
         self.block_pool = block_pool
         self.block_size = block_size
-        self.prefix_caching = prefix_caching
         self.lower_tiers = lower_tiers
         self.stats = stats or KVStoreStats()
         self.waiting: deque[Sequence] = deque()
@@ -187,8 +185,9 @@ class Scheduler:
         return chunks, loads
 
     def _match_prefix(self, seq: Sequence) -> _PrefixMatch:
-        """Take the GPU blocks caching ``seq``'s leading blocks and room for what the lower tiers hold."""
-        if not self.prefix_caching or seq.hasher is None:
+        """Take the GPU blocks caching ``seq``'s leading blocks and room for what the lower tiers hold (only for
+        sequences with a hasher: the engine gives them one when prefix caching is on)."""
+        if seq.hasher is None:
             return _PrefixMatch()
         hashes = seq.hasher.update(seq.token_ids)[: (seq.num_tokens - 1) // self.block_size]
         gpu_blocks = self.block_pool.match_prefix(hashes)

@@ -36,14 +36,13 @@ class Sequence:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
-    salt: str | None = None  # the tenant: blocks are shared only between requests with the same salt
-    hasher: BlockHasher | None = None  # set when prefix caching is on
+    hasher: BlockHasher | None = None  # set when prefix caching is on; carries the tenant's cache salt
     num_cached_blocks: int = 0  # leading blocks registered in the GPU prefix cache
     cached_tokens: dict[str, int] | None = None  # prompt tokens found per tier, at first admission
 
     @property
     def prefix_ref(self) -> PrefixRef:
-        return PrefixRef(self.salt, self.hasher.hashes[0])
+        return PrefixRef(self.hasher.salt, self.hasher.hashes[0])
 
     @property
     def num_tokens(self) -> int:
