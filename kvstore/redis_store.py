@@ -65,9 +65,7 @@ class RedisStore:
     def delete(self, keys: Sequence[str]) -> int | None:
         if not keys:
             return 0
-        if isinstance(self.client, RedisCluster):
-            return self._call(lambda: sum(self.client.unlink(key) for key in keys))
-        return self._call(lambda: self.client.unlink(*keys))
+        return self._call(lambda: self._unlink_now(list(keys)))
 
     def delete_matching(self, pattern: str) -> int | None:
         """UNLINK every key matching ``pattern`` (SCAN, on every primary of a cluster)."""

@@ -47,18 +47,18 @@ class RouterServicer(pb_grpc.GenerationServicer):
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
-        token_ids, salt = self._validated(request)
+        token_ids, max_tokens, salt = self._validated(request)
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(f"{self.in_flight} requests in flight, the limit is {self.max_in_flight}")
         request_id = request.request_id or uuid.uuid4().hex
         self.in_flight += 1
         try:
-            async for response in self._stream(request, request_id, token_ids, salt, context, arrived):
+            async for response in self._stream(request, request_id, token_ids, max_tokens, salt, context, arrived):
                 yield response
         finally:
             self.in_flight -= 1
 
-    async def _stream(self, request, request_id, token_ids, salt, context, arrived):
+    async def _stream(self, request, request_id, token_ids, max_tokens, salt, context, arrived):
         """Proxy the worker's stream. If the worker fails, migrate: resubmit the prompt plus every token already
         streamed to another worker, so the client's stream goes on with nothing repeated or missing."""
         streamed: list[int] = []
@@ -66,7 +66,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         for _ in range(len(self.pool.workers) + 1):
             worker = self._choose(token_ids + streamed, salt)
             forwarded = with_token_ids(request, request_id, token_ids + streamed)
-            forwarded.max_tokens = (request.max_tokens if request.HasField("max_tokens") else 16) - len(streamed)
+            forwarded.max_tokens = max_tokens - len(streamed)
             worker.in_flight += 1
             try:
                 async for response in worker.stub.Generate(forwarded, timeout=context.time_remaining()):
@@ -87,14 +87,15 @@ class RouterServicer(pb_grpc.GenerationServicer):
                 worker.in_flight -= 1
         raise NoHealthyWorker(f"request {request_id}: every worker failed")
 
-    def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], str | None]:
+    def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
+        """(prompt token ids, max_tokens with its default applied, cache salt), or InvalidRequestError."""
         prompt, params, salt = prompt_of(request), sampling_of(request), salt_of(request)
         limits = self.facts.limits
         if isinstance(prompt, str):
             validate_text_prompt(prompt, limits)
             prompt = self.tokenizer.encode(prompt)
         validate_request(prompt, params, limits, salt)
-        return prompt, salt
+        return prompt, params.max_tokens, salt
 
     def _choose(self, token_ids: list[int], salt: str | None):
         candidates = self.pool.healthy_loads()

@@ -37,7 +37,7 @@ from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
 from workers.text_output import TextOutput
-from workers.tp_group import Collectives, LocalTPGroup
+from workers.tp_group import LocalTPGroup, collective_device
 from workers.tokenizer import Tokenizer, load_tokenizer
 from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
@@ -203,7 +203,7 @@ class LLMEngine:
             self.tp_group.broadcast_sizes(shape.num_blocks, num_cpu_slots)
         self.mover = BlockMover(
             kv_cache, num_cpu_slots, self.parallel.kv_heads(model), model.num_kv_heads, self.parallel,
-            Collectives(self.device).device,
+            collective_device(self.device),
         )
         kvstore = self.kvstore_config
         if not kvstore.prefix_caching or not (num_cpu_slots or kvstore.redis.url):

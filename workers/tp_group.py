@@ -36,6 +36,11 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def collective_device(device: torch.device) -> torch.device:
+    """Where collectives' tensors must live: CUDA for NCCL, the host for gloo."""
+    return device if backend_for(device) == "nccl" else torch.device("cpu")
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
@@ -51,7 +56,7 @@ class Collectives:
     """The broadcasts rank 0 and the other ranks exchange, on the device the backend needs."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device if backend_for(device) == "nccl" else torch.device("cpu")
+        self.device = collective_device(device)
 
     def send(self, tensor: torch.Tensor) -> None:
         dist.broadcast(tensor.to(self.device), src=0)
