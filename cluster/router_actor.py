@@ -125,8 +125,3 @@ class RouterActor:
     def pid(self) -> int:
         return os.getpid()
 
-    async def ready(self) -> bool:
-        return self.address is not None and all(w.healthy for w in self.pool.workers.values())
-
-    async def routed(self) -> dict[str, int]:
-        return dict(self.servicer.routed)

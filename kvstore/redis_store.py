@@ -40,11 +40,6 @@ class RedisStore:
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
         self._lock = threading.Lock()
         self.errors = 0
-        self.refused = 0  # calls not sent: the breaker was open
-
-    @property
-    def breaker_state(self) -> str:
-        return self._breaker.state
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """Values in key order (None where absent); None for all when Redis cannot be reached in time."""
@@ -82,9 +77,6 @@ class RedisStore:
 
         return self._call(scan_and_unlink)
 
-    def ping(self) -> bool:
-        return self._call(self.client.ping) is True
-
     def _unlink_now(self, keys: list[str]) -> int:
         if not keys:
             return 0
@@ -98,7 +90,6 @@ class RedisStore:
             with self._lock:
                 allowed = self._breaker.allow()
             if not allowed:
-                self.refused += 1
                 return None
             try:
                 result = operation()

@@ -42,7 +42,6 @@ class RouterServicer(pb_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self.routed: dict[str, int] = {}  # worker id -> requests routed there
 
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -103,7 +102,6 @@ class RouterServicer(pb_grpc.GenerationServicer):
             raise NoHealthyWorker("no healthy worker")
         hashes = block_hashes(token_ids[:-1], self.facts.block_size, salt=salt)
         choice = self.policy.choose(candidates, hashes, self.facts.block_size)
-        self.routed[choice.worker_id] = self.routed.get(choice.worker_id, 0) + 1
         # The chosen worker will hold this prefix in a moment: index it now, so requests for the same prefix
         # that arrive before the worker's events follow it there. Its events confirm or correct this guess.
         self.pool.index.apply(choice.worker_id, [KVEvent("gpu", True, tuple(hashes))])
