@@ -270,9 +270,12 @@ class KVTiers:
 
     def flush(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
         """Drop this model's blocks (or one salt's) from the CPU tier and Redis; counts per tier."""
+        dropped = {"cpu": 0, "redis": 0}
         if self.cpu:
-            self.events.record("cpu", False, self.cpu.lru_order())
-        dropped = {"cpu": self.cpu.clear() if self.cpu else 0, "redis": 0}
+            held = self.cpu.lru_order()
+            dropped["cpu"] = self.cpu.clear()
+            kept = set(self.cpu.lru_order())  # entries a load in flight pins stay
+            self.events.record("cpu", False, [h for h in held if h not in kept])
         self._known_in_redis.clear()
         if self.redis is not None:
             self.writer.flush()
