@@ -104,10 +104,13 @@ def test_stop_token_ids_and_eos_finish_with_stop(engine):
     first_hit = greedy.token_ids.index(third)
     assert stopped[0].token_ids == greedy.token_ids[: first_hit + 1]
     assert stopped[0].finish_reason is FinishReason.STOP
-    prompt_that_ends_in_eos = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=50, temperature=0, seed=0))
-    assert prompt_that_ends_in_eos[0].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
-    if prompt_that_ends_in_eos[0].finish_reason is FinishReason.STOP:
-        assert prompt_that_ends_in_eos[0].token_ids[-1] == EOS_ID
+    # Same seed, same draws: the run that ignores EOS shows where the one that honours it must stop.
+    past_eos = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=400, temperature=1.0, seed=0, ignore_eos=True))
+    assert EOS_ID in past_eos[0].token_ids, "seed 0 no longer reaches EOS within 400 tokens: pick another seed"
+    first_eos = past_eos[0].token_ids.index(EOS_ID)
+    (at_eos,) = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=400, temperature=1.0, seed=0))
+    assert at_eos.token_ids == past_eos[0].token_ids[: first_eos + 1]
+    assert at_eos.finish_reason is FinishReason.STOP and past_eos[0].finish_reason is FinishReason.LENGTH
 
 
 def test_stop_strings_cut_the_text(engine):
