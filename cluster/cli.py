@@ -69,9 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=run_serve_command)
     status = commands.add_parser("status", help="show the cluster behind a router")
     status.add_argument("--server", default="127.0.0.1:50051", help="router host:port")
+    _add_connection_flags(status)
     status.add_argument("--quiet", action="store_true")
     status.set_defaults(handler=run_status)
     return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-file", help="TLS: the CA (PEM) that signed the router's certificate")
+    parser.add_argument("--token-file", help="file holding the bearer token (default: $KVTIER_TOKEN, if set)")
+
+
+def connect(args: argparse.Namespace):
+    """A client of ``args.server`` with the TLS and token flags applied."""
+    import os
+    from pathlib import Path
+
+    from cluster.client import KvtierClient
+
+    token = os.environ.get("KVTIER_TOKEN") or None
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    return KvtierClient(args.server, ca_file=args.ca_file, token=token)
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -109,6 +128,7 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--cache-salt", help="tenant salt: blocks are shared only between requests with the same")
     engine.add_argument("--no-cache", action="store_true", help="turn every KV cache tier off (recompute all)")
     parser.add_argument("--server", help="send the prompts to a running cluster's router (host:port)")
+    _add_connection_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order")
     parser.add_argument("--stats", action="store_true", help="print engine and KV tier counters to stderr as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress or info on stderr")
@@ -180,9 +200,7 @@ def run_remote_generate(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from cluster.client import KvtierClient
-
-    client = KvtierClient(args.server)
+    client = connect(args)
     params = sampling_params_of(args)
     try:
         with ThreadPoolExecutor(max_workers=min(32, len(args.prompts))) as pool:
@@ -209,11 +227,16 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from cluster.client import KvtierClient
+    import grpc
 
-    client = KvtierClient(args.server)
-    info = client.cluster_info()
-    stats = client.stats()
+    client = connect(args)
+    try:
+        info, stats = client.cluster_info(), client.stats()
+    except grpc.RpcError as error:
+        print(f"kvtier: error: {args.server}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
     print(f"model {info.model} ({info.fingerprint[:16]}), policy {info.routing_policy}, ready {info.ready}")
     print(f"{'worker':<12} {'healthy':<8} {'load':>5} {'gpu hit':>8} {'cpu hit':>8} {'redis hit':>9} {'address'}")
     for worker in info.workers:
@@ -221,7 +244,6 @@ def run_status(args: argparse.Namespace) -> int:
         hits = [int(tiers[t].counters["hit_blocks"]) if t in tiers else 0 for t in ("gpu", "cpu", "redis")]
         print(f"{worker.worker_id:<12} {str(worker.healthy):<8} {worker.load:>5} {hits[0]:>8} {hits[1]:>8} "
               f"{hits[2]:>9} {worker.address}")
-    client.close()
     return 0
 
 

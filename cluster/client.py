@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -44,14 +45,23 @@ def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_sal
 
 
 class KvtierClient:
-    def __init__(self, address: str, max_message_bytes: int = 64 * 2**20) -> None:
+    """``ca_file`` turns TLS on (the CA that signed the server's certificate); ``token`` is sent as a bearer
+    token on every call (over TLS, or in the clear on a trusted network)."""
+
+    def __init__(self, address: str, max_message_bytes: int = 64 * 2**20, ca_file: str | None = None,
+                 token: str | None = None) -> None:
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(address, options=options)
+        if ca_file is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes())
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def stream(self, request: pb.GenerateRequest, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
-        return self.stub.Generate(request, timeout=timeout_s)
+        return self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata)
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
                  timeout_s: float | None = None) -> RemoteCompletion:
@@ -69,10 +79,10 @@ class KvtierClient:
                                 final.timings.ttft_s)
 
     def cluster_info(self) -> pb.ClusterInfo:
-        return self.stub.GetClusterInfo(pb.GetClusterInfoRequest())
+        return self.stub.GetClusterInfo(pb.GetClusterInfoRequest(), metadata=self.metadata)
 
     def stats(self) -> pb.Stats:
-        return self.stub.GetStats(pb.GetStatsRequest())
+        return self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

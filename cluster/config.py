@@ -28,14 +28,44 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class WorkersConfig:
     count: int = 2  # workers (each one engine, possibly tensor-parallel)
-    num_cpus: float = 1.0  # Ray CPUs reserved per worker (per rank when it has GPUs)
+    num_cpus: float = 1.0  # Ray CPUs reserved per worker
+    num_gpus: int = 0  # Ray GPUs reserved per worker: its tensor-parallel size on GPU nodes, 0 on CPU
     max_restarts: int = -1  # Ray restarts of a dead worker (-1: always)
+    host: str = "127.0.0.1"  # where a worker's gRPC endpoint listens; "node_ip": the Ray node's address
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError(f"count: must be >= 1, got {self.count}")
         if self.num_cpus < 0:
             raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus: must be >= 0, got {self.num_gpus}")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the router's gRPC endpoint: on when cert_file and key_file are set (PEM files)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None  # set: clients must present a certificate this CA signed (mutual TLS)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file: and key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file: needs cert_file and key_file (mutual TLS is TLS first)")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer-token auth on the router: on when tokens_file is set (YAML, ``tenant: [token, ...]``)."""
+
+    tokens_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,8 @@ class RouterConfig:
     max_in_flight: int = 256  # admitted requests; beyond it, RESOURCE_EXHAUSTED at once
     prefill_tokens_per_s: float = 20000.0  # cache_aware cost model until measured
     seconds_per_queued_request: float = 0.05
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         if self.policy not in ("cache_aware", "least_loaded", "round_robin"):
@@ -60,6 +92,11 @@ class RouterConfig:
 class RayConfig:
     address: str | None = None  # an existing Ray cluster ("auto", "ray://..."); None starts a local one
     namespace: str = "kvtier"
+    connect_timeout_s: float = 120.0  # how long `kvtier serve` waits for the Ray cluster at `address`
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0:
+            raise ValueError(f"connect_timeout_s: must be > 0, got {self.connect_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,20 @@ import asyncio
 import json
 import logging
 import os
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.config import KvtierConfig, from_dict
+from cluster.config import KvtierConfig, TlsConfig, from_dict
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
+from router.auth import BearerTokenAuth
 from router.policies import CacheAware, CostRates, make_policy, measured_rates
 from router.prefix_index import PrefixIndex
 from router.servicer import ModelFacts, RouterServicer
+from router.tenancy import load_token_table
 from router.worker_pool import WorkerPool
 from workers.validation import RequestLimits
 
@@ -66,17 +69,25 @@ class RouterActor:
     async def _serve(self, facts: ModelFacts) -> str:
         max_bytes = 64 * 1024 + facts.limits.max_model_len * 16  # the largest valid request, with room
         options = [("grpc.max_receive_message_length", max_bytes)]
-        self.server = grpc.aio.server(options=options)
+        router = self.config.router
+        interceptors = []
+        if router.auth.tokens_file is not None:
+            interceptors.append(BearerTokenAuth(load_token_table(router.auth.tokens_file)))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        router = self.config.router
-        port = self.server.add_insecure_port(f"{router.host}:{router.port}")
+        endpoint = f"{router.host}:{router.port}"
+        if router.tls.enabled:
+            port = self.server.add_secure_port(endpoint, server_credentials(router.tls))
+        else:
+            port = self.server.add_insecure_port(endpoint)
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving on %s:%d", router.host, port)
+        log.info("serving on %s:%d (TLS %s, auth %s)", router.host, port, "on" if router.tls.enabled else "off",
+                 "on" if interceptors else "off")
         return f"{router.host}:{port}"
 
     async def _connect(self, worker_id: str) -> None:
@@ -125,3 +136,10 @@ class RouterActor:
     def pid(self) -> int:
         return os.getpid()
 
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS (mutual when ``client_ca_file`` is set) from PEM files, read once at start."""
+    key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
+    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)

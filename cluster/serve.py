@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
+import time
 from dataclasses import asdict, dataclass
 
-from cluster.config import KvtierConfig
+from cluster.config import ConfigError, KvtierConfig
 
 log = logging.getLogger("kvtier")
 
@@ -28,32 +30,69 @@ class Cluster:
 def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
     import ray
     from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
     from cluster.router_actor import RouterActor
     from cluster.worker_actor import WorkerActor
 
+    check_files(config)
     if not ray.is_initialized():
-        ray.init(address=config.ray.address, namespace=config.ray.namespace, include_dashboard=False,
-                 log_to_driver=True)
+        _join_ray(config)
     config_json = json.dumps(asdict(config))
     worker_cls = ray.remote(WorkerActor)
     workers, groups = {}, []
+    bundle = {"CPU": config.workers.num_cpus, "GPU": config.workers.num_gpus}
     for index in range(config.workers.count):
-        group = placement_group([{"CPU": config.workers.num_cpus}], strategy="STRICT_PACK")
+        group = placement_group([{k: v for k, v in bundle.items() if v}], strategy="STRICT_PACK")
         groups.append(group)
         ray.get(group.ready(), timeout=timeout_s)
         worker_id = f"worker-{index}"
         workers[worker_id] = worker_cls.options(
             name=f"kvtier-{worker_id}", max_restarts=config.workers.max_restarts, max_task_retries=0,
-            num_cpus=config.workers.num_cpus, max_concurrency=1000,
+            num_cpus=config.workers.num_cpus, num_gpus=config.workers.num_gpus, max_concurrency=1000,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group),
         ).remote(worker_id, config_json)
-    router = ray.remote(RouterActor).options(
-        name="kvtier-router", max_restarts=-1, num_cpus=0, max_concurrency=1000,
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    router = ray.remote(RouterActor).options(  # on this node, so the endpoint is where `kvtier serve` runs
+        name="kvtier-router", max_restarts=-1, num_cpus=0, max_concurrency=1000, scheduling_strategy=here,
     ).remote(config_json, workers)
     address = ray.get(router.start.remote(), timeout=timeout_s)
     return Cluster(address, router, workers, groups)
+
+
+def check_files(config: KvtierConfig) -> None:
+    """Fail at once, naming the key, when a file the router or the Redis tier will read is missing or bad."""
+    from router.tenancy import TokensFileError, load_token_table
+
+    router, redis = config.router, config.kvstore.redis
+    files = {"router.tls.cert_file": router.tls.cert_file, "router.tls.key_file": router.tls.key_file,
+             "router.tls.client_ca_file": router.tls.client_ca_file, "router.auth.tokens_file": router.auth.tokens_file,
+             "kvstore.redis.password_file": redis.password_file, "kvstore.redis.ca_file": redis.ca_file}
+    for key, path in files.items():
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"{key}: {path} is not a readable file")
+    if router.auth.tokens_file is not None:
+        try:
+            load_token_table(router.auth.tokens_file)
+        except TokensFileError as error:
+            raise ConfigError(f"router.auth.tokens_file: {error}") from None
+
+
+def _join_ray(config: KvtierConfig) -> None:
+    """Join ``ray.address`` (waiting up to ``ray.connect_timeout_s`` for its head to come up) or start Ray."""
+    import ray
+
+    deadline = time.monotonic() + config.ray.connect_timeout_s
+    while True:
+        try:
+            ray.init(address=config.ray.address, namespace=config.ray.namespace, include_dashboard=False,
+                     log_to_driver=True)
+            return
+        except ConnectionError as error:
+            if config.ray.address is None or time.monotonic() > deadline:
+                raise ConfigError(f"ray.address: cannot join {config.ray.address!r}: {error}") from None
+            log.info("waiting for the Ray cluster at %s: %s", config.ray.address, error)
+            time.sleep(2)
 
 
 def stop_cluster(cluster: Cluster) -> None:

@@ -38,7 +38,16 @@ class WorkerActor:
         config = self.config
         engine = await asyncio.to_thread(LLMEngine.from_config, config.engine, config.kvstore, False)
         self._engine = AsyncEngine(engine, on_fatal=self._exit_for_restart)
-        self._server, self._address = await start_worker_server(self._engine, self.worker_id, config.engine.model)
+        self._server, self._address = await start_worker_server(self._engine, self.worker_id, config.engine.model,
+                                                                host=self._host())
+
+    def _host(self) -> str:
+        """Where the endpoint listens: the configured address, or this Ray node's (multi-node clusters)."""
+        if self.config.workers.host != "node_ip":
+            return self.config.workers.host
+        import ray
+
+        return ray.util.get_node_ip_address()
 
     def _exit_for_restart(self, error: Exception) -> None:
         """A broken engine (a dead tensor-parallel rank, ...) is restarted as a unit: leave, Ray starts us again.

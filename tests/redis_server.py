@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -38,27 +39,51 @@ def _bindable(port: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS-only redis-server: its certificate and key, and the CA that signed them."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    """``password`` turns on requirepass; ``tls`` serves TLS only (no plaintext port)."""
+
+    def __init__(self, directory: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
+                 password: str | None = None, tls: TlsFiles | None = None) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs it)")
         self.directory = directory
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.password = password
+        self.tls = tls
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        tls = {"ssl": True, "ssl_ca_certs": self.tls.ca_file} if self.tls else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, password=self.password, **tls)
+
+    def _security_args(self) -> list[str]:
+        args = ["--requirepass", self.password] if self.password else []
+        if self.tls:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls.cert_file,
+                     "--tls-key-file", self.tls.key_file, "--tls-ca-cert-file", self.tls.ca_file,
+                     "--tls-auth-clients", "no"]
+        return args
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"), *self.extra_args,
+            *self._security_args(),
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_until_up()

@@ -1,0 +1,73 @@
+"""Bearer-token auth for the router's gRPC endpoint, as one server interceptor.
+
+Every call except the health and reflection services must carry ``authorization: Bearer <token>``; one
+without a known token ends ``UNAUTHENTICATED`` before any servicer code runs. A ``Generate`` call's cache salt
+is replaced by its tenant's (``router.tenancy.tenant_salt``), so the servicer, the workers and every KV tier
+only ever see salts the server derived: two tenants' identical prompts never share a block anywhere.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from protos.kvtier.v1 import generation_pb2 as pb
+from router.tenancy import TokenTable, tenant_salt
+
+GENERATE_METHOD = "/kvtier.v1.Generation/Generate"
+_OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                  "grpc.reflection.v1.ServerReflection")
+
+
+def bearer_token(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):].strip()
+    return None
+
+
+class BearerTokenAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, tokens: TokenTable) -> None:
+        self.tokens = tokens
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        service = details.method.rsplit("/", 2)[-2] if details.method.count("/") >= 2 else ""
+        if service in _OPEN_SERVICES:
+            return await continuation(details)
+        tenant = self.tokens.tenant_of(bearer_token(details.invocation_metadata))
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if tenant is None:
+            return _refusing(handler)
+        if details.method == GENERATE_METHOD:
+            return _with_tenant_salt(handler, tenant)
+        return handler
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def _with_tenant_salt(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
+    """Generate (unary-stream) with the request's cache salt replaced by the tenant's."""
+    generate = handler.unary_stream
+
+    async def salted(request: pb.GenerateRequest, context):
+        client_salt = request.cache_salt if request.HasField("cache_salt") else None
+        request.cache_salt = tenant_salt(tenant, client_salt)
+        async for response in generate(request, context):
+            yield response
+
+    return grpc.unary_stream_rpc_method_handler(salted, request_deserializer=handler.request_deserializer,
+                                                response_serializer=handler.response_serializer)

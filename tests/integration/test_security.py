@@ -1,0 +1,172 @@
+"""Security with real components: TLS and bearer tokens on the router (real Ray, real gRPC), tenants isolated
+in every tier, and a Redis with requirepass and TLS (a real redis-server), including a wrong password."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.client import KvtierClient
+from cluster.config import load_config
+from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
+from router.tenancy import tenant_salt
+from tests.pki import make_pki
+from tests.redis_server import RedisServer
+from workers.engine import LLMEngine
+from workers.engine_config import CacheConfig, EngineConfig
+from workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+TOKENS = {"acme": "acme-token-0123456789abcdef", "globex": "globex-token-0123456789abcdef"}
+REDIS_PASSWORD = "redis-password-0123456789"
+
+
+def prompt(seed: int, count: int = 160) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 250) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def secure_redis(tmp_path_factory, pki):
+    server = RedisServer(tmp_path_factory.mktemp("secure-redis"), password=REDIS_PASSWORD, tls=pki.server).start()
+    yield server
+    server.stop()
+
+
+def redis_config(server: RedisServer, password_file, **options) -> RedisConfig:
+    return RedisConfig(url=server.url, password_file=str(password_file), ca_file=server.tls.ca_file, **options)
+
+
+def engine_with(redis: RedisConfig) -> LLMEngine:
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=redis)
+    return LLMEngine.from_config(EngineConfig(cache=CacheConfig(num_blocks=256)), kvstore, progress=False)
+
+
+def test_a_redis_with_requirepass_and_tls_serves_the_shared_tier(secure_redis, tmp_path):
+    password_file = tmp_path / "password"
+    password_file.write_text(REDIS_PASSWORD + "\n")
+    shared = prompt(1)
+    first = engine_with(redis_config(secure_redis, password_file))
+    expected = first.generate([shared], GREEDY)[0].token_ids
+    first.close()  # the write-behind queue lands
+    assert secure_redis.client().dbsize() > 0
+    second = engine_with(redis_config(secure_redis, password_file))
+    done = second.generate([shared], GREEDY)[0]
+    assert done.token_ids == expected
+    assert done.usage.cached_tokens.redis == 144  # 9 full blocks of the 159-token cacheable prefix
+    assert second.kv_store_stats()["redis"]["errors"] == 0
+    second.close()
+
+
+def test_a_wrong_redis_password_makes_every_fetch_a_counted_miss(secure_redis, tmp_path):
+    good_file, bad_file = tmp_path / "good", tmp_path / "bad"
+    good_file.write_text(REDIS_PASSWORD)
+    bad_file.write_text("not-the-password")
+    shared = prompt(2)
+    writer = engine_with(redis_config(secure_redis, good_file))
+    expected = writer.generate([shared], GREEDY)[0].token_ids
+    writer.close()
+    wrong = engine_with(redis_config(secure_redis, bad_file, breaker_failures=100))
+    outputs = wrong.generate([shared, prompt(3)], GREEDY)
+    assert outputs[0].token_ids == expected  # served, computed: never a failed request
+    assert all(o.usage.cached_tokens.redis == 0 for o in outputs)
+    stats = wrong.kv_store_stats()["redis"]
+    assert stats["hit_blocks"] == 0 and stats["errors"] > 0 and stats["miss_blocks"] > 0
+    wrong.close()
+
+
+@pytest.fixture(scope="module")
+def secure_cluster(tmp_path_factory, pki, secure_redis):
+    import ray
+
+    from cluster.serve import start_cluster, stop_cluster
+
+    directory = tmp_path_factory.mktemp("secure-cluster")
+    (directory / "tokens.yaml").write_text("".join(f"{tenant}: [{token}]\n" for tenant, token in TOKENS.items()))
+    (directory / "redis-password").write_text(REDIS_PASSWORD)
+    overrides = {
+        "kvstore": {"cpu": {"enabled": False},
+                    "redis": {"url": secure_redis.url, "password_file": str(directory / "redis-password"),
+                              "ca_file": pki.server.ca_file}},
+        "workers": {"count": 2, "num_cpus": 0.5},
+        "router": {"port": 0, "policy": "round_robin", "auth": {"tokens_file": str(directory / "tokens.yaml")},
+                   "tls": {"cert_file": pki.server.cert_file, "key_file": pki.server.key_file}},
+    }
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-security-test")
+    handle = start_cluster(load_config(overrides=overrides))
+    yield handle
+    stop_cluster(handle)
+    ray.shutdown()
+
+
+def client_of(cluster, pki, token: str | None = None, ca_file: str | None = None) -> KvtierClient:
+    return KvtierClient(cluster.address, ca_file=ca_file or pki.server.ca_file, token=token)
+
+
+def test_a_call_without_a_known_token_is_unauthenticated(secure_cluster, pki):
+    for token in (None, "not-a-token-of-anyone-at-all", TOKENS["acme"] + "x"):
+        client = client_of(secure_cluster, pki, token)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.complete(prompt(4, 20), GREEDY)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as caught:
+            client.cluster_info()
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        client.close()
+
+
+def test_health_answers_without_a_token_for_probes(secure_cluster, pki):
+    client = client_of(secure_cluster, pki)
+    answer = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    client.close()
+
+
+def test_tls_fails_with_a_wrong_ca_or_in_plaintext(secure_cluster, pki):
+    wrong_ca = client_of(secure_cluster, pki, TOKENS["acme"], ca_file=pki.other_ca_file)
+    with pytest.raises(grpc.RpcError) as caught:
+        wrong_ca.complete(prompt(5, 20), GREEDY, timeout_s=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    wrong_ca.close()
+    plaintext = KvtierClient(secure_cluster.address, token=TOKENS["acme"])
+    with pytest.raises(grpc.RpcError) as caught:
+        plaintext.complete(prompt(5, 20), GREEDY, timeout_s=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    plaintext.close()
+
+
+def wait_for_redis_to_settle(redis: RedisServer, timeout_s: float = 30) -> None:
+    """Until the workers' write-behind has stopped adding keys."""
+    deadline, last = time.monotonic() + timeout_s, -1
+    while time.monotonic() < deadline:
+        size = redis.client().dbsize()
+        if size == last and size > 0:
+            return
+        last = size
+        time.sleep(0.5)
+    raise AssertionError("Redis never settled")
+
+
+def test_two_tenants_identical_prompts_share_no_block_in_any_tier(secure_cluster, pki, secure_redis):
+    acme = client_of(secure_cluster, pki, TOKENS["acme"])
+    globex = client_of(secure_cluster, pki, TOKENS["globex"])
+    shared = prompt(6)
+    first = acme.complete(shared, GREEDY)  # round robin: one worker computes it and spills it to Redis
+    wait_for_redis_to_settle(secure_redis)
+    again = acme.complete(shared, GREEDY)  # the other worker finds it in Redis
+    assert again.worker_id != first.worker_id and again.usage["cached_tokens"]["redis"] == 144
+    for salt in (None, tenant_salt("acme", None), "anything"):  # not even by naming acme's derived salt
+        other = globex.complete(shared, GREEDY, cache_salt=salt)
+        assert other.token_ids == first.token_ids
+        assert other.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}
+    acme.close()
+    globex.close()
