@@ -76,14 +76,18 @@ class RouterConfig:
     max_in_flight: int = 256  # admitted requests; beyond it, RESOURCE_EXHAUSTED at once
     prefill_tokens_per_s: float = 20000.0  # cache_aware cost model until measured
     seconds_per_queued_request: float = 0.05
+    health_port: int | None = None  # plaintext port serving only the gRPC health service (for probes)
+    metrics_port: int | None = None  # Prometheus /metrics over HTTP (None: off)
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         if self.policy not in ("cache_aware", "least_loaded", "round_robin"):
             raise ValueError(f"policy: {self.policy!r} is unknown (known: cache_aware, least_loaded, round_robin)")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port: {self.port} is not a TCP port")
+        for name in ("port", "health_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name}: {port} is not a TCP port")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
 

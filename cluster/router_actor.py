@@ -84,11 +84,20 @@ class RouterActor:
         else:
             port = self.server.add_insecure_port(endpoint)
         await self.server.start()
+        if router.health_port is not None:
+            await self._serve_health_only(router.host, router.health_port)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s:%d (TLS %s, auth %s)", router.host, port, "on" if router.tls.enabled else "off",
                  "on" if interceptors else "off")
         return f"{router.host}:{port}"
+
+    async def _serve_health_only(self, host: str, port: int) -> None:
+        """The same health state on a plaintext port of its own, for probes that speak neither TLS nor tokens."""
+        self.health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_server.add_insecure_port(f"{host}:{port}")
+        await self.health_server.start()
 
     async def _connect(self, worker_id: str) -> None:
         address = await self.handles[worker_id].ensure_started.remote()

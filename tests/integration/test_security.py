@@ -12,10 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.client import KvtierClient
 from cluster.config import load_config
+from protos.kvtier.v1 import generation_pb2 as pb
+from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
 from router.tenancy import tenant_salt
 from tests.pki import make_pki
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 from workers.engine import LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig
 from workers.sampling_params import SamplingParams
@@ -98,11 +100,12 @@ def secure_cluster(tmp_path_factory, pki, secure_redis):
                     "redis": {"url": secure_redis.url, "password_file": str(directory / "redis-password"),
                               "ca_file": pki.server.ca_file}},
         "workers": {"count": 2, "num_cpus": 0.5},
-        "router": {"port": 0, "policy": "round_robin", "auth": {"tokens_file": str(directory / "tokens.yaml")},
+        "router": {"port": 0, "health_port": free_port(), "policy": "round_robin", "auth": {"tokens_file": str(directory / "tokens.yaml")},
                    "tls": {"cert_file": pki.server.cert_file, "key_file": pki.server.key_file}},
     }
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-security-test")
     handle = start_cluster(load_config(overrides=overrides))
+    handle.health_port = overrides["router"]["health_port"]
     yield handle
     stop_cluster(handle)
     ray.shutdown()
@@ -124,11 +127,19 @@ def test_a_call_without_a_known_token_is_unauthenticated(secure_cluster, pki):
         client.close()
 
 
-def test_health_answers_without_a_token_for_probes(secure_cluster, pki):
+def test_health_answers_without_a_token_and_in_plaintext_on_the_health_port(secure_cluster, pki):
     client = client_of(secure_cluster, pki)
     answer = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
     client.close()
+    with grpc.insecure_channel(f"127.0.0.1:{secure_cluster.health_port}") as channel:
+        for service in ("", "kvtier.v1.Generation"):
+            request = health_pb2.HealthCheckRequest(service=service)
+            answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as caught:  # only health there: no API without TLS and a token
+            pb_grpc.GenerationStub(channel).GetClusterInfo(pb.GetClusterInfoRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_tls_fails_with_a_wrong_ca_or_in_plaintext(secure_cluster, pki):
