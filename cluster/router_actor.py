@@ -16,11 +16,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from cluster.config import KvtierConfig, TlsConfig, from_dict
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
 from router.auth import BearerTokenAuth
+from router.metrics import RouterMetrics
 from router.policies import CacheAware, CostRates, make_policy, measured_rates
 from router.prefix_index import PrefixIndex
 from router.servicer import ModelFacts, RouterServicer
@@ -31,7 +33,7 @@ from workers.validation import RequestLimits
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _RECONNECT_EVERY_S = 0.5
-_RATES_EVERY_S = 5.0
+_STATS_EVERY_S = 2.0
 
 
 class RouterActor:
@@ -60,11 +62,14 @@ class RouterActor:
         self.configured_rates = CostRates(prefill_tokens_per_s=router.prefill_tokens_per_s,
                                           seconds_per_queued_request=router.seconds_per_queued_request)
         policy = make_policy(router.policy, self.pool.index, self.configured_rates)
-        self.servicer = RouterServicer(self.pool, policy, router.policy, facts, tokenizer, router.max_in_flight)
+        self.metrics = RouterMetrics(router.policy)
+        self.servicer = RouterServicer(self.pool, policy, router.policy, facts, tokenizer, router.max_in_flight,
+                                       self.metrics)
         self.address = await self._serve(facts)
+        if router.metrics_port is not None:
+            start_http_server(router.metrics_port, addr=router.host, registry=self.metrics.registry)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-        if isinstance(policy, CacheAware):
-            self._rates_task = asyncio.get_running_loop().create_task(self._follow_measured_rates(policy))
+        self._stats_task = asyncio.get_running_loop().create_task(self._poll_worker_stats(policy))
 
     async def _serve(self, facts: ModelFacts) -> str:
         max_bytes = 64 * 1024 + facts.limits.max_model_len * 16  # the largest valid request, with room
@@ -128,10 +133,11 @@ class RouterActor:
                     except Exception as error:  # noqa: BLE001 - logged; the next round tries again
                         log.warning("worker %s not back yet: %s", worker_id, error)
 
-    async def _follow_measured_rates(self, policy: CacheAware) -> None:
-        """Every few seconds, the cost model takes the rates the workers measured (not a per-request poll)."""
+    async def _poll_worker_stats(self, policy) -> None:
+        """Every few seconds: the workers' counters for the metrics, and their measured rates for the cost model
+        (not a per-request poll)."""
         while True:
-            await asyncio.sleep(_RATES_EVERY_S)
+            await asyncio.sleep(_STATS_EVERY_S)
             reports = []
             for worker in self.pool.workers.values():
                 if worker.healthy:
@@ -139,8 +145,10 @@ class RouterActor:
                         stats = await worker.stub.GetStats(pb.GetStatsRequest(), timeout=2)
                     except grpc.aio.AioRpcError:
                         continue
+                    self.metrics.workers.update(stats)
                     reports += [dict(w.engine) for w in stats.workers.values()]
-            policy.rates = measured_rates(self.configured_rates, reports)
+            if isinstance(policy, CacheAware):
+                policy.rates = measured_rates(self.configured_rates, reports)
 
     def pid(self) -> int:
         return os.getpid()

@@ -13,6 +13,7 @@ from kvstore.events import KVEvent
 from kvstore.hashing import block_hashes
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
+from router.metrics import RouterMetrics
 from router.errors import NoHealthyWorker, Overloaded, map_errors
 from router.requests import prompt_of, salt_of, sampling_of, with_token_ids
 from router.worker_pool import WorkerPool
@@ -34,7 +35,7 @@ class ModelFacts:
 
 class RouterServicer(pb_grpc.GenerationServicer):
     def __init__(self, pool: WorkerPool, policy, policy_name: str, facts: ModelFacts, tokenizer: Tokenizer | None,
-                 max_in_flight: int) -> None:
+                 max_in_flight: int, metrics: RouterMetrics | None = None) -> None:
         self.pool = pool
         self.policy = policy
         self.policy_name = policy_name
@@ -42,20 +43,27 @@ class RouterServicer(pb_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.metrics = metrics or RouterMetrics(policy_name)
 
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
         token_ids, max_tokens, salt = self._validated(request)
         if self.in_flight >= self.max_in_flight:
+            self.metrics.requests.labels("rejected").inc()
             raise Overloaded(f"{self.in_flight} requests in flight, the limit is {self.max_in_flight}")
         request_id = request.request_id or uuid.uuid4().hex
         self.in_flight += 1
+        self.metrics.running.inc()
         try:
             async for response in self._stream(request, request_id, token_ids, max_tokens, salt, context, arrived):
                 yield response
+        except Exception:
+            self.metrics.requests.labels("failed").inc()
+            raise
         finally:
             self.in_flight -= 1
+            self.metrics.running.dec()
 
     async def _stream(self, request, request_id, token_ids, max_tokens, salt, context, arrived):
         """Proxy the worker's stream. If the worker fails, migrate: resubmit the prompt plus every token already
@@ -74,12 +82,14 @@ class RouterServicer(pb_grpc.GenerationServicer):
                         streamed += response.delta.token_ids
                     else:
                         _client_view(response.final, len(token_ids), len(streamed), arrived, first_token_at)
+                        self.metrics.finished(response.final)
                     yield response
                 return
             except grpc.aio.AioRpcError as error:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
                 self.pool.mark_unhealthy(worker.worker_id, f"request failed: {error.code().name}")
+                self.metrics.migrations.inc()
                 log.warning("migrating %s after %d tokens: worker %s failed", request_id, len(streamed),
                             worker.worker_id)
             finally:
@@ -102,6 +112,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
             raise NoHealthyWorker("no healthy worker")
         hashes = block_hashes(token_ids[:-1], self.facts.block_size, salt=salt)
         choice = self.policy.choose(candidates, hashes, self.facts.block_size)
+        self.metrics.routed_to(choice.worker_id, choice.predicted, self.facts.block_size)
         # The chosen worker will hold this prefix in a moment: index it now, so requests for the same prefix
         # that arrive before the worker's events follow it there. Its events confirm or correct this guess.
         self.pool.index.apply(choice.worker_id, [KVEvent("gpu", True, tuple(hashes))])

@@ -1,0 +1,85 @@
+"""Operations with real Ray, gRPC, Redis and an HTTP scrape: the metrics agree with what the clients were told."""
+
+from __future__ import annotations
+
+import random
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.client import KvtierClient
+from cluster.config import load_config
+from tests.redis_server import RedisServer, free_port
+from workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+BLOCK = 16
+
+
+def tokens(seed: int, count: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 250) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def metered_cluster(tmp_path_factory):
+    import ray
+
+    from cluster.serve import start_cluster, stop_cluster
+
+    redis = RedisServer(tmp_path_factory.mktemp("ops-redis")).start()
+    metrics_port = free_port()
+    overrides = {"kvstore": {"redis": {"url": redis.url}}, "workers": {"count": 2, "num_cpus": 0.5},
+                 "router": {"port": 0, "metrics_port": metrics_port}}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-ops-test")
+    handle = start_cluster(load_config(overrides=overrides))
+    client = KvtierClient(handle.address)
+    yield client, f"http://127.0.0.1:{metrics_port}/metrics"
+    client.close()
+    stop_cluster(handle)
+    ray.shutdown()
+    redis.stop()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(value for (sample, sample_labels), value in samples.items()
+               if sample == name and wanted <= set(sample_labels))
+
+
+def test_scraped_hit_counters_equal_the_cached_tokens_clients_were_told(metered_cluster):
+    client, url = metered_cluster
+    prefixes = [tokens(seed, 160) for seed in (1, 2, 3)]
+    prompts = [prefixes[i % 3] + tokens(100 + i, 9) for i in range(12)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        completions = list(pool.map(lambda p: client.complete(p, GREEDY), prompts))
+    told = {tier: sum(c.usage["cached_tokens"][tier] for c in completions) for tier in ("gpu", "cpu", "redis")}
+    assert sum(told.values()) > 0  # the workload did reuse prefixes
+    samples = scrape(url)
+    for tier, tokens_told in told.items():
+        assert total(samples, "kvtier_prefix_cache_hit_tokens_total", tier=tier) == tokens_told
+    assert total(samples, "kvtier_prefix_cache_query_tokens_total") == sum(len(p) for p in prompts)
+    assert total(samples, "kvtier_requests_total", outcome="finished") == len(prompts)
+    assert total(samples, "kvtier_routing_decisions_total") == len(prompts)
+    assert total(samples, "kvtier_ttft_seconds_count") == len(prompts)
+    assert total(samples, "kvtier_requests_running") == 0
+    # The workers' own tier counters (polled by the router) tell the same story, in blocks.
+    deadline = time.monotonic() + 15
+    while True:
+        samples = scrape(url)
+        worker_tokens = {tier: BLOCK * total(samples, "kvtier_tier_hit_blocks_total", tier=tier) for tier in told}
+        if worker_tokens == told or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert worker_tokens == told
+    assert {labels for (name, labels) in samples if name == "kvtier_worker_requests_running"} == {
+        (("worker", "worker-0"),), (("worker", "worker-1"),)}
