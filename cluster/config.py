@@ -78,6 +78,8 @@ class RouterConfig:
     seconds_per_queued_request: float = 0.05
     health_port: int | None = None  # plaintext port serving only the gRPC health service (for probes)
     metrics_port: int | None = None  # Prometheus /metrics over HTTP (None: off)
+    stall_timeout_s: float = 30.0  # a worker with requests and no engine step for this long stops taking requests
+    drain_timeout_s: float = 60.0  # on SIGTERM, how long open streams may take to finish
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -88,6 +90,8 @@ class RouterConfig:
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name}: {port} is not a TCP port")
+        if self.stall_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ValueError("stall_timeout_s: must be > 0 (and drain_timeout_s >= 0)")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
 

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
 from router.auth import BearerTokenAuth
 from router.metrics import RouterMetrics
+from router.progress import ProgressWatch
 from router.policies import CacheAware, CostRates, make_policy, measured_rates
 from router.prefix_index import PrefixIndex
 from router.servicer import ModelFacts, RouterServicer
@@ -42,6 +44,7 @@ class RouterActor:
         self.config: KvtierConfig = from_dict(KvtierConfig, json.loads(config_json))
         self.handles = worker_handles
         self.address: str | None = None
+        self.draining = False
         self._starting = asyncio.Lock()
         import ray
 
@@ -69,6 +72,7 @@ class RouterActor:
         if router.metrics_port is not None:
             start_http_server(router.metrics_port, addr=router.host, registry=self.metrics.registry)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        self.progress = ProgressWatch(router.stall_timeout_s)
         self._stats_task = asyncio.get_running_loop().create_task(self._poll_worker_stats(policy))
 
     async def _serve(self, facts: ModelFacts) -> str:
@@ -123,9 +127,7 @@ class RouterActor:
         """Reconnect workers Ray restarted; readiness says whether any worker can take a request."""
         while True:
             await asyncio.sleep(_RECONNECT_EVERY_S)
-            serving = any(worker.healthy for worker in self.pool.workers.values())
-            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            await self.health.set(SERVICE_NAME, status)
+            await self._set_readiness()
             for worker_id, worker in self.pool.workers.items():
                 if not worker.healthy:
                     try:
@@ -147,8 +149,36 @@ class RouterActor:
                         continue
                     self.metrics.workers.update(stats)
                     reports += [dict(w.engine) for w in stats.workers.values()]
+                    self._check_progress(worker, stats.workers[worker.worker_id].engine)
+                else:
+                    self.progress.forget(worker.worker_id)
             if isinstance(policy, CacheAware):
                 policy.rates = measured_rates(self.configured_rates, reports)
+
+    def _check_progress(self, worker, engine: dict) -> None:
+        stalled = self.progress.observe(worker.worker_id, engine.get("steps", 0.0),
+                                        engine.get("running", 0.0) + engine.get("waiting", 0.0), time.monotonic())
+        if stalled != worker.stalled:
+            log.warning("worker %s %s", worker.worker_id, "stalled: no engine step while requests wait" if stalled
+                        else "makes progress again")
+        worker.stalled = stalled
+
+    async def _set_readiness(self) -> None:
+        """Ready: not draining, and some worker is connected and making progress."""
+        serving = not self.draining and any(w.healthy and not w.stalled for w in self.pool.workers.values())
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(SERVICE_NAME, status)
+
+    async def drain(self) -> int:
+        """Readiness off, new requests refused (UNAVAILABLE), open streams finish (up to router.drain_timeout_s);
+        returns how many were still open at the deadline."""
+        self.draining = self.servicer.draining = True
+        await self._set_readiness()
+        deadline = time.monotonic() + self.config.router.drain_timeout_s
+        while self.servicer.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained; %d streams still open", self.servicer.in_flight)
+        return self.servicer.in_flight
 
     def pid(self) -> int:
         return os.getpid()

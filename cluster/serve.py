@@ -107,13 +107,19 @@ def stop_cluster(cluster: Cluster) -> None:
 
 
 def run_serve(config: KvtierConfig) -> int:
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    """Serve until SIGINT or SIGTERM, then drain (open streams finish, up to router.drain_timeout_s) and exit 0.
+    A failure to start raises (a non-zero exit)."""
+    import ray
+
     cluster = start_cluster(config)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+        signal.signal(signum, lambda *_: stop.set())
     print(f"kvtier: serving {config.engine.model} on {cluster.address} with {len(cluster.workers)} workers "
           f"(policy {config.router.policy})", flush=True)
     stop.wait()
-    log.info("stopping")
+    log.info("draining: open streams finish, new requests are refused")
+    still_open = ray.get(cluster.router.drain.remote(), timeout=config.router.drain_timeout_s + 30)
+    log.info("stopping (%d streams cut at the drain deadline)", still_open)
     stop_cluster(cluster)
     return 0

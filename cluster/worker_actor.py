@@ -55,5 +55,9 @@ class WorkerActor:
         logging.getLogger(__name__).error("engine failed (%s); exiting so that Ray restarts this worker", error)
         asyncio.get_running_loop().call_later(0.5, os._exit, 1)
 
+    def hold_steps_for_test(self, seconds: float) -> None:
+        """Test hook: stall this worker's step loop for ``seconds``."""
+        self._engine.hold_steps_for_test(seconds)
+
     def pid(self) -> int:
         return os.getpid()

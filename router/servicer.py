@@ -43,12 +43,16 @@ class RouterServicer(pb_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.draining = False  # set on SIGTERM: open streams finish, new requests are refused
         self.metrics = metrics or RouterMetrics(policy_name)
 
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
         token_ids, max_tokens, salt = self._validated(request)
+        if self.draining:
+            self.metrics.requests.labels("rejected").inc()
+            raise NoHealthyWorker("the router is draining (shutting down); retry on another replica")
         if self.in_flight >= self.max_in_flight:
             self.metrics.requests.labels("rejected").inc()
             raise Overloaded(f"{self.in_flight} requests in flight, the limit is {self.max_in_flight}")

@@ -27,6 +27,7 @@ class Worker:
     worker_id: str
     address: str = ""
     healthy: bool = False
+    stalled: bool = False  # healthy, but its engine takes no step while it has requests (router.progress)
     in_flight: int = 0  # requests the router has routed here and not seen finish
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.GenerationStub | None = None
@@ -40,7 +41,7 @@ class WorkerPool:
         self.workers = {worker_id: Worker(worker_id) for worker_id in worker_ids}
 
     def healthy_loads(self) -> list[WorkerLoad]:
-        return [WorkerLoad(w.worker_id, w.in_flight) for w in self.workers.values() if w.healthy]
+        return [WorkerLoad(w.worker_id, w.in_flight) for w in self.workers.values() if w.healthy and not w.stalled]
 
     async def connect(self, worker_id: str, address: str) -> None:
         """(Re)connect and start following the worker's KV events; healthy once its snapshot is indexed."""

@@ -8,6 +8,7 @@ between steps and runs each ``step`` in a worker thread so the event loop stays 
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 
@@ -31,6 +32,7 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self._kv_subscribers: list[asyncio.Queue] = []
         self._new_kv_subscribers: list[asyncio.Queue] = []
+        self._held_until = 0.0  # test hook: no step before this time.monotonic()
 
     def subscribe_kv_events(self) -> asyncio.Queue:
         """A queue of ("snapshot", {tier: hashes}) first, then ("events", [KVEvent, ...]) as blocks move."""
@@ -84,6 +86,10 @@ class AsyncEngine:
             self._to_abort.append(request_id)
             self._wake()
 
+    def hold_steps_for_test(self, seconds: float) -> None:
+        """Test hook: the step loop takes no step for ``seconds`` (a stalled engine, as the router sees it)."""
+        self._held_until = time.monotonic() + seconds
+
     def _wake(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -94,6 +100,8 @@ class AsyncEngine:
             self._apply_queued()
             if not self.engine.has_unfinished():
                 return
+            while time.monotonic() < self._held_until:
+                await asyncio.sleep(0.05)
             try:
                 outputs = await asyncio.to_thread(self.engine.step)
             except Exception as error:  # the engine is broken: every open stream gets the error

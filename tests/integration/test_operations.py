@@ -8,6 +8,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.client import KvtierClient
@@ -17,6 +18,8 @@ from workers.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 BLOCK = 16
+STALL_TIMEOUT_S = 2.0
+POLL_S = 2.0  # cluster.router_actor._STATS_EVERY_S
 
 
 def tokens(seed: int, count: int) -> list[int]:
@@ -33,11 +36,11 @@ def metered_cluster(tmp_path_factory):
     redis = RedisServer(tmp_path_factory.mktemp("ops-redis")).start()
     metrics_port = free_port()
     overrides = {"kvstore": {"redis": {"url": redis.url}}, "workers": {"count": 2, "num_cpus": 0.5},
-                 "router": {"port": 0, "metrics_port": metrics_port}}
+                 "router": {"port": 0, "metrics_port": metrics_port, "stall_timeout_s": STALL_TIMEOUT_S}}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-ops-test")
     handle = start_cluster(load_config(overrides=overrides))
     client = KvtierClient(handle.address)
-    yield client, f"http://127.0.0.1:{metrics_port}/metrics"
+    yield client, f"http://127.0.0.1:{metrics_port}/metrics", handle
     client.close()
     stop_cluster(handle)
     ray.shutdown()
@@ -57,7 +60,7 @@ def total(samples: dict, name: str, **labels) -> float:
 
 
 def test_scraped_hit_counters_equal_the_cached_tokens_clients_were_told(metered_cluster):
-    client, url = metered_cluster
+    client, url, _ = metered_cluster
     prefixes = [tokens(seed, 160) for seed in (1, 2, 3)]
     prompts = [prefixes[i % 3] + tokens(100 + i, 9) for i in range(12)]
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -83,3 +86,30 @@ def test_scraped_hit_counters_equal_the_cached_tokens_clients_were_told(metered_
     assert worker_tokens == told
     assert {labels for (name, labels) in samples if name == "kvtier_worker_requests_running"} == {
         (("worker", "worker-0"),), (("worker", "worker-1"),)}
+
+
+def readiness(client: KvtierClient) -> int:
+    request = health_pb2.HealthCheckRequest(service="kvtier.v1.Generation")
+    return health_pb2_grpc.HealthStub(client.channel).Check(request, timeout=5).status
+
+
+def test_a_stalled_engine_turns_readiness_off_within_the_configured_time(metered_cluster):
+    import ray
+
+    client, _, handle = metered_cluster
+    assert readiness(client) == health_pb2.HealthCheckResponse.SERVING
+    ray.get([worker.hold_steps_for_test.remote(12.0) for worker in handle.workers.values()])
+    held_at = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = [pool.submit(client.complete, tokens(200 + i, 40), GREEDY) for i in range(2)]
+        while readiness(client) == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() - held_at < STALL_TIMEOUT_S + 2 * POLL_S + 2, "readiness stayed on"
+            time.sleep(0.1)
+        noticed_after = time.monotonic() - held_at
+        assert noticed_after > STALL_TIMEOUT_S  # not before the engine was stalled for the configured time
+        completions = [future.result(timeout=60) for future in pending]  # the hold ends: they finish
+    assert all(len(c.token_ids) == GREEDY.max_tokens for c in completions)
+    deadline = time.monotonic() + 3 * POLL_S + 2
+    while readiness(client) != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "readiness did not come back"
+        time.sleep(0.1)

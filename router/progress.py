@@ -1,0 +1,31 @@
+"""Stall detection: a worker whose engine takes no step while it has requests is stalled. Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Progress:
+    steps: float
+    since: float  # when ``steps`` last changed, or the worker last had nothing to do
+
+
+class ProgressWatch:
+    """Fed each worker's step counter and pending request count over time; says which workers are stalled."""
+
+    def __init__(self, stall_timeout_s: float) -> None:
+        self.stall_timeout_s = stall_timeout_s
+        self._progress: dict[str, _Progress] = {}
+
+    def observe(self, worker_id: str, steps: float, pending: float, now: float) -> bool:
+        """Record one reading; True when the worker has had pending requests and no new step for too long."""
+        last = self._progress.get(worker_id)
+        if last is None or steps != last.steps or pending == 0:
+            self._progress[worker_id] = _Progress(steps, now)
+            return False
+        return now - last.since > self.stall_timeout_s
+
+    def forget(self, worker_id: str) -> None:
+        """The worker is gone (restarted): its next reading starts afresh."""
+        self._progress.pop(worker_id, None)

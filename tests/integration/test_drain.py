@@ -1,0 +1,65 @@
+"""`kvtier serve` as a real process (its own Ray, its own router): SIGTERM during a stream lets the stream
+finish, refuses new requests, and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+
+from cluster.client import KvtierClient, build_request
+from tests.redis_server import free_port
+from workers.sampling_params import SamplingParams
+
+LONG = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
+
+
+def start_serve(tmp_path, port: int) -> subprocess.Popen:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"workers: {{count: 1}}\nrouter: {{port: {port}, drain_timeout_s: 120}}\n"
+                      "kvstore: {cpu: {enabled: false}}\n")
+    env = dict(os.environ, RAY_ADDRESS="")  # a Ray of its own, not the test process's
+    process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 180
+    for line in process.stdout:
+        if line.startswith("kvtier: serving"):
+            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
+            return process
+        assert time.monotonic() < deadline, "kvtier serve did not start"
+    raise AssertionError(f"kvtier serve exited with {process.wait()} before serving")
+
+
+def test_sigterm_during_a_stream_lets_it_finish_and_exits_zero(tmp_path):
+    port = free_port()
+    process = start_serve(tmp_path, port)
+    client = KvtierClient(f"127.0.0.1:{port}")
+    try:
+        stream = client.stream(build_request([5, 6, 7, 8], LONG), timeout_s=300)
+        first = next(stream)
+        assert first.HasField("delta")
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # the router is draining now
+        try:
+            client.complete([9, 10, 11], SamplingParams(max_tokens=2), timeout_s=30)
+            refused = None
+        except grpc.RpcError as error:
+            refused = error.code()
+        received = list(first.delta.token_ids)
+        for response in stream:
+            if response.HasField("delta"):
+                received += response.delta.token_ids
+            else:
+                final = response.final
+        assert len(received) == LONG.max_tokens and final.finish_reason == 2  # FINISH_REASON_LENGTH
+        assert refused == grpc.StatusCode.UNAVAILABLE
+        assert process.wait(timeout=120) == 0
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.kill()
