@@ -44,7 +44,6 @@ class RouterActor:
         self.config: KvtierConfig = from_dict(KvtierConfig, json.loads(config_json))
         self.handles = worker_handles
         self.address: str | None = None
-        self.draining = False
         self._starting = asyncio.Lock()
         import ray
 
@@ -165,14 +164,14 @@ class RouterActor:
 
     async def _set_readiness(self) -> None:
         """Ready: not draining, and some worker is connected and making progress."""
-        serving = not self.draining and any(w.healthy and not w.stalled for w in self.pool.workers.values())
+        serving = not self.servicer.draining and any(w.healthy and not w.stalled for w in self.pool.workers.values())
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(SERVICE_NAME, status)
 
     async def drain(self) -> int:
         """Readiness off, new requests refused (UNAVAILABLE), open streams finish (up to router.drain_timeout_s);
         returns how many were still open at the deadline."""
-        self.draining = self.servicer.draining = True
+        self.servicer.draining = True
         await self._set_readiness()
         deadline = time.monotonic() + self.config.router.drain_timeout_s
         while self.servicer.in_flight and time.monotonic() < deadline:
