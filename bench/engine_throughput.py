@@ -2,6 +2,7 @@
 
     python bench/engine_throughput.py                                   # CPU: the tiny model
     python bench/engine_throughput.py --model llama3-1b-shape --dtype bfloat16 --prompt-len 512 --decode-tokens 256
+    kvtier bench engine                                                 # the same, with a PNG plot and JSON
 
 Prefill: B prompts of --prompt-len random tokens, timed until every one has its first token.
 Decode: the same B sequences generating --decode-tokens more tokens each (EOS ignored), timed from then on.
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_engine_args  # noqa: E402
+from common import add_engine_args, add_output_args, bar_panels, progress, write_json  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
@@ -34,6 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--kv-cache-memory", default="auto")
+    add_output_args(parser)
     return parser.parse_args()
 
 
@@ -70,16 +72,24 @@ def main() -> None:
     )
     engine = LLMEngine.from_config(config)
     run_batch(engine, 2, 16, 4, "warmup")
-    print(f"\nengine throughput: model {args.model}, {engine.runner.kv_cache.dtype}, {describe_device(engine)}")
+    title = f"engine throughput: model {args.model}, {engine.runner.kv_cache.dtype}, {describe_device(engine)}"
+    print(f"\n{title}")
     print(f"prompt {args.prompt_len} tokens, {args.decode_tokens} decoded tokens, torch {torch.__version__}\n")
     print("| batch | prefill tok/s | decode tok/s | decode ms/step |")
     print("|---:|---:|---:|---:|")
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    rows = []
+    for batch in progress([int(b) for b in args.batch_sizes.split(",")], "batch sizes"):
         prefill_s, decode_s = run_batch(engine, batch, args.prompt_len, args.decode_tokens, f"b{batch}")
-        prefill_rate = batch * args.prompt_len / prefill_s
-        decode_rate = batch * args.decode_tokens / decode_s
-        print(f"| {batch} | {prefill_rate:,.0f} | {decode_rate:,.0f} | {1000 * decode_s / args.decode_tokens:.1f} |")
-        sys.stdout.flush()
+        row = {"batch": batch, "prefill_tok_s": batch * args.prompt_len / prefill_s,
+               "decode_tok_s": batch * args.decode_tokens / decode_s,
+               "decode_ms_per_step": 1000 * decode_s / args.decode_tokens}
+        rows.append(row)
+        print(f"| {batch} | {row['prefill_tok_s']:,.0f} | {row['decode_tok_s']:,.0f} | "
+              f"{row['decode_ms_per_step']:.1f} |", flush=True)
+    write_json(args.json_out, "engine", args, rows)
+    batches = [f"batch {row['batch']}" for row in rows]
+    bar_panels(args.plot, title, [("prefill tokens/s", batches, {"prefill": [r["prefill_tok_s"] for r in rows]}),
+                                  ("decode tokens/s", batches, {"decode": [r["decode_tok_s"] for r in rows]})])
 
 
 if __name__ == "__main__":

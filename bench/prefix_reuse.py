@@ -8,7 +8,7 @@ For each prefix length: a question after the prefix is answered (one token) with
 - found in this engine's GPU block pool,
 - found in its CPU tier (the GPU copy was evicted by another prefix and spilled there),
 - found in Redis, written by this process and read by a separate process with empty GPU and CPU tiers.
-Load bandwidths are bytes moved / time spent moving them. A PNG plot is written next to --plot.
+Load bandwidths are bytes moved / time spent moving them. A PNG plot goes to --plot, the rows as JSON to --json-out.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_engine_args  # noqa: E402
+from common import add_engine_args, add_output_args, bar_panels, progress, write_json  # noqa: E402
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     add_engine_args(parser, default_model="small")
     parser.add_argument("--prefix-lens", default="2048,4096")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
-    parser.add_argument("--plot", default="docs/prefix_reuse.png")
+    add_output_args(parser, default_plot="docs/prefix_reuse.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run one Redis-hit measurement (another process)
     return parser.parse_args()
 
@@ -105,26 +105,6 @@ def measure_redis_in_child(args: argparse.Namespace) -> None:
     print(json.dumps({"redis hit": seconds, "redis GB/s": stats["bytes_out"] / stats["transfer_seconds"] / 1e9}))
 
 
-def plot(rows: dict[int, dict[str, float]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = ["recompute", "gpu hit", "cpu hit", "redis hit"]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(rows)
-    for index, (prefix_len, results) in enumerate(sorted(rows.items())):
-        xs = [m + index * width for m in range(len(modes))]
-        axis.bar(xs, [results[m] * 1000 for m in modes], width, label=f"{prefix_len:,}-token prefix")
-    axis.set_xticks([m + width * (len(rows) - 1) / 2 for m in range(len(modes))], modes)
-    axis.set_ylabel("time to first token (ms)")
-    axis.set_title(title)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-
-
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -134,12 +114,17 @@ def main() -> None:
     print("| prefix tokens | recompute ms | GPU hit ms | CPU hit ms | Redis hit (other process) ms | CPU->GPU GB/s "
           "| Redis->GPU GB/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for prefix_len in [int(n) for n in args.prefix_lens.split(",")]:
+    for prefix_len in progress([int(n) for n in args.prefix_lens.split(",")], "prefix lengths"):
         r = rows[prefix_len] = measure_local(args, prefix_len)
         print(f"| {prefix_len:,} | {r['recompute'] * 1e3:,.0f} | {r['gpu hit'] * 1e3:,.0f} | {r['cpu hit'] * 1e3:,.0f}"
               f" | {r['redis hit'] * 1e3:,.0f} | {r['cpu GB/s']:.2f} | {r['redis GB/s']:.2f} |", flush=True)
-    plot(rows, args.plot, f"kvtier prefix reuse: {args.model}, question {QUESTION_LEN} tokens")
-    print(f"\nplot written to {args.plot}")
+    write_json(args.json_out, "prefix", args, [{"prefix_tokens": n, **r} for n, r in rows.items()])
+    modes = ["recompute", "gpu hit", "cpu hit", "redis hit"]
+    series = {f"{n:,}-token prefix": [r[mode] * 1e3 for mode in modes] for n, r in sorted(rows.items())}
+    bar_panels(args.plot, f"kvtier prefix reuse: {args.model}, question {QUESTION_LEN} tokens",
+               [("time to first token (ms)", modes, series)])
+    if args.plot:
+        print(f"plot written to {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

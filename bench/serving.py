@@ -2,6 +2,7 @@
 
     python bench/serving.py                       # CPU defaults: tiny model, 2 workers, both parts
     python bench/serving.py --part policies --concurrency 16 --requests 96 --prefix-len 2048
+    kvtier bench serving                          # the same, with a PNG plot and JSON
 
 Policies: for each routing policy a fresh cluster (local Ray, real workers) serves the same requests at fixed
 concurrency: a shared-prefix workload (groups of requests sharing a long prefix, interleaved) and random
@@ -25,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402,F401  (puts the repo on sys.path)
 import grpc  # noqa: E402
+from common import add_output_args, bar_panels, progress, write_json  # noqa: E402  (puts the repo on sys.path)
 
 from cluster.client import KvtierClient, build_request  # noqa: E402
 from protos.kvtier.v1 import generation_pb2 as pb  # noqa: E402
@@ -51,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-cpu-tier", action="store_true", help="only the GPU pool caches (no CPU tier)")
     parser.add_argument("--router-prefill-tokens-per-s", type=float, default=20000.0,
                         help="the cache_aware cost model's prefill rate (set it to the model's measured rate)")
+    add_output_args(parser)
     return parser.parse_args()
 
 
@@ -119,7 +121,7 @@ def workloads(args: argparse.Namespace) -> dict[str, list[pb.GenerateRequest]]:
             "random": [build_request(p, params) for p in random_prompts]}
 
 
-def bench_policies(args: argparse.Namespace) -> None:
+def bench_policies(args: argparse.Namespace) -> list[dict]:
     import ray
 
     from cluster.config import load_config
@@ -133,7 +135,8 @@ def bench_policies(args: argparse.Namespace) -> None:
     print("| workload | policy | TTFT p50 ms | TTFT p99 ms | TPOT ms | ITL p50 ms | ITL p99 ms | tok/s | "
           "GPU hit | CPU hit | Redis hit |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for policy in args.policies.split(","):
+    rows = []
+    for policy in progress(args.policies.split(","), "routing policies"):
         overrides = {"engine": {"model": args.model, "cache": {"num_blocks": args.num_kv_blocks}},
                      "workers": {"count": args.workers, "num_cpus": 0.5}, "router": {"port": 0, "policy": policy,
                                 "prefill_tokens_per_s": args.router_prefill_tokens_per_s},
@@ -141,11 +144,13 @@ def bench_policies(args: argparse.Namespace) -> None:
         cluster = start_cluster(load_config(overrides=overrides))
         for name, requests in workloads(args).items():
             r = summarize(*run_load(cluster.address, requests, args.concurrency))
+            rows.append({"workload": name, "policy": policy, **r})
             print(f"| {name} | {policy} | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['tpot']:.1f} | "
                   f"{r['itl_p50']:.1f} | {r['itl_p99']:.1f} | {r['tok_s']:.0f} | {r['hit_gpu']:.0%} | "
                   f"{r['hit_cpu']:.0%} | {r['hit_redis']:.0%} |", flush=True)
         stop_cluster(cluster)
     ray.shutdown()
+    return rows
 
 
 class TokenEmitter(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
@@ -190,7 +195,7 @@ async def _start_overhead_servers() -> tuple[str, str]:
     return f"127.0.0.1:{emitter_port}", f"127.0.0.1:{router_port}"
 
 
-def bench_overhead(args: argparse.Namespace) -> None:
+def bench_overhead(args: argparse.Namespace) -> list[dict]:
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     direct, routed = asyncio.run_coroutine_threadsafe(_start_overhead_servers(), loop).result(30)
@@ -201,21 +206,47 @@ def bench_overhead(args: argparse.Namespace) -> None:
     print("| path | TTFT p50 ms | TTFT p99 ms | streamed tokens/s |")
     print("|---|---:|---:|---:|")
     results = {}
-    for name, address in (("client -> worker", direct), ("client -> router -> worker", routed)):
+    for name, address in progress((("client -> worker", direct), ("client -> router -> worker", routed)), "paths"):
         run_load(address, requests[:20], args.concurrency)  # warm-up
         results[name] = summarize(*run_load(address, requests, args.concurrency))
         r = results[name]
         print(f"| {name} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {r['tok_s']:,.0f} |", flush=True)
     added = [results["client -> router -> worker"][k] - results["client -> worker"][k] for k in ("ttft_p50", "ttft_p99")]
     print(f"\nthe router adds {added[0]:.2f} ms TTFT at p50 and {added[1]:.2f} ms at p99")
+    return [{"path": name, **r} for name, r in results.items()]
+
+
+def plot(args: argparse.Namespace, overhead: list[dict], policies: list[dict]) -> None:
+    panels = []
+    if policies:
+        names = list(dict.fromkeys(row["policy"] for row in policies))
+        workload_names = list(dict.fromkeys(row["workload"] for row in policies))
+
+        def series(value) -> dict[str, list[float]]:
+            return {w: [value(r) for p in names for r in policies if r["policy"] == p and r["workload"] == w]
+                    for w in workload_names}
+
+        panels += [("TTFT p50 (ms)", names, series(lambda r: r["ttft_p50"])),
+                   ("output tokens/s", names, series(lambda r: r["tok_s"])),
+                   ("prompt tokens cached (%)", names,
+                    series(lambda r: 100 * (r["hit_gpu"] + r["hit_cpu"] + r["hit_redis"])))]
+    if overhead:
+        paths = [row["path"].replace(" -> ", "\n-> ") for row in overhead]
+        panels.append(("router overhead: TTFT (ms)", paths, {"p50": [r["ttft_p50"] for r in overhead],
+                                                              "p99": [r["ttft_p99"] for r in overhead]}))
+    bar_panels(args.plot, f"kvtier serving: model {args.model}, {args.workers} workers, "
+               f"concurrency {args.concurrency}", panels)
 
 
 def main() -> None:
     args = parse_args()
-    if args.part in ("overhead", "both"):
-        bench_overhead(args)
-    if args.part in ("policies", "both"):
-        bench_policies(args)
+    # Policies first: Ray forks its processes, and a fork while this process's gRPC server threads run (the
+    # overhead part's) can hang the child.
+    policies = bench_policies(args) if args.part in ("policies", "both") else []
+    overhead = bench_overhead(args) if args.part in ("overhead", "both") else []
+    write_json(args.json_out, "serving", args, [*({"part": "policies", **r} for r in policies),
+                                                 *({"part": "overhead", **r} for r in overhead)])
+    plot(args, overhead, policies)
 
 
 if __name__ == "__main__":

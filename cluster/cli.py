@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from cluster.bench_command import add_bench_parser
 from cluster.config import ConfigError, load_config
 from workers.engine_config import EngineConfigError
 from workers.layers import WeightLoadError
@@ -38,7 +39,11 @@ _ENGINE_FLAGS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":  # only `kvtier bench` passes flags on (to the benchmark it runs)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="kvtier: %(message)s")
     try:
         return args.handler(args)
@@ -67,11 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="number of workers (default 2)")
     serve.add_argument("--quiet", action="store_true")
     serve.set_defaults(handler=run_serve_command)
-    status = commands.add_parser("status", help="show the cluster behind a router")
+    status = commands.add_parser(
+        "status", help="workers, KV use and hit rate per tier, queues and Redis health (exit 1 if not ready)")
     status.add_argument("--server", default="127.0.0.1:50051", help="router host:port")
     _add_connection_flags(status)
+    status.add_argument("--json", action="store_true", help="print the report as one JSON object")
     status.add_argument("--quiet", action="store_true")
     status.set_defaults(handler=run_status)
+    add_bench_parser(commands)
     return parser
 
 
@@ -229,6 +237,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     import grpc
 
+    from cluster.status_view import render_status, status_report
+
     client = connect(args)
     try:
         info, stats = client.cluster_info(), client.stats()
@@ -237,14 +247,9 @@ def run_status(args: argparse.Namespace) -> int:
         return 2
     finally:
         client.close()
-    print(f"model {info.model} ({info.fingerprint[:16]}), policy {info.routing_policy}, ready {info.ready}")
-    print(f"{'worker':<12} {'healthy':<8} {'load':>5} {'gpu hit':>8} {'cpu hit':>8} {'redis hit':>9} {'address'}")
-    for worker in info.workers:
-        tiers = stats.workers[worker.worker_id].tiers if worker.worker_id in stats.workers else {}
-        hits = [int(tiers[t].counters["hit_blocks"]) if t in tiers else 0 for t in ("gpu", "cpu", "redis")]
-        print(f"{worker.worker_id:<12} {str(worker.healthy):<8} {worker.load:>5} {hits[0]:>8} {hits[1]:>8} "
-              f"{hits[2]:>9} {worker.address}")
-    return 0
+    report = status_report(info, stats)
+    print(json.dumps(report) if args.json else render_status(report, args.server), flush=True)
+    return 0 if report["ready"] else 1
 
 
 def run_cache_flush(args: argparse.Namespace) -> int:

@@ -78,11 +78,11 @@ class KvtierClient:
         return RemoteCompletion(token_ids, text, FINISH_REASON_NAMES[final.finish_reason], usage, final.worker_id,
                                 final.timings.ttft_s)
 
-    def cluster_info(self) -> pb.ClusterInfo:
-        return self.stub.GetClusterInfo(pb.GetClusterInfoRequest(), metadata=self.metadata)
+    def cluster_info(self, timeout_s: float = 30.0) -> pb.ClusterInfo:
+        return self.stub.GetClusterInfo(pb.GetClusterInfoRequest(), metadata=self.metadata, timeout=timeout_s)
 
-    def stats(self) -> pb.Stats:
-        return self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata)
+    def stats(self, timeout_s: float = 30.0) -> pb.Stats:
+        return self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata, timeout=timeout_s)
 
     def close(self) -> None:
         self.channel.close()

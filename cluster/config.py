@@ -101,10 +101,18 @@ class RayConfig:
     address: str | None = None  # an existing Ray cluster ("auto", "ray://..."); None starts a local one
     namespace: str = "kvtier"
     connect_timeout_s: float = 120.0  # how long `kvtier serve` waits for the Ray cluster at `address`
+    # Ray's token auth: "token" (every Ray RPC carries the cluster's token) or "disabled" (a trusted network only)
+    auth: str = "token"
+    # the cluster's token; unset: Ray's own lookup ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)
+    auth_token_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.connect_timeout_s <= 0:
             raise ValueError(f"connect_timeout_s: must be > 0, got {self.connect_timeout_s}")
+        if self.auth not in ("token", "disabled"):
+            raise ValueError(f"auth: must be token or disabled, got {self.auth!r}")
+        if self.auth_token_file is not None and self.auth != "token":
+            raise ValueError("auth_token_file: set, but auth is disabled")
 
 
 @dataclass(frozen=True)

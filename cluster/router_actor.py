@@ -135,24 +135,19 @@ class RouterActor:
                         log.warning("worker %s not back yet: %s", worker_id, error)
 
     async def _poll_worker_stats(self, policy) -> None:
-        """Every few seconds: the workers' counters for the metrics, and their measured rates for the cost model
-        (not a per-request poll)."""
+        """Every few seconds: the workers' counters for the metrics, their progress for readiness, and their
+        measured rates for the cost model (not a per-request poll)."""
         while True:
             await asyncio.sleep(_STATS_EVERY_S)
-            reports = []
+            stats = await self.servicer.worker_stats(timeout_s=_STATS_EVERY_S)
+            self.metrics.workers.update(stats)
             for worker in self.pool.workers.values():
-                if worker.healthy:
-                    try:
-                        stats = await worker.stub.GetStats(pb.GetStatsRequest(), timeout=2)
-                    except grpc.aio.AioRpcError:
-                        continue
-                    self.metrics.workers.update(stats)
-                    reports += [dict(w.engine) for w in stats.workers.values()]
+                if worker.worker_id in stats.workers:
                     self._check_progress(worker, stats.workers[worker.worker_id].engine)
-                else:
+                elif not worker.healthy:
                     self.progress.forget(worker.worker_id)
             if isinstance(policy, CacheAware):
-                policy.rates = measured_rates(self.configured_rates, reports)
+                policy.rates = measured_rates(self.configured_rates, [dict(w.engine) for w in stats.workers.values()])
 
     def _check_progress(self, worker, engine: dict) -> None:
         stalled = self.progress.observe(worker.worker_id, engine.get("steps", 0.0),

@@ -13,8 +13,9 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from cluster.config import ConfigError, KvtierConfig
+from cluster.config import ConfigError, KvtierConfig, RayConfig
 
 log = logging.getLogger("kvtier")
 
@@ -37,7 +38,7 @@ def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
 
     check_files(config)
     if not ray.is_initialized():
-        _join_ray(config)
+        join_ray(config)
     config_json = json.dumps(asdict(config))
     worker_cls = ray.remote(WorkerActor)
     workers, groups = {}, []
@@ -67,7 +68,8 @@ def check_files(config: KvtierConfig) -> None:
     router, redis = config.router, config.kvstore.redis
     files = {"router.tls.cert_file": router.tls.cert_file, "router.tls.key_file": router.tls.key_file,
              "router.tls.client_ca_file": router.tls.client_ca_file, "router.auth.tokens_file": router.auth.tokens_file,
-             "kvstore.redis.password_file": redis.password_file, "kvstore.redis.ca_file": redis.ca_file}
+             "kvstore.redis.password_file": redis.password_file, "kvstore.redis.ca_file": redis.ca_file,
+             "ray.auth_token_file": config.ray.auth_token_file}
     for key, path in files.items():
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(f"{key}: {path} is not a readable file")
@@ -78,21 +80,46 @@ def check_files(config: KvtierConfig) -> None:
             raise ConfigError(f"router.auth.tokens_file: {error}") from None
 
 
-def _join_ray(config: KvtierConfig) -> None:
-    """Join ``ray.address`` (waiting up to ``ray.connect_timeout_s`` for its head to come up) or start Ray."""
+def join_ray(config: KvtierConfig) -> None:
+    """Join ``ray.address`` (waiting up to ``ray.connect_timeout_s`` for its head to come up) or start Ray, with
+    Ray's token auth as ``ray.auth`` says (Ray reads its auth settings from the environment, so they go there)."""
     import ray
+    from ray.exceptions import AuthenticationError
 
+    _apply_ray_auth(config.ray)
     deadline = time.monotonic() + config.ray.connect_timeout_s
     while True:
         try:
             ray.init(address=config.ray.address, namespace=config.ray.namespace, include_dashboard=False,
                      log_to_driver=True)
             return
+        except AuthenticationError as error:
+            raise ConfigError(f"ray.auth_token_file: {error}") from None
         except ConnectionError as error:
             if config.ray.address is None or time.monotonic() > deadline:
-                raise ConfigError(f"ray.address: cannot join {config.ray.address!r}: {error}") from None
+                hint = " (is ray.auth_token_file the cluster's token?)" if config.ray.auth == "token" else ""
+                raise ConfigError(f"ray.address: cannot join {config.ray.address!r}{hint}: {error}") from None
             log.info("waiting for the Ray cluster at %s: %s", config.ray.address, error)
             time.sleep(2)
+
+
+def _apply_ray_auth(ray_config: RayConfig) -> None:
+    """Ray reads its auth mode and token from the environment, and caches both when it is imported: set them,
+    then have Ray read them again (what Ray's own ``ray.init`` does when it turns token auth on)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ.update(ray_auth_environment(ray_config))
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def ray_auth_environment(ray_config: RayConfig) -> dict[str, str]:
+    """RAY_AUTH_MODE (and RAY_AUTH_TOKEN, read from ``ray.auth_token_file`` without its trailing newline, which
+    Ray would take as part of the token) for ``ray.init``: token auth stays on unless turned off."""
+    environment = {"RAY_AUTH_MODE": ray_config.auth}
+    if ray_config.auth_token_file is not None:
+        environment["RAY_AUTH_TOKEN"] = Path(ray_config.auth_token_file).read_text().strip()
+    return environment
 
 
 def stop_cluster(cluster: Cluster) -> None:

@@ -84,15 +84,16 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
     async def GetStats(self, request, context) -> pb.Stats:
         engine = self.engine.engine
         counters = {key: float(value) for key, value in asdict(engine.stats).items()}
-        counters.update(running=float(len(engine.scheduler.running)), waiting=float(len(engine.scheduler.waiting)),
-                        kv_blocks_in_use=float(engine.block_pool.num_used),
-                        kv_blocks_cached=float(engine.block_pool.num_cached))
+        counters.update(running=float(len(engine.scheduler.running)), waiting=float(len(engine.scheduler.waiting)))
         counters.update(_measured_rates(engine))
-        tiers = {
-            tier: pb.TierStats(counters={k: float(v) for k, v in values.items()})
-            for tier, values in engine.kv_store_stats().items()
-        }
-        return pb.Stats(workers={self.worker_id: pb.WorkerStats(engine=counters, tiers=tiers)})
+        tiers = {tier: {k: float(v) for k, v in values.items()} for tier, values in engine.kv_store_stats().items()}
+        for tier, gauges in engine.tier_usage().items():
+            tiers[tier].update(gauges)
+        redis_health = await asyncio.to_thread(engine.redis_health)  # a blocking probe, off the event loop
+        if redis_health is not None:
+            tiers["redis"].update(redis_health.as_gauges())
+        tier_stats = {tier: pb.TierStats(counters=values) for tier, values in tiers.items()}
+        return pb.Stats(workers={self.worker_id: pb.WorkerStats(engine=counters, tiers=tier_stats)})
 
     async def WatchKVEvents(self, request, context: grpc.aio.ServicerContext):
         queue = self.engine.subscribe_kv_events()

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -29,6 +30,25 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Redis unreachable or too slow: retried, and counted by the circuit breaker.
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, OSError)
+
+
+@dataclass(frozen=True)
+class RedisHealth:
+    """One probe of Redis as this process sees it (the operator's view; the data path never waits on it)."""
+
+    up: bool
+    breaker: str  # the data path's circuit breaker: closed, open or half-open
+    ping_s: float | None = None
+    used_memory_bytes: int = 0  # summed over every primary of a Redis Cluster
+    max_memory_bytes: int = 0  # 0: no maxmemory set
+    error: str = ""
+
+    def as_gauges(self) -> dict[str, float]:
+        gauges = {"up": float(self.up), "breaker_open": float(self.breaker != "closed"),
+                  "used_memory_bytes": float(self.used_memory_bytes), "max_memory_bytes": float(self.max_memory_bytes)}
+        if self.ping_s is not None:
+            gauges["ping_seconds"] = self.ping_s
+        return gauges
 
 
 class RedisStore:
@@ -114,8 +134,33 @@ class RedisStore:
         if attempt < self.config.max_retries:
             time.sleep(self.config.retry_backoff_s * 2**attempt)
 
+    def health(self) -> RedisHealth:
+        """PING and INFO memory, once each, outside the retries and the breaker (a probe must not trip it)."""
+        with self._lock:
+            breaker = self._breaker.state
+        began = time.perf_counter()
+        try:
+            self.client.ping()
+            ping_s = time.perf_counter() - began
+            if isinstance(self.client, RedisCluster):
+                info = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            else:
+                info = self.client.info("memory")
+        except (redis.RedisError, OSError) as error:
+            return RedisHealth(up=False, breaker=breaker, error=f"{type(error).__name__}: {error}")
+        used, limit = _memory_of(info)
+        return RedisHealth(up=True, breaker=breaker, ping_s=ping_s, used_memory_bytes=used, max_memory_bytes=limit)
+
     def close(self) -> None:
         self.client.close()
+
+
+def _memory_of(info: dict) -> tuple[int, int]:
+    """(used_memory, maxmemory) of one server's INFO, or summed over a cluster's {node: INFO}."""
+    if "used_memory" in info:
+        return int(info["used_memory"]), int(info.get("maxmemory", 0))
+    per_node = [_memory_of(node_info) for node_info in info.values()]
+    return sum(used for used, _ in per_node), sum(limit for _, limit in per_node)
 
 
 def _connect(config: RedisConfig) -> redis.Redis | RedisCluster:

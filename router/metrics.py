@@ -34,8 +34,18 @@ _TIER_COUNTERS = {  # worker tier counter -> (metric name, help)
 _ENGINE_GAUGES = {  # worker engine counter -> (metric name, help)
     "running": ("kvtier_worker_requests_running", "Sequences running in the worker's engine"),
     "waiting": ("kvtier_worker_requests_waiting", "Sequences waiting in the worker's engine"),
-    "kv_blocks_in_use": ("kvtier_worker_gpu_kv_blocks_in_use", "GPU KV blocks held by running sequences"),
-    "kv_blocks_cached": ("kvtier_worker_gpu_kv_blocks_cached", "GPU KV blocks held by the prefix cache only"),
+}
+_TIER_GAUGES = {  # worker tier gauge -> (metric name, help); absent where a tier does not hold blocks locally
+    "used_blocks": ("kvtier_tier_used_blocks", "KV blocks in use: GPU blocks held by sequences, CPU slots filled"),
+    "cached_blocks": ("kvtier_tier_cached_blocks", "GPU blocks holding a cached full block (in use or free)"),
+    "capacity_blocks": ("kvtier_tier_capacity_blocks", "KV blocks the tier can hold"),
+}
+_REDIS_GAUGES = {  # the worker's probe of Redis (absent where no Redis is configured)
+    "up": ("kvtier_redis_up", "1 when the worker's PING and INFO of Redis succeeded"),
+    "breaker_open": ("kvtier_redis_breaker_open", "1 while the worker's Redis circuit breaker refuses calls"),
+    "ping_seconds": ("kvtier_redis_ping_seconds", "The worker's last PING round trip to Redis"),
+    "used_memory_bytes": ("kvtier_redis_used_memory_bytes", "Redis used_memory (summed over cluster primaries)"),
+    "max_memory_bytes": ("kvtier_redis_max_memory_bytes", "Redis maxmemory (0: no limit)"),
 }
 _ENGINE_COUNTERS = {
     "preemptions": ("kvtier_worker_preemptions", "Sequences preempted (recomputed later)"),
@@ -55,19 +65,35 @@ class WorkerStatsCollector:
             self.latest[worker_id] = worker_stats
 
     def collect(self):
-        families = [CounterMetricFamily(name, text, labels=["worker", "tier"]) for name, text in _TIER_COUNTERS.values()]
-        gauges = [GaugeMetricFamily(name, text, labels=["worker"]) for name, text in _ENGINE_GAUGES.values()]
-        counters = [CounterMetricFamily(name, text, labels=["worker"]) for name, text in _ENGINE_COUNTERS.values()]
+        tier_counters = _families(CounterMetricFamily, _TIER_COUNTERS, ["worker", "tier"])
+        tier_gauges = _families(GaugeMetricFamily, _TIER_GAUGES, ["worker", "tier"])
+        redis_gauges = _families(GaugeMetricFamily, _REDIS_GAUGES, ["worker"])
+        engine_gauges = _families(GaugeMetricFamily, _ENGINE_GAUGES, ["worker"])
+        engine_counters = _families(CounterMetricFamily, _ENGINE_COUNTERS, ["worker"])
         for worker_id, stats in sorted(self.latest.items()):
             for tier in TIERS:
                 values = stats.tiers[tier].counters if tier in stats.tiers else {}
-                for family, key in zip(families, _TIER_COUNTERS):
-                    family.add_metric([worker_id, tier], values.get(key, 0.0))
-            for family, key in zip(gauges, _ENGINE_GAUGES):
-                family.add_metric([worker_id], stats.engine.get(key, 0.0))
-            for family, key in zip(counters, _ENGINE_COUNTERS):
-                family.add_metric([worker_id], stats.engine.get(key, 0.0))
-        yield from families + gauges + counters
+                _add(tier_counters, [worker_id, tier], values, default=0.0)
+                _add(tier_gauges, [worker_id, tier], values)
+            if "redis" in stats.tiers:
+                _add(redis_gauges, [worker_id], stats.tiers["redis"].counters)
+            _add(engine_gauges, [worker_id], stats.engine, default=0.0)
+            _add(engine_counters, [worker_id], stats.engine, default=0.0)
+        for families in (tier_counters, tier_gauges, redis_gauges, engine_gauges, engine_counters):
+            yield from families.values()
+
+
+def _families(kind, metrics: dict[str, tuple[str, str]], labels: list[str]) -> dict:
+    """One metric family per source key, in the order of ``metrics``."""
+    return {key: kind(name, text, labels=labels) for key, (name, text) in metrics.items()}
+
+
+def _add(families: dict, labels: list[str], values, default: float | None = None) -> None:
+    """A sample per family from ``values`` (a map of source key to value); absent keys give ``default`` or none."""
+    for key, family in families.items():
+        value = values[key] if key in values else default
+        if value is not None:
+            family.add_metric(labels, value)
 
 
 class RouterMetrics:

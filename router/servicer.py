@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from workers.tokenizer import Tokenizer
 from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
 log = logging.getLogger(__name__)
+_STATS_TIMEOUT_S = 5.0  # a worker slower than this to report its stats is left out of GetStats
 
 
 @dataclass(frozen=True)
@@ -151,10 +153,21 @@ class RouterServicer(pb_grpc.GenerationServicer):
 
     @map_errors
     async def GetStats(self, request, context) -> pb.Stats:
+        return await self.worker_stats(_STATS_TIMEOUT_S)
+
+    async def worker_stats(self, timeout_s: float) -> pb.Stats:
+        """Every healthy worker's stats, asked concurrently; a worker that does not answer in time is left out."""
+        healthy = [worker for worker in self.pool.workers.values() if worker.healthy]
+        answers = await asyncio.gather(*(w.stub.GetStats(pb.GetStatsRequest(), timeout=timeout_s) for w in healthy),
+                                       return_exceptions=True)
         stats = pb.Stats()
-        for worker in self.pool.workers.values():
-            if worker.healthy:
-                stats.workers.MergeFrom((await worker.stub.GetStats(request)).workers)
+        for worker, answer in zip(healthy, answers):
+            if isinstance(answer, grpc.RpcError):
+                log.warning("worker %s gave no stats: %s", worker.worker_id, answer.code().name)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                stats.workers.MergeFrom(answer.workers)
         return stats
 
 

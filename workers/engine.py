@@ -20,6 +20,7 @@ from kvstore.config import KVStoreConfig
 from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
 from kvstore.hashing import BlockHasher
+from kvstore.redis_store import RedisHealth
 from kvstore.stats import KVStoreStats
 from workers.attention import make_backend
 from workers.engine_config import EngineConfig, EngineConfigError
@@ -338,6 +339,23 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.sync_writer_stats()
         return self.kv_stats.as_dict()
+
+    def tier_usage(self) -> dict[str, dict[str, float]]:
+        """Occupancy of the local tiers, in blocks: GPU blocks held by sequences and by the prefix cache, CPU
+        slots filled; each with its capacity. No I/O (Redis's own numbers come from ``redis_health``)."""
+        pool = self.block_pool
+        usage = {"gpu": {"used_blocks": float(pool.num_used), "cached_blocks": float(pool.num_cached),
+                         "capacity_blocks": float(pool.num_blocks)}}
+        cpu = self.tiers.cpu if self.tiers is not None else None
+        if cpu is not None:
+            usage["cpu"] = {"used_blocks": float(len(cpu)), "capacity_blocks": float(cpu.num_slots)}
+        return usage
+
+    def redis_health(self) -> RedisHealth | None:
+        """A blocking probe of the Redis tier (PING, INFO); None when no Redis is configured."""
+        if self.tiers is None or self.tiers.redis is None:
+            return None
+        return self.tiers.redis.health()
 
     def close(self) -> None:
         """Finish queued Redis writes, close connections, stop the other tensor-parallel ranks."""

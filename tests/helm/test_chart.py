@@ -100,7 +100,7 @@ def test_default_values_give_a_bundled_redis_with_auth_and_gpu_workers(tmp_path)
     assert config.kvstore.redis.url == "redis://kv-kvtier-redis:6379/0"
     assert config.kvstore.redis.password_file == "/etc/kvtier/redis-auth/password"
     assert (config.workers.count, config.workers.num_gpus, config.workers.host) == (2, 1, "node_ip")
-    assert config.ray.address == "auto" and config.router.host == "0.0.0.0"
+    assert config.ray.address == "auto" and config.router.host == "0.0.0.0" and config.ray.auth == "token"
     (statefulset,) = by_kind(objects, "StatefulSet")
     args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
@@ -133,6 +133,13 @@ def test_an_external_redis_cluster_with_tls_is_reached_as_configured(tmp_path):
     assert (redis.url, redis.cluster, redis.username) == ("rediss://redis-0.redis.cache:6379/0", True, "kvtier")
     assert redis.ca_file == "/etc/kvtier/redis-ca/ca.crt"
     assert not by_kind(objects, "StatefulSet") and not by_kind(objects, "Secret")  # nothing bundled
+
+
+def test_ray_token_auth_off_is_off_in_kuberay_and_in_kvtier_alike(tmp_path):
+    objects = render({"ray": {"auth": {"enabled": False}}})
+    assert loaded_config(objects, tmp_path).ray.auth == "disabled"
+    (raycluster,) = by_kind(objects, "RayCluster")
+    assert "authOptions" not in raycluster["spec"]
 
 
 def test_tls_and_auth_turn_on_in_the_router_and_ray(tmp_path):

@@ -112,8 +112,8 @@ def test_streaming_is_incremental_and_cancelling_frees_the_worker(cluster):
 
     def idle() -> bool:
         stats = client.stats().workers
-        return all(w.engine["running"] == 0 and w.engine["waiting"] == 0 and w.engine["kv_blocks_in_use"] == 0
-                   for w in stats.values())
+        return all(w.engine["running"] == 0 and w.engine["waiting"] == 0
+                   and w.tiers["gpu"].counters["used_blocks"] == 0 for w in stats.values())
 
     wait_until(idle, timeout_s=30)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import urllib.request
@@ -11,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster import cli
 from cluster.client import KvtierClient
 from cluster.config import load_config
 from tests.redis_server import RedisServer, free_port
@@ -40,7 +42,7 @@ def metered_cluster(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-ops-test")
     handle = start_cluster(load_config(overrides=overrides))
     client = KvtierClient(handle.address)
-    yield client, f"http://127.0.0.1:{metrics_port}/metrics", handle
+    yield client, f"http://127.0.0.1:{metrics_port}/metrics", handle, redis
     client.close()
     stop_cluster(handle)
     ray.shutdown()
@@ -60,7 +62,7 @@ def total(samples: dict, name: str, **labels) -> float:
 
 
 def test_scraped_hit_counters_equal_the_cached_tokens_clients_were_told(metered_cluster):
-    client, url, _ = metered_cluster
+    client, url, _, _ = metered_cluster
     prefixes = [tokens(seed, 160) for seed in (1, 2, 3)]
     prompts = [prefixes[i % 3] + tokens(100 + i, 9) for i in range(12)]
     with ThreadPoolExecutor(max_workers=3) as pool:
@@ -88,6 +90,48 @@ def test_scraped_hit_counters_equal_the_cached_tokens_clients_were_told(metered_
         (("worker", "worker-0"),), (("worker", "worker-1"),)}
 
 
+def status(address: str, capsys, *flags: str) -> tuple[int, str]:
+    code = cli.main(["status", "--server", address, *flags])
+    return code, capsys.readouterr().out
+
+
+def test_status_shows_every_worker_its_tiers_and_redis_health(metered_cluster, capsys):
+    client, url, handle, redis = metered_cluster
+    code, text = status(handle.address, capsys, "--json")
+    assert code == 0
+    report, stats = json.loads(text), client.stats()
+    assert [w["worker_id"] for w in report["workers"]] == ["worker-0", "worker-1"]
+    for worker in report["workers"]:
+        tiers = stats.workers[worker["worker_id"]].tiers
+        for tier in ("gpu", "cpu", "redis"):
+            assert worker["tiers"][tier]["hit_blocks"] == tiers[tier].counters["hit_blocks"]
+        assert worker["tiers"]["gpu"]["capacity_blocks"] == tiers["gpu"].counters["capacity_blocks"] > 0
+        assert worker["tiers"]["cpu"]["capacity_blocks"] == tiers["cpu"].counters["capacity_blocks"] > 0
+        assert worker["redis"]["up"] and worker["redis"]["used_memory_bytes"] > 0
+        assert (worker["running"], worker["waiting"]) == (0, 0)
+    totals = report["totals"]
+    assert sum(totals["tiers"][t]["hit_blocks"] for t in ("gpu", "cpu", "redis")) > 0  # the workload above
+    hits = sum(totals["tiers"][t]["hit_rate"] for t in ("gpu", "cpu", "redis"))
+    assert 0 < hits <= 1
+    code, text = status(handle.address, capsys)
+    assert code == 0 and "worker-0" in text and "worker-1" in text and "hit Redis" in text
+    assert [line.split()[1] for line in text.splitlines() if line.startswith("worker-")][-2:] == ["up", "up"]
+    redis.kill()
+    try:
+        code, text = status(handle.address, capsys)
+        assert code == 0  # the cluster still serves: Redis is a cache
+        assert [line.split()[1] for line in text.splitlines() if line.startswith("worker-")][-2:] == ["DOWN", "DOWN"]
+        deadline = time.monotonic() + 3 * POLL_S + 5
+        while total(scrape(url), "kvtier_redis_up") != 0:
+            assert time.monotonic() < deadline, "kvtier_redis_up stayed 1 with Redis dead"
+            time.sleep(0.5)
+    finally:
+        redis.start()
+    samples = scrape(url)
+    capacity = total(samples, "kvtier_tier_capacity_blocks", tier="gpu")
+    assert capacity == sum(w["tiers"]["gpu"]["capacity_blocks"] for w in report["workers"])
+
+
 def readiness(client: KvtierClient) -> int:
     request = health_pb2.HealthCheckRequest(service="kvtier.v1.Generation")
     return health_pb2_grpc.HealthStub(client.channel).Check(request, timeout=5).status
@@ -96,7 +140,7 @@ def readiness(client: KvtierClient) -> int:
 def test_a_stalled_engine_turns_readiness_off_within_the_configured_time(metered_cluster):
     import ray
 
-    client, _, handle = metered_cluster
+    client, _, handle, _ = metered_cluster
     assert readiness(client) == health_pb2.HealthCheckResponse.SERVING
     ray.get([worker.hold_steps_for_test.remote(12.0) for worker in handle.workers.values()])
     held_at = time.monotonic()

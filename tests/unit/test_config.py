@@ -71,3 +71,33 @@ def test_memory_budgets(text, expected):
 def test_bad_memory_budgets(text):
     with pytest.raises(ValueError):
         parse_memory(text)
+
+
+def _leaf_paths(node: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in node.items():
+        paths |= _leaf_paths(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+    return paths
+
+
+def test_the_readme_config_block_lists_every_key_with_its_default():
+    """The README's configuration block is the schema's reference: it loads, and it names every key."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Configuration", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    documented = yaml.safe_load(block)
+    assert load_config(overrides=documented) == KvtierConfig()  # every value shown is the default
+    assert _leaf_paths(documented) == _leaf_paths(asdict(KvtierConfig()))
+
+
+@pytest.mark.parametrize("ray, message", [
+    ({"auth": "kerberos"}, "ray.auth: must be token or disabled, got 'kerberos'"),
+    ({"auth": "disabled", "auth_token_file": "/t"}, "ray.auth_token_file: set, but auth is disabled"),
+])
+def test_ray_auth_settings_are_checked(ray, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(overrides={"ray": ray})

@@ -1,0 +1,59 @@
+"""``kvtier bench`` end to end: every benchmark runs (quick sizes; real Redis, local Ray, gRPC) and leaves its
+table, JSON rows and a PNG plot. Timings are never asserted, only that each measurement exists."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.redis_server import RedisServer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def kvtier_bench(*flags: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", "bench", *flags], capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def test_every_benchmark_writes_its_table_json_and_plot(tmp_path):
+    redis = RedisServer(tmp_path / "redis").start()
+    out = tmp_path / "results"
+    try:
+        done = kvtier_bench("--quick", "--redis-url", redis.url, "--out-dir", str(out))
+    finally:
+        redis.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {name: json.loads((out / f"{name}.json").read_text())["rows"] for name in ("engine", "prefix", "serving")}
+    assert [row["batch"] for row in rows["engine"]] == [1, 4]
+    assert all(row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 for row in rows["engine"])
+    (prefix,) = rows["prefix"]
+    assert prefix["prefix_tokens"] == 256 and prefix["redis hit"] > 0 and prefix["redis GB/s"] > 0
+    parts = [(row["part"], row.get("workload") or row["path"]) for row in rows["serving"]]
+    assert parts == [("policies", "shared prefix"), ("policies", "random"), ("overhead", "client -> worker"),
+                     ("overhead", "client -> router -> worker")]
+    for name in rows:
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    summary = (out / "summary.md").read_text()
+    for heading, table in (("## engine:", "| batch | prefill tok/s"), ("## prefix:", "| prefix tokens |"),
+                           ("## serving:", "| workload | policy |")):
+        assert heading in summary and table in summary and table in done.stdout
+    assert summary.count("![") == 3
+    assert "kvtier bench [3/3] serving" in done.stderr
+
+
+def test_flags_it_does_not_know_go_to_the_one_benchmark_named(tmp_path):
+    done = kvtier_bench("engine", "--quick", "--batch-sizes", "3", "--out-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [row["batch"] for row in json.loads((tmp_path / "engine.json").read_text())["rows"]] == [3]
+
+
+def test_mistakes_are_named_before_anything_runs(tmp_path):
+    no_redis = kvtier_bench("prefix", "--out-dir", str(tmp_path))
+    assert no_redis.returncode == 2 and "--redis-url" in no_redis.stderr
+    two_with_flags = kvtier_bench("engine", "serving", "--batch-sizes", "3", "--out-dir", str(tmp_path))
+    assert two_with_flags.returncode == 2 and "name exactly one" in two_with_flags.stderr
+    unknown = kvtier_bench("nonsense", "--out-dir", str(tmp_path))
+    assert unknown.returncode == 2 and "'nonsense' is not a benchmark" in unknown.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
