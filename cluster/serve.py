@@ -42,16 +42,16 @@ def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
     config_json = json.dumps(asdict(config))
     worker_cls = ray.remote(WorkerActor)
     workers, groups = {}, []
-    bundle = {"CPU": config.workers.num_cpus, "GPU": config.workers.num_gpus}
+    rank = rank_resources(config)
     for index in range(config.workers.count):
-        group = placement_group([{k: v for k, v in bundle.items() if v}], strategy="STRICT_PACK")
+        group = placement_group([rank] * config.engine.tensor_parallel_size, strategy="STRICT_PACK")
         groups.append(group)
         ray.get(group.ready(), timeout=timeout_s)
         worker_id = f"worker-{index}"
-        workers[worker_id] = worker_cls.options(
+        workers[worker_id] = worker_cls.options(  # rank 0, in bundle 0; it launches the other ranks
             name=f"kvtier-{worker_id}", max_restarts=config.workers.max_restarts, max_task_retries=0,
-            num_cpus=config.workers.num_cpus, num_gpus=config.workers.num_gpus, max_concurrency=1000,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group),
+            num_cpus=rank.get("CPU", 0), num_gpus=rank.get("GPU", 0), max_concurrency=1000,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0),
         ).remote(worker_id, config_json)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     router = ray.remote(RouterActor).options(  # on this node, so the endpoint is where `kvtier serve` runs
@@ -59,6 +59,13 @@ def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
     ).remote(config_json, workers)
     address = ray.get(router.start.remote(), timeout=timeout_s)
     return Cluster(address, router, workers, groups)
+
+
+def rank_resources(config: KvtierConfig) -> dict[str, float]:
+    """One bundle per tensor-parallel rank: the worker's CPUs and GPUs split evenly (one GPU each on GPU nodes)."""
+    tp = config.engine.tensor_parallel_size
+    bundle = {"CPU": config.workers.num_cpus / tp, "GPU": config.workers.num_gpus / tp}
+    return {resource: amount for resource, amount in bundle.items() if amount} or {"CPU": 0.01}
 
 
 def check_files(config: KvtierConfig) -> None:

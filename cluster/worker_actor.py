@@ -1,7 +1,8 @@
 """The Ray actor that hosts one worker: its engine and its gRPC endpoint (``cluster.worker_server``).
 
-Ray places it (one placement group per worker) and restarts it when its process dies; a restarted actor
-loads the model again when the router's supervisor asks where it listens (``ensure_started``).
+Ray places it (one STRICT_PACK placement group per worker, a bundle per tensor-parallel rank; this actor is rank
+0 and launches the others as ``cluster.rank_actor`` actors) and restarts it when its process dies; a restarted
+actor loads the model again when the router's supervisor asks where it listens (``ensure_started``).
 """
 
 from __future__ import annotations
@@ -36,10 +37,28 @@ class WorkerActor:
         from workers.engine import LLMEngine
 
         config = self.config
-        engine = await asyncio.to_thread(LLMEngine.from_config, config.engine, config.kvstore, False)
+        engine = await asyncio.to_thread(LLMEngine.from_config, config.engine, config.kvstore, False,
+                                         launch_ranks=self._rank_launcher())
         self._engine = AsyncEngine(engine, on_fatal=self._exit_for_restart)
         self._server, self._address = await start_worker_server(self._engine, self.worker_id, config.engine.model,
                                                                 host=self._host())
+
+    def _rank_launcher(self):
+        """Tensor-parallel ranks 1..N-1 as Ray actors in this worker's placement group (None at tp=1)."""
+        if self.config.engine.tensor_parallel_size == 1:
+            return None
+        import ray
+
+        from cluster.rank_actor import ray_rank_launcher
+        from cluster.serve import rank_resources
+
+        rank = rank_resources(self.config)
+        return ray_rank_launcher(ray.util.get_current_placement_group(), rank.get("CPU", 0), rank.get("GPU", 0))
+
+    def rank_info(self) -> list[dict]:
+        """Where ranks 1..N-1 run: pid, node and placement group of each."""
+        group = self._engine.engine.tp_group
+        return group.ranks.describe() if group is not None else []
 
     def _host(self) -> str:
         """Where the endpoint listens: the configured address, or this Ray node's (multi-node clusters)."""

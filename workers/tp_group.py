@@ -1,9 +1,11 @@
-"""A local tensor-parallel group: rank 0 in this process, ranks 1..N-1 as child processes.
+"""A tensor-parallel group: rank 0 in this process, ranks 1..N-1 started by a launcher: child processes here
+(``spawn_local_ranks``, for ``kvtier generate --tp N``) or Ray actors in the worker's placement group
+(``cluster.rank_actor``), all on one node.
 
-The ranks join over torch.distributed on loopback (gloo on CPU, NCCL with CUDA, rank r on ``cuda:r``). Rank 0
+The ranks join over torch.distributed on loopback (gloo on CPU, NCCL with CUDA, one GPU per rank). Rank 0
 broadcasts each step's inputs; every collective has ``collective_timeout_s``, and rank 0 checks before each
-step that every child is alive, so a dead rank ends the group with a ``TensorParallelError`` naming it, within
-bounded time. The group is started and stopped as a unit.
+step that every other rank still runs, so a dead rank ends the group with a ``TensorParallelError`` naming it,
+within bounded time. The group is started and stopped as a unit.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import timedelta
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,7 +44,9 @@ def collective_device(device: torch.device) -> torch.device:
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device.type == "cuda" else device
+    """Rank r's GPU among those this process sees: ``cuda:r`` for local ranks that see every GPU, ``cuda:0`` for
+    a Ray actor that sees only its own."""
+    return torch.device("cuda", rank % torch.cuda.device_count()) if device.type == "cuda" else device
 
 
 def init_group(rank: int, world_size: int, port: int, device: torch.device, timeout_s: float) -> None:
@@ -78,17 +82,31 @@ class Collectives:
         return step_packet.unpack(header, self.receive(step_packet.body_size(header)))
 
 
-class LocalTPGroup:
-    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+class RankProcesses(Protocol):
+    """Ranks 1..N-1 of one group, however they run."""
+
+    def ended(self) -> str | None:
+        """How the first rank that is no longer running ended (None: all run)."""
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait for every rank to end; False if some still run after ``timeout_s``."""
+
+    def kill(self) -> None: ...
+
+
+RankLauncher = Callable[[int, int, EngineConfig], RankProcesses]  # (world size, rendezvous port, config)
+
+
+class TPGroup:
+    def __init__(self, config: EngineConfig, device: torch.device, launch: RankLauncher | None = None) -> None:
         self.world_size = config.tensor_parallel_size
         self.collectives = Collectives(device)
         port = _free_port()
-        self.workers = [_spawn_rank(rank, self.world_size, port, config) for rank in range(1, self.world_size)]
-        log.info("tensor parallel: %d ranks, pids %s", self.world_size, [w.pid for w in self.workers])
+        self.ranks = (launch or spawn_local_ranks)(self.world_size, port, config)
         try:
             init_group(0, self.world_size, port, device, config.collective_timeout_s)
         except Exception:
-            self._kill_workers()
+            self.ranks.kill()
             raise
 
     def broadcast_sizes(self, num_blocks: int, num_cpu_slots: int) -> None:
@@ -121,24 +139,21 @@ class LocalTPGroup:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         try:
-            if all(worker.poll() is None for worker in self.workers):
+            if self.ranks.ended() is None:
                 self.collectives.send(step_packet.stop_header())
-            for worker in self.workers:
-                worker.wait(timeout=timeout_s)
-        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            if not self.ranks.wait(timeout_s):
+                raise TimeoutError(f"ranks still running after {timeout_s} s")
+        except (RuntimeError, TimeoutError) as error:
             log.warning("tensor-parallel ranks did not stop cleanly (%s); killing them", error)
-            self._kill_workers()
+            self.ranks.kill()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
 
     def check_alive(self) -> None:
-        for rank, worker in enumerate(self.workers, start=1):
-            if worker.poll() is not None:
-                raise TensorParallelError(
-                    f"tensor-parallel rank {rank} (pid {worker.pid}) exited with code {worker.returncode}; "
-                    "the group must be restarted"
-                )
+        ended = self.ranks.ended()
+        if ended is not None:
+            raise TensorParallelError(f"tensor-parallel {ended}; the group must be restarted")
 
     def _guarded(self, collective: Callable[[], T]) -> T:
         self.check_alive()
@@ -157,11 +172,38 @@ class LocalTPGroup:
                 return
             time.sleep(0.05)
 
-    def _kill_workers(self) -> None:
-        for worker in self.workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+
+class LocalRanks:
+    """Ranks 1..N-1 as child processes of this one (``python -m workers.tp_worker``)."""
+
+    def __init__(self, processes: list[subprocess.Popen]) -> None:
+        self.processes = processes
+
+    def ended(self) -> str | None:
+        for rank, process in enumerate(self.processes, start=1):
+            if process.poll() is not None:
+                return f"rank {rank} (pid {process.pid}) exited with code {process.returncode}"
+        return None
+
+    def wait(self, timeout_s: float) -> bool:
+        try:
+            for process in self.processes:
+                process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def spawn_local_ranks(world_size: int, port: int, config: EngineConfig) -> LocalRanks:
+    ranks = LocalRanks([_spawn_rank(rank, world_size, port, config) for rank in range(1, world_size)])
+    log.info("tensor parallel: %d ranks, pids %s", world_size, [p.pid for p in ranks.processes])
+    return ranks
 
 
 def _spawn_rank(rank: int, world_size: int, port: int, config: EngineConfig) -> subprocess.Popen:

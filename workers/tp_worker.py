@@ -2,8 +2,9 @@
 
     python -m workers.tp_worker --rank R --world-size N --port P --config-json '{...}'
 
-Started by ``workers.tp_group.LocalTPGroup``. Exits 0 when rank 0 says stop, non-zero (with the reason on
-stderr) when rank 0 disappears or a collective times out.
+Started by ``workers.tp_group.spawn_local_ranks`` (Ray rank actors call ``serve``: ``cluster.rank_actor``).
+Exits 0 when rank 0 says stop, non-zero (with the reason on stderr) when rank 0 disappears or a collective
+times out.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def serve(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
     model_dir = resolve_model_dir(config.model)
     model_config = load_model_config(model_dir)
     dtype = resolve_dtype(config.dtype, model_config)
-    model = load_model(model_dir, dtype, str(device), make_backend(config.attention_backend), False, parallel)
+    model = load_model(model_dir, dtype, str(device), make_backend(config.attention_backend, str(device)), False,
+                       parallel)
     collectives = Collectives(device)
     num_blocks, num_cpu_slots = collectives.receive(2).tolist()
     kv_heads = parallel.kv_heads(model_config)

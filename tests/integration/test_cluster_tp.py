@@ -1,5 +1,6 @@
-"""A cluster whose worker is tensor-parallel (tp=2, local rank processes): it serves, and when one of its ranks
-dies the worker is restarted as a unit by Ray and serves again; no request hangs."""
+"""A cluster whose worker is tensor-parallel (tp=2): rank 1 is a Ray actor in the worker's STRICT_PACK placement
+group; the worker serves, and when a rank dies it is restarted as a unit by Ray and serves again; no request
+hangs."""
 
 from __future__ import annotations
 
@@ -41,14 +42,6 @@ def tp_cluster():
     ray.shutdown()
 
 
-def rank_pids(worker_pid: int) -> list[int]:
-    """The worker actor's tensor-parallel rank processes (its children running workers.tp_worker)."""
-    children = []
-    for task in os.listdir(f"/proc/{worker_pid}/task"):  # the ranks are spawned from the engine-loading thread
-        children += open(f"/proc/{worker_pid}/task/{task}/children").read().split()
-    return [int(pid) for pid in children if b"workers.tp_worker" in open(f"/proc/{pid}/cmdline", "rb").read()]
-
-
 def test_a_tp2_worker_serves_and_restarts_as_a_unit_when_a_rank_dies(tp_cluster):
     import ray
 
@@ -59,14 +52,20 @@ def test_a_tp2_worker_serves_and_restarts_as_a_unit_when_a_rank_dies(tp_cluster)
     assert client.complete(prompt, GREEDY).token_ids == expected
 
     (worker,) = handle.workers.values()
+    (group,) = handle.placement_groups
     old_pid = ray.get(worker.pid.remote())
-    (rank,) = rank_pids(old_pid)
-    os.kill(rank, signal.SIGKILL)
+    (rank,) = ray.get(worker.rank_info.remote())
+    assert rank["rank"] == 1 and rank["pid"] != old_pid
+    assert rank["placement_group_id"] == group.id.hex()
+    assert ray.util.placement_group_table(group)["strategy"] == "STRICT_PACK"
+    assert len(ray.util.placement_group_table(group)["bundles"]) == 2  # one bundle per rank
+    os.kill(rank["pid"], signal.SIGKILL)
     long_request = build_request(prompt, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
     began = time.monotonic()
-    with pytest.raises(grpc.RpcError):  # the only worker is down: the request fails fast, it does not hang
+    with pytest.raises(grpc.RpcError) as failure:  # the only worker is down: it fails fast, it does not hang
         list(client.stream(long_request, timeout_s=60))
     assert time.monotonic() - began < 30
+    assert "tensor-parallel" in failure.value.details()  # the reason, not a bare "worker failed"
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
