@@ -16,6 +16,7 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str) -> None
     parser.add_argument("--model", default=default_model, help="preset name or model directory")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="torch", help="torch or triton")
 
 
 def add_output_args(parser: argparse.ArgumentParser, default_plot: str | None = None) -> None:

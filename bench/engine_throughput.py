@@ -66,7 +66,7 @@ def describe_device(engine: LLMEngine) -> str:
 def main() -> None:
     args = parse_args()
     config = EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device,
+        model=args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
         cache=CacheConfig(memory=args.kv_cache_memory),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens),
     )

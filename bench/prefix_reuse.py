@@ -45,7 +45,8 @@ def parse_args() -> argparse.Namespace:
 
 def engine_for(args: argparse.Namespace, kvstore: KVStoreConfig, num_blocks: int) -> LLMEngine:
     config = EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, cache=CacheConfig(num_blocks=num_blocks),
+        model=args.model, dtype=args.dtype, device=args.device,
+        attention_backend=args.attention_backend, cache=CacheConfig(num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=8192),
     )
     return LLMEngine.from_config(config, kvstore, progress=False)

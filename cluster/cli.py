@@ -25,6 +25,7 @@ _ENGINE_FLAGS = {
     "model": ("engine", "model"),
     "dtype": ("engine", "dtype"),
     "device": ("engine", "device"),
+    "attention_backend": ("engine", "attention_backend"),
     "max_model_len": ("engine", "max_model_len"),
     "block_size": ("engine", "cache", "block_size"),
     "kv_cache_memory": ("engine", "cache", "memory"),
@@ -127,6 +128,7 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--ignore-eos", action="store_true")
     engine = _add_model_flags(parser)
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    engine.add_argument("--attention-backend", help="torch (reference) or triton (paged kernels, CUDA)")
     engine.add_argument("--max-model-len", type=int)
     engine.add_argument("--tp", type=int, help="tensor-parallel ranks (local processes), default 1")
     engine.add_argument("--kv-cache-memory", help="auto, a fraction of free memory (0.8) or a size (4GiB)")

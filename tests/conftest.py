@@ -1,8 +1,15 @@
-"""Shared fixtures: a private model cache per test session, GPU tests skipped without CUDA."""
+"""Shared fixtures: a private model cache per test session, GPU tests skipped without CUDA, and Triton kernels
+run by Triton's interpreter on the CPU where there is no GPU (set before any kernel is defined)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.redis_server import RedisServer
 

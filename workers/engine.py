@@ -38,7 +38,7 @@ from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
 from workers.text_output import TextOutput
-from workers.tp_group import LocalTPGroup, collective_device
+from workers.tp_group import RankLauncher, TPGroup, collective_device
 from workers.tokenizer import Tokenizer, load_tokenizer
 from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
@@ -129,7 +129,7 @@ class LLMEngine:
         device: torch.device,
         kvstore: KVStoreConfig | None = None,
         fingerprint: str = "0" * 64,
-        tp_group: LocalTPGroup | None = None,
+        tp_group: TPGroup | None = None,
     ) -> None:
         self.config = config
         self.kvstore_config = kvstore or KVStoreConfig()
@@ -170,9 +170,11 @@ class LLMEngine:
         kvstore: KVStoreConfig | None = None,
         progress: bool = True,
         distributed: bool | None = None,
+        launch_ranks: RankLauncher | None = None,
     ) -> LLMEngine:
         """Load the model and size the pools. ``distributed``: run through a torch.distributed group (None: only
-        when tensor_parallel_size > 1; True also at 1, which exercises the NCCL path on a single GPU)."""
+        when tensor_parallel_size > 1; True also at 1, which exercises the NCCL path on a single GPU).
+        ``launch_ranks`` starts ranks 1..N-1 (default: child processes of this one)."""
         model_dir = resolve_model_dir(config.model)
         device = resolve_device(config.device)
         model_config = load_model_config(model_dir)
@@ -180,9 +182,9 @@ class LLMEngine:
         check_parallel_degree(model_config, config.tensor_parallel_size)
         parallel = ParallelContext(0, config.tensor_parallel_size)
         use_group = parallel.world_size > 1 if distributed is None else distributed
-        group = LocalTPGroup(config, device) if use_group else None
+        group = TPGroup(config, device, launch_ranks) if use_group else None
         try:
-            backend = make_backend(config.attention_backend)
+            backend = make_backend(config.attention_backend, str(device))
             model = load_model(model_dir, dtype, str(device), backend, progress, parallel)
             cache_shape = plan_kv_cache(config.cache, model_config, dtype, device, parallel.kv_heads(model_config).size)
             log.info("%s on %s (rank 0 of %d)", cache_shape.describe(), device, parallel.world_size)

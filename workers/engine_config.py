@@ -75,7 +75,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto (the checkpoint's), float32, bfloat16, float16
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:N
     max_model_len: int | None = None  # prompt + generated tokens; default: the model's max positions
-    attention_backend: str = "torch"
+    attention_backend: str = "torch"  # torch (reference, any device) or triton (paged kernels; CUDA)
     seed: int = 0  # seeds requests that bring no seed of their own, in arrival order
     tensor_parallel_size: int = 1  # ranks that split every layer's heads and KV cache
     collective_timeout_s: float = 60.0  # a rank silent this long takes its tensor-parallel group down
@@ -93,8 +93,8 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
-        if self.attention_backend not in ("torch",):
-            raise ValueError(f"attention_backend: {self.attention_backend!r} is unknown (known: torch)")
+        if self.attention_backend not in ("torch", "triton"):
+            raise ValueError(f"attention_backend: {self.attention_backend!r} is unknown (known: torch, triton)")
 
 
 def engine_config_from_dict(data: dict) -> EngineConfig:

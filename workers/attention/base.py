@@ -9,6 +9,7 @@ A chunk may be a whole prompt, part of one (chunked prefill, cached prefix befor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple, Protocol
 
 import torch
@@ -19,6 +20,14 @@ class LayerKVCache(NamedTuple):
 
     key: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim]
     value: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim]
+
+
+class DeviceTables(NamedTuple):
+    """The per-chunk lists as device tensors, for kernels that index them."""
+
+    block_table: torch.Tensor  # [B, max blocks of a chunk] int32, padded with 0
+    query_start: torch.Tensor  # [B + 1] int32
+    context_lens: torch.Tensor  # [B] int32
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,14 @@ class AttentionMetadata:
     @property
     def num_chunks(self) -> int:
         return len(self.context_lens)
+
+    @cached_property
+    def device_tables(self) -> DeviceTables:
+        """Built on first use and kept for the step: every layer reads the same tables."""
+        device = self.slot_blocks.device
+        table = torch.nn.utils.rnn.pad_sequence(self.block_tables, batch_first=True).to(torch.int32)
+        return DeviceTables(table, torch.tensor(self.query_start_loc, dtype=torch.int32, device=device),
+                            torch.tensor(self.context_lens, dtype=torch.int32, device=device))
 
 
 class AttentionBackend(Protocol):
