@@ -42,7 +42,8 @@ def add_bench_parser(commands) -> None:
         "bench", help="run the benchmarks with progress bars; tables, JSON and PNG plots go to --out-dir",
         description="Runs bench/*.py of this checkout. Flags it does not know are passed to the benchmark "
                     "(one benchmark at a time), e.g. `kvtier bench engine --batch-sizes 1,32,128`.")
-    bench.add_argument("benchmarks", nargs="*", type=_benchmark_name, metavar="{" + ",".join([*BENCHMARKS, "all"]) + "}",
+    bench.add_argument("benchmarks", nargs="*", type=_benchmark_name,
+                       metavar="{" + ",".join([*BENCHMARKS, "all"]) + "}",
                        help="which to run (default all; prefix is skipped in `all` without --redis-url)")
     bench.add_argument("--out-dir", default="bench-results", help="where tables, JSON and plots go")
     bench.add_argument("--model", help="preset or model directory (default: each benchmark's own)")

@@ -64,3 +64,18 @@ def test_the_nccl_path_runs_tp1_end_to_end(tmp_path):
     finally:
         engine.close()
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_compiled_triton_kernel_matches_the_reference_in_half_precision(dtype):
+    """The kernel compiled for the GPU (not interpreted), on a mixed step and a split-K decode step."""
+    from tests.integration.test_triton_attention import MIXED, reference, step_inputs
+    from workers.attention.base import LayerKVCache
+    from workers.attention.triton_backend import paged_attention
+
+    for chunks, splits in ((MIXED, None), ([(1, 4000), (1, 700)], 8)):
+        query, cache, meta = step_inputs(chunks, 32, 8, 128, seed=11)
+        query, cache = query.to(dtype), LayerKVCache(cache.key.to(dtype), cache.value.to(dtype))
+        got = paged_attention(query, cache, meta, 128 ** -0.5, num_splits=splits).float()
+        want = reference(query.float(), LayerKVCache(cache.key.float(), cache.value.float()), meta, 128 ** -0.5)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -73,10 +73,21 @@ def test_the_kernel_equals_the_reference_on_every_kind_of_chunk(num_heads, num_k
     torch.testing.assert_close(got, reference(query, cache, meta, scale), rtol=1e-5, atol=1e-5)
 
 
-def test_a_decode_only_step_uses_one_query_per_tile_and_still_matches():
-    query, cache, meta = step_inputs([(1, n) for n in (3, 16, 33, 64, 100)], 8, 2, 32, seed=7)
-    torch.testing.assert_close(paged_attention(query, cache, meta, 0.2), reference(query, cache, meta, 0.2),
-                               rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_steps_match_whether_or_not_contexts_are_split(num_splits):
+    """Split-K: a context's pages spread over programs (some splits of the short ones get no page at all)."""
+    query, cache, meta = step_inputs([(1, n) for n in (3, 16, 33, 64, 300)], 8, 2, 32, seed=7)
+    got = paged_attention(query, cache, meta, 0.2, num_splits=num_splits)
+    torch.testing.assert_close(got, reference(query, cache, meta, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_long_decode_contexts_in_a_small_batch_are_split_by_default():
+    from workers.attention.triton_backend import _decode_splits
+
+    _, _, long_meta = step_inputs([(1, 2048)], 4, 1, 16, seed=3)
+    _, _, short_meta = step_inputs([(1, 100), (1, 90)], 4, 1, 16, seed=3)
+    assert _decode_splits(long_meta, BLOCK, 1) == 4  # 128 pages: 4 splits of 32
+    assert _decode_splits(short_meta, BLOCK, 1) == 1
 
 
 def test_an_engine_on_the_triton_backend_generates_what_the_reference_does():

@@ -8,6 +8,10 @@ each K/V page is loaded once for the whole group (GQA). It walks the chunk's blo
 and sum, fp32 accumulator). Slots past the context are masked on load, so a page's unused tail is never read
 into the sums (whatever it holds, NaN included).
 
+Decode steps with long contexts and few programs (batch x KV heads below the GPU's width) split each context's
+pages across ``num_splits`` programs (split-K): each writes its partial max, sum and accumulator, and a second
+kernel combines them, so a batch-1 decode over 32k tokens uses the whole GPU rather than 8 of its SMs.
+
 Runs on CUDA; with ``TRITON_INTERPRET=1`` it runs on the CPU (slowly), which is how the test suite checks it
 against the torch reference on machines without a GPU. Speed work (split-K decode for long contexts, tuning)
 belongs to the GPU fast path and is measured there.
@@ -23,6 +27,9 @@ from workers.attention.base import AttentionMetadata, LayerKVCache, write_kv
 
 _MIN_ROWS = 16  # tl.dot needs at least 16 rows on the GPU
 _PREFILL_ROWS = 64
+_MAX_SPLITS = 16
+_PAGES_PER_SPLIT = 32  # split a decode context only where each split still walks this many pages
+_TARGET_PROGRAMS = 128  # about one per SM of an H100 (132)
 
 
 class TritonBackend:
@@ -39,27 +46,105 @@ class TritonBackend:
         return paged_attention(query, cache, meta, scale)
 
 
-def paged_attention(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Every query token attends causally over its chunk's context, read from ``cache`` ([T, Hq, D] out)."""
+def paged_attention(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """Every query token attends causally over its chunk's context, read from ``cache`` ([T, Hq, D] out).
+    ``num_splits`` (decode-only steps): pages per context split across programs; None picks it."""
     query = query if query.stride(-1) == 1 else query.contiguous()
-    num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = cache.key.shape[2]
-    group = num_heads // num_kv_heads
-    tables = meta.device_tables
     max_query_len = max(b - a for a, b in zip(meta.query_start_loc, meta.query_start_loc[1:]))
-    block_q = 1 if max_query_len == 1 else max(1, _PREFILL_ROWS // group)
+    if max_query_len == 1:
+        splits = num_splits or _decode_splits(meta, cache.key.shape[1], cache.key.shape[2])
+        if splits > 1:
+            return _split_decode(query, cache, meta, scale, splits)
     out = torch.empty_like(query)
-    grid = (meta.num_chunks, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    group = query.shape[1] // cache.key.shape[2]
+    block_q = 1 if max_query_len == 1 else max(1, _PREFILL_ROWS // group)
+    grid = (meta.num_chunks, triton.cdiv(max_query_len, block_q), cache.key.shape[2])
     _paged_attention_kernel[grid](
-        out, query, cache.key, cache.value, tables.block_table, tables.query_start, tables.context_lens, scale,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        cache.key.stride(0), cache.key.stride(1), cache.key.stride(2),
-        cache.value.stride(0), cache.value.stride(1), cache.value.stride(2), tables.block_table.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_Q=block_q,
-        ROWS=max(_MIN_ROWS, triton.next_power_of_2(block_q * group)), PAGE=cache.key.shape[1],
-        IEEE=query.dtype == torch.float32,
+        out, query, cache.key, cache.value, *meta.device_tables, scale, *_strides(query, out, cache, meta),
+        BLOCK_Q=block_q, ROWS=max(_MIN_ROWS, triton.next_power_of_2(block_q * group)),
+        **_shape_constants(query, cache),
     )
     return out
+
+
+def _decode_splits(meta: AttentionMetadata, page: int, num_kv_heads: int) -> int:
+    """Enough splits to give the GPU about ``_TARGET_PROGRAMS`` programs, each still walking a fair run of pages."""
+    programs = meta.num_chunks * num_kv_heads
+    longest_pages = triton.cdiv(max(meta.context_lens), page)
+    return max(1, min(_MAX_SPLITS, triton.cdiv(_TARGET_PROGRAMS, programs), longest_pages // _PAGES_PER_SPLIT))
+
+
+def _split_decode(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
+                  splits: int) -> torch.Tensor:
+    """Split-K decode: partial softmax state per (chunk, head, split), then one combine per (chunk, head)."""
+    batch, num_heads, head_dim = meta.num_chunks, query.shape[1], query.shape[2]
+    block_d = triton.next_power_of_2(head_dim)
+    partial_acc = torch.empty(batch, num_heads, splits, block_d, dtype=torch.float32, device=query.device)
+    partial_max = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
+    partial_sum = torch.empty_like(partial_max)
+    group = num_heads // cache.key.shape[2]
+    _split_decode_kernel[(batch, cache.key.shape[2], splits)](
+        partial_acc, partial_max, partial_sum, query, cache.key, cache.value, *meta.device_tables, scale,
+        *_strides(query, query, cache, meta), NUM_HEADS=num_heads, SPLITS=splits,
+        ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)), **_shape_constants(query, cache),
+    )
+    out = torch.empty_like(query)
+    _combine_splits_kernel[(batch, num_heads)](
+        out, partial_acc, partial_max, partial_sum, out.stride(0), out.stride(1), SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=head_dim, BLOCK_D=block_d,
+    )
+    return out
+
+
+def _strides(query: torch.Tensor, out: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> tuple:
+    key, value = cache.key, cache.value
+    return (query.stride(0), query.stride(1), out.stride(0), out.stride(1), key.stride(0), key.stride(1),
+            key.stride(2), value.stride(0), value.stride(1), value.stride(2), meta.device_tables.block_table.stride(0))
+
+
+def _shape_constants(query: torch.Tensor, cache: LayerKVCache) -> dict:
+    head_dim = query.shape[2]
+    return {"GROUP": query.shape[1] // cache.key.shape[2], "HEAD_DIM": head_dim,
+            "BLOCK_D": triton.next_power_of_2(head_dim), "PAGE": cache.key.shape[1],
+            "IEEE": query.dtype == torch.float32}  # fp32: exact products, not TF32
+
+
+@triton.jit
+def _attend_pages(
+    q, query_pos, acc, row_max, row_sum, first_page, end_page, context_len, table_row_ptr, k_ptr, v_ptr, kv_head,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims, dim_ok,
+    PAGE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Fold pages [first_page, end_page) of one context into the rows' online softmax: (acc, max, sum)."""
+    slots = tl.arange(0, PAGE)
+    page = first_page
+    while page < end_page:  # a while, not range(): Triton's interpreter cannot range over a loaded bound
+        block = tl.load(table_row_ptr + page).to(tl.int64)
+        key_pos = page * PAGE + slots  # [PAGE]
+        kv_mask = (key_pos < context_len)[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + block * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
+                    mask=kv_mask, other=0.0)  # [PAGE, BLOCK_D]
+        v = tl.load(v_ptr + block * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
+                    mask=kv_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, PAGE]
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos < context_len)[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that saw no key yet
+        probs = tl.exp(scores - safe_max[:, None])
+        rescale = tl.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        if IEEE:
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
+        row_max = new_max
+        page += 1
+    return acc, row_max, row_sum
 
 
 @triton.jit
@@ -84,38 +169,69 @@ def _paged_attention_kernel(
         dim_ok = dims < HEAD_DIM
         q = tl.load(q_ptr + (query_begin + token)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
-        row_max = tl.full([ROWS], float("-inf"), tl.float32)
-        row_sum = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
         keys_end = tl.minimum(context_len - query_len + (tile + 1) * BLOCK_Q, context_len)  # exclusive
-        slots = tl.arange(0, PAGE)
-        num_pages = tl.cdiv(keys_end, PAGE)
-        page = 0
-        while page < num_pages:  # a while, not range(): Triton's interpreter cannot range over a loaded bound
-            block = tl.load(block_table_ptr + chunk * stride_table + page).to(tl.int64)
-            key_pos = page * PAGE + slots  # [PAGE]
-            kv_mask = (key_pos < context_len)[:, None] & dim_ok[None, :]
-            k = tl.load(k_ptr + block * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
-                        mask=kv_mask, other=0.0)  # [PAGE, BLOCK_D]
-            v = tl.load(v_ptr + block * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
-                        mask=kv_mask, other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, PAGE]
-            else:
-                scores = tl.dot(q, tl.trans(k)) * scale
-            visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos < context_len)[None, :]
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that saw no key yet
-            probs = tl.exp(scores - safe_max[:, None])
-            rescale = tl.exp(row_max - safe_max)
-            row_sum = row_sum * rescale + tl.sum(probs, 1)
-            if IEEE:
-                acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
-            row_max = new_max
-            page += 1
+        acc, row_max, row_sum = _attend_pages(
+            q, query_pos, tl.zeros([ROWS, BLOCK_D], tl.float32), tl.full([ROWS], float("-inf"), tl.float32),
+            tl.zeros([ROWS], tl.float32), 0, tl.cdiv(keys_end, PAGE), context_len,
+            block_table_ptr + chunk * stride_table, k_ptr, v_ptr, kv_head,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims, dim_ok, PAGE, IEEE)
         result = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(out_ptr + (query_begin + token)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                  result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _split_decode_kernel(
+    acc_ptr, max_ptr, sum_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, query_start_ptr, context_lens_ptr, scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_table,
+    NUM_HEADS: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One decode token's GROUP heads over this split's share of the pages; partial state out (unnormalised)."""
+    chunk, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    token = tl.load(query_start_ptr + chunk)
+    context_len = tl.load(context_lens_ptr + chunk)
+    rows = tl.arange(0, ROWS)
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = rows < GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
+    num_pages = tl.cdiv(context_len, PAGE)
+    pages_per_split = tl.cdiv(num_pages, SPLITS)
+    first_page = split * pages_per_split
+    end_page = tl.minimum(first_page + pages_per_split, num_pages)
+    query_pos = tl.zeros([ROWS], tl.int32) + context_len - 1
+    acc, row_max, row_sum = _attend_pages(
+        q, query_pos, tl.zeros([ROWS, BLOCK_D], tl.float32), tl.full([ROWS], float("-inf"), tl.float32),
+        tl.zeros([ROWS], tl.float32), first_page, end_page, context_len, block_table_ptr + chunk * stride_table,
+        k_ptr, v_ptr, kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims,
+        dim_ok, PAGE, IEEE)
+    state = (chunk * NUM_HEADS + head) * SPLITS + split  # [ROWS] index into [B, Hq, SPLITS]
+    tl.store(max_ptr + state, row_max, mask=row_ok)
+    tl.store(sum_ptr + state, row_sum, mask=row_ok)
+    tl.store(acc_ptr + state[:, None] * BLOCK_D + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr, acc_ptr, max_ptr, sum_ptr, stride_ot, stride_oh,
+    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, over the splits that saw a key (M: their max)."""
+    chunk, head = tl.program_id(0), tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < SPLITS
+    state = (chunk * tl.num_programs(1) + head) * SPLITS + splits  # [BLOCK_S]
+    split_max = tl.load(max_ptr + state, mask=split_ok, other=float("-inf"))
+    split_sum = tl.load(sum_ptr + state, mask=split_ok, other=0.0)
+    dims = tl.arange(0, BLOCK_D)
+    split_acc = tl.load(acc_ptr + state[:, None] * BLOCK_D + dims[None, :], mask=split_ok[:, None], other=0.0)
+    overall = tl.max(split_max, 0)
+    weight = tl.where(split_max == float("-inf"), 0.0, tl.exp(split_max - overall))  # [BLOCK_S]
+    total = tl.sum(weight * split_sum, 0)
+    result = tl.sum(weight[:, None] * split_acc, 0) / total  # [BLOCK_D]
+    tl.store(out_ptr + chunk * stride_ot + head * stride_oh + dims, result.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
