@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from kvstore.config import CpuTierConfig, KVStoreConfig  # noqa: E402
 from workers.attention.base import AttentionMetadata, LayerKVCache  # noqa: E402
-from workers.attention.torch_ref import TorchReferenceBackend  # noqa: E402
+from workers.attention.torch_ref import attend_paged as reference  # noqa: E402
 from workers.attention.triton_backend import paged_attention  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import EngineConfig, SchedulerConfig  # noqa: E402
@@ -46,19 +46,6 @@ def step_inputs(chunks: list[tuple[int, int]], num_heads: int, num_kv_heads: int
     meta = AttentionMetadata(starts, [c for _, c in chunks], tables, torch.zeros(starts[-1], dtype=torch.long,
                              device=DEVICE), torch.zeros(starts[-1], dtype=torch.long, device=DEVICE))
     return query, LayerKVCache(key.to(DEVICE), value.to(DEVICE)), meta
-
-
-def reference(query, cache, meta, scale):
-    """The torch backend's attention without its K/V write (the cache already holds every token)."""
-    from workers.attention.torch_ref import _attend, _gather_context
-
-    out = torch.empty_like(query)
-    for i in range(meta.num_chunks):
-        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-        keys = _gather_context(cache.key, meta.block_tables[i], meta.context_lens[i])
-        values = _gather_context(cache.value, meta.block_tables[i], meta.context_lens[i])
-        out[start:end] = _attend(query[start:end], keys, values, scale)
-    return out
 
 
 MIXED = [(1, 1), (1, 15), (1, 16), (1, 17), (1, 40), (24, 24), (20, 50), (5, 37)]  # decode, prefill, prefix+chunk

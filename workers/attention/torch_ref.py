@@ -22,13 +22,18 @@ class TorchReferenceBackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv(cache, key, value, meta)
-        out = torch.empty_like(query)
-        for i in range(meta.num_chunks):
-            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            keys = _gather_context(cache.key, meta.block_tables[i], meta.context_lens[i])
-            values = _gather_context(cache.value, meta.block_tables[i], meta.context_lens[i])
-            out[start:end] = _attend(query[start:end], keys, values, scale)
-        return out
+        return attend_paged(query, cache, meta, scale)
+
+
+def attend_paged(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Each chunk's queries ([T, Hq, D]) over its context as the cache holds it: one SDPA call per chunk."""
+    out = torch.empty_like(query)
+    for i in range(meta.num_chunks):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        keys = _gather_context(cache.key, meta.block_tables[i], meta.context_lens[i])
+        values = _gather_context(cache.value, meta.block_tables[i], meta.context_lens[i])
+        out[start:end] = _attend(query[start:end], keys, values, scale)
+    return out
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
