@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc  # noqa: E402
 from common import add_output_args, bar_panels, progress, write_json  # noqa: E402  (puts the repo on sys.path)
 
-from cluster.client import KvtierClient, build_request  # noqa: E402
+from cluster.client import build_request  # noqa: E402
 from protos.kvtier.v1 import generation_pb2 as pb  # noqa: E402
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402

@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
