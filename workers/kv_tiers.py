@@ -149,11 +149,13 @@ class KVTiers:
             layouts.append(ranges)
         keys = [self._unit_key(h, r, prefix) for h, ranges in zip(hashes, layouts) for r in ranges]
         values = iter(self._get(keys))
+        shape = self.shape
         for index, (block_hash, ranges) in enumerate(zip(hashes, layouts)):
-            units = [self._decode_unit(block_hash, r, next(values), prefix) for r in ranges]
-            if any(unit is None for unit in units):
+            block = torch.empty(shape.num_layers, 2, shape.block_size, shape.num_kv_heads, shape.head_dim,
+                                dtype=shape.dtype)  # [L, 2, bs, Hkv, D]: each unit is copied once, into its heads
+            if not all(self._decode_unit_into(block, block_hash, r, next(values), prefix) for r in ranges):
                 return index
-            self._staged[block_hash] = torch.cat(units, dim=3)  # [L, 2, bs, Hkv, D]
+            self._staged[block_hash] = block
             self._remember_in_redis(block_hash)
         return len(layouts)
 
@@ -173,18 +175,20 @@ class KVTiers:
             self._discard(manifest_key(self.fingerprint, prefix, block_hash), error)
             return None
 
-    def _decode_unit(self, block_hash: bytes, heads: tuple[int, int], value: bytes | None,
-                     prefix: PrefixRef) -> torch.Tensor | None:
+    def _decode_unit_into(self, block: torch.Tensor, block_hash: bytes, heads: tuple[int, int], value: bytes | None,
+                          prefix: PrefixRef) -> bool:
+        """Verify one unit and copy it into ``block``'s heads; False (the block is a miss) if missing or corrupt."""
         if value is None:  # a slice is missing (evicted, deleted): the block is a miss
             self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])
-            return None
+            return False
         try:
             payload = codec.decode(value, self.unit_of(block_hash, heads))
         except codec.CorruptValue as error:
             self._discard(self._unit_key(block_hash, heads, prefix), error)
             self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])
-            return None
-        return _tensor_from(payload, self.shape, heads)
+            return False
+        block[:, :, :, heads[0] : heads[1]].copy_(_tensor_view(payload, self.shape, heads))
+        return True
 
     def _discard(self, key: str, error: Exception) -> None:
         log.warning("redis value %s is corrupt (%s): deleted, will recompute", key, error)
@@ -326,10 +330,10 @@ class KVTiers:
             self.stats["redis" if self.redis is not None else "cpu"].miss_blocks += len(block_hashes) - len(tiers)
 
 
-def _tensor_from(payload: memoryview, shape: KVCacheShape, heads: tuple[int, int]) -> torch.Tensor:
-    """A unit's bytes as [L, 2, bs, heads, D] (copied: the buffer is Redis's reply)."""
+def _tensor_view(payload: memoryview, shape: KVCacheShape, heads: tuple[int, int]) -> torch.Tensor:
+    """A unit's bytes seen as [L, 2, bs, heads, D], without a copy: read it only while the reply is alive."""
     with warnings.catch_warnings():  # the buffer is read-only; it is only copied from
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(payload, dtype=torch.uint8)
     dims = (shape.num_layers, 2, shape.block_size, heads[1] - heads[0], shape.head_dim)
-    return raw.view(shape.dtype).view(dims).clone()
+    return raw.view(shape.dtype).view(dims)
