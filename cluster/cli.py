@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quiet", action="store_true")
     serve.set_defaults(handler=run_serve_command)
     status = commands.add_parser(
-        "status", help="workers, KV use and hit rate per tier, queues and Redis health (exit 1 if not ready)")
+        "status", help="workers, KV use and hit rate per tier, queues and Redis health (exit 1 unless every "
+        "worker is healthy)")
     status.add_argument("--server", default="127.0.0.1:50051", help="router host:port")
     _add_connection_flags(status)
     status.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -240,7 +240,7 @@ def test_the_cli_against_the_cluster_prints_what_the_offline_cli_prints(cluster)
     import sys
     from pathlib import Path
 
-    handle, _, _ = cluster
+    handle, client, _ = cluster
     kvtier = str(Path(sys.executable).parent / "kvtier")
     flags = ["--prompt", "Hello there", "--prompt-token-ids", "5,6,7,8", "--max-tokens", "6", "--temperature", "0",
              "--ignore-eos", "--json", "--quiet"]
@@ -260,6 +260,7 @@ def test_the_cli_against_the_cluster_prints_what_the_offline_cli_prints(cluster)
     remote_records = [comparable(line) for line in remote.stdout.splitlines()]
     assert len(remote_records) == 2
     assert remote_records == [comparable(line) for line in local.stdout.splitlines()]
+    wait_until(lambda: client.cluster_info().ready)  # a worker killed by an earlier test may still be restarting
     status = subprocess.run([kvtier, "status", "--server", handle.address], capture_output=True, text=True,
                             timeout=60)
     assert status.returncode == 0, status.stderr
