@@ -120,7 +120,8 @@ class RouterActor:
         tokenizer = load_tokenizer(resolve_model_dir(self.config.engine.model))
         limits = RequestLimits(vocab_size=info.vocab_size, max_model_len=info.max_model_len,
                                kv_capacity_tokens=2**62, has_tokenizer=tokenizer is not None)
-        return ModelFacts(info.model, info.fingerprint, info.block_size, limits), tokenizer
+        facts = ModelFacts(info.model, info.fingerprint, info.block_size, limits, info.workers[0].tensor_parallel_size)
+        return facts, tokenizer
 
     async def _supervise(self) -> None:
         """Reconnect workers Ray restarted; readiness says whether any worker can take a request."""

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 @dataclass
 class _Progress:
     steps: float
-    since: float  # when ``steps`` last changed, or the worker last had nothing to do
+    since: float  # when ``steps`` last changed, or requests were first seen waiting after an idle reading
+    pending: float
 
 
 class ProgressWatch:
@@ -19,10 +20,14 @@ class ProgressWatch:
         self._progress: dict[str, _Progress] = {}
 
     def observe(self, worker_id: str, steps: float, pending: float, now: float) -> bool:
-        """Record one reading; True when the worker has had pending requests and no new step for too long."""
+        """Record one reading; True when the worker has had pending requests and no new step for too long.
+
+        The clock starts at the first reading that sees requests waiting, not at the idle reading before it
+        (they may have arrived just now): a stall is called only after at least ``stall_timeout_s`` of waiting,
+        and at most one reading interval later than that."""
         last = self._progress.get(worker_id)
-        if last is None or steps != last.steps or pending == 0:
-            self._progress[worker_id] = _Progress(steps, now)
+        if last is None or steps != last.steps or pending == 0 or last.pending == 0:
+            self._progress[worker_id] = _Progress(steps, now, pending)
             return False
         return now - last.since > self.stall_timeout_s
 

@@ -33,6 +33,7 @@ class ModelFacts:
     fingerprint: str
     block_size: int
     limits: RequestLimits
+    tensor_parallel_size: int = 1  # every worker's (they share one config)
 
 
 class RouterServicer(pb_grpc.GenerationServicer):
@@ -141,7 +142,8 @@ class RouterServicer(pb_grpc.GenerationServicer):
     @map_errors
     async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:
         workers = [
-            pb.WorkerInfo(worker_id=w.worker_id, address=w.address, healthy=w.healthy, load=w.in_flight)
+            pb.WorkerInfo(worker_id=w.worker_id, address=w.address, healthy=w.healthy, load=w.in_flight,
+                          tensor_parallel_size=self.facts.tensor_parallel_size)
             for w in self.pool.workers.values()
         ]
         facts = self.facts

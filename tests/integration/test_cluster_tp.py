@@ -51,6 +51,7 @@ def test_a_tp2_worker_serves_and_restarts_as_a_unit_when_a_rank_dies(tp_cluster)
     expected = offline.generate([prompt], GREEDY)[0].token_ids
     assert client.complete(prompt, GREEDY).token_ids == expected
 
+    assert client.cluster_info().workers[0].tensor_parallel_size == 2
     (worker,) = handle.workers.values()
     (group,) = handle.placement_groups
     old_pid = ray.get(worker.pid.remote())

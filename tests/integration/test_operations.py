@@ -108,7 +108,7 @@ def test_status_shows_every_worker_its_tiers_and_redis_health(metered_cluster, c
         assert worker["tiers"]["gpu"]["capacity_blocks"] == tiers["gpu"].counters["capacity_blocks"] > 0
         assert worker["tiers"]["cpu"]["capacity_blocks"] == tiers["cpu"].counters["capacity_blocks"] > 0
         assert worker["redis"]["up"] and worker["redis"]["used_memory_bytes"] > 0
-        assert (worker["running"], worker["waiting"]) == (0, 0)
+        assert (worker["running"], worker["waiting"], worker["tensor_parallel_size"]) == (0, 0, 1)
     totals = report["totals"]
     assert sum(totals["tiers"][t]["hit_blocks"] for t in ("gpu", "cpu", "redis")) > 0  # the workload above
     hits = sum(totals["tiers"][t]["hit_rate"] for t in ("gpu", "cpu", "redis"))
