@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--server", default="127.0.0.1:50051", help="router host:port")
     _add_connection_flags(status)
     status.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="print a fresh report this often, until Ctrl-C")
     status.add_argument("--quiet", action="store_true")
     status.set_defaults(handler=run_status)
     add_bench_parser(commands)
@@ -238,20 +239,40 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    """One report, or with ``--watch`` a fresh one every so many seconds until Ctrl-C (exit 0 then)."""
+    import time
+
+    client = connect(args)
+    try:
+        while True:
+            code = _print_status(client, args)
+            if not args.watch:  # watching goes on through errors (a router restarting, say)
+                return code
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+
+
+def _print_status(client, args: argparse.Namespace) -> int:
+    import time
+
     import grpc
 
     from cluster.status_view import render_status, status_report
 
-    client = connect(args)
     try:
-        info, stats = client.cluster_info(), client.stats()
+        report = status_report(client.cluster_info(), client.stats())
     except grpc.RpcError as error:
         print(f"kvtier: error: {args.server}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 2
-    finally:
-        client.close()
-    report = status_report(info, stats)
-    print(json.dumps(report) if args.json else render_status(report, args.server), flush=True)
+    if args.json:
+        print(json.dumps(report), flush=True)
+    else:
+        clear = "\x1b[H\x1b[2J" if args.watch and sys.stdout.isatty() else ""
+        stamp = f"{time.strftime('%H:%M:%S')}  " if args.watch else ""
+        print(f"{clear}{stamp}{render_status(report, args.server)}\n", flush=True)
     return 0 if report["ready"] else 1
 
 

@@ -132,6 +132,24 @@ def test_status_shows_every_worker_its_tiers_and_redis_health(metered_cluster, c
     assert capacity == sum(w["tiers"]["gpu"]["capacity_blocks"] for w in report["workers"])
 
 
+def test_status_watch_prints_a_fresh_report_until_interrupted(metered_cluster):
+    import signal
+    import subprocess
+    import sys
+
+    _, _, handle, _ = metered_cluster
+    watcher = subprocess.Popen([sys.executable, "-m", "cluster.cli", "status", "--server", handle.address,
+                                "--watch", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reports = 0
+    for line in watcher.stdout:
+        reports += "kvtier at " in line
+        if reports == 3:
+            break
+    watcher.send_signal(signal.SIGINT)
+    assert watcher.wait(timeout=30) == 0
+    assert reports == 3
+
+
 def readiness(client: KvtierClient) -> int:
     request = health_pb2.HealthCheckRequest(service="kvtier.v1.Generation")
     return health_pb2_grpc.HealthStub(client.channel).Check(request, timeout=5).status
