@@ -46,6 +46,9 @@ class RedisConfig:
     breaker_failures: int = 3  # failures in a row that stop all calls ...
     breaker_reset_s: float = 2.0  # ... for this long, then one trial call
     max_connections: int = 8
+    # a large read split into this many MGETs on as many connections at once; 1 was fastest on a 2-core host
+    # (docs/benchmarks.md), hosts with cores to spare may gain
+    read_parallelism: int = 1
     write_queue_blocks: int = 4096  # write-behind queue; blocks beyond it are dropped (and counted)
     write_batch_blocks: int = 64  # blocks per pipelined write ...
     write_batch_bytes: str = "8MiB"  # ... and at most this many bytes
@@ -56,6 +59,8 @@ class RedisConfig:
         for name in ("socket_timeout_s", "connect_timeout_s", "breaker_reset_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
+        if not 1 <= self.read_parallelism < self.max_connections:  # one connection stays for the writer
+            raise ValueError(f"read_parallelism: must be in [1, max_connections), got {self.read_parallelism}")
         for name in ("max_connections", "write_queue_blocks", "write_batch_blocks", "breaker_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")

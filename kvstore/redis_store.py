@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Redis unreachable or too slow: retried, and counted by the circuit breaker.
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, OSError)
+_MIN_SLICE_KEYS = 8  # a parallel MGET slice is worth its thread hand-off only past this many values
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,23 @@ class RedisStore:
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
         self._lock = threading.Lock()
         self.errors = 0
+        parallel = config.read_parallelism
+        self._readers = ThreadPoolExecutor(parallel - 1, "kvtier-redis-read") if parallel > 1 else None
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """Values in key order (None where absent); None for all when Redis cannot be reached in time."""
-        if not keys:
-            return []
-        return self._call(lambda: self.client.mget(list(keys)))
+        """Values in key order (None where absent); None for all when Redis cannot be reached in time. A large
+        read is split into ``read_parallelism`` MGETs run at once (this thread reads the first)."""
+        slices = _slices(list(keys), self.config.read_parallelism)
+        if len(slices) <= 1:
+            return self._mget(slices[0]) if slices else []
+        others = [self._readers.submit(self._mget, part) for part in slices[1:]]
+        parts = [self._mget(slices[0]), *(future.result() for future in others)]
+        if any(part is None for part in parts):
+            return None
+        return [value for part in parts for value in part]
+
+    def _mget(self, keys: list[str]) -> list[bytes | None] | None:
+        return self._call(lambda: self.client.mget(keys))
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> bool:
         def write() -> bool:
@@ -152,7 +165,16 @@ class RedisStore:
         return RedisHealth(up=True, breaker=breaker, ping_s=ping_s, used_memory_bytes=used, max_memory_bytes=limit)
 
     def close(self) -> None:
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
         self.client.close()
+
+
+def _slices(keys: list[str], parts: int, min_keys: int = _MIN_SLICE_KEYS) -> list[list[str]]:
+    """``keys`` in at most ``parts`` contiguous slices of at least ``min_keys`` (small reads stay whole)."""
+    count = max(1, min(parts, len(keys) // min_keys))
+    size = max(1, -(-len(keys) // count))
+    return [keys[start : start + size] for start in range(0, len(keys), size)]
 
 
 def _memory_of(info: dict) -> tuple[int, int]:

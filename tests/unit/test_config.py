@@ -101,3 +101,9 @@ def test_the_readme_config_block_lists_every_key_with_its_default():
 def test_ray_auth_settings_are_checked(ray, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(overrides={"ray": ray})
+
+
+def test_redis_read_parallelism_leaves_a_connection_for_the_writer():
+    with pytest.raises(ConfigError, match=r"kvstore.redis.read_parallelism: must be in \[1, max_connections\), got 8"):
+        load_config(overrides={"kvstore": {"redis": {"read_parallelism": 8}}})
+    assert load_config(overrides={"kvstore": {"redis": {"read_parallelism": 7}}}).kvstore.redis.read_parallelism == 7
