@@ -7,9 +7,9 @@ is found in exactly one tier or computed, so a worker's three hit rates and its 
 
 from __future__ import annotations
 
+from kvstore.stats import TIERS
 from protos.kvtier.v1 import generation_pb2 as pb
 
-TIERS = ("gpu", "cpu", "redis")
 _TIER_NAMES = {"gpu": "GPU", "cpu": "CPU", "redis": "Redis"}
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from kvstore.stats import TIERS
 from protos.kvtier.v1 import generation_pb2 as pb
 
-TIERS = ("gpu", "cpu", "redis")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 _TIER_COUNTERS = {  # worker tier counter -> (metric name, help)

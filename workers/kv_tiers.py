@@ -149,10 +149,9 @@ class KVTiers:
             layouts.append(ranges)
         keys = [self._unit_key(h, r, prefix) for h, ranges in zip(hashes, layouts) for r in ranges]
         values = iter(self._get(keys))
-        shape = self.shape
         for index, (block_hash, ranges) in enumerate(zip(hashes, layouts)):
-            block = torch.empty(shape.num_layers, 2, shape.block_size, shape.num_kv_heads, shape.head_dim,
-                                dtype=shape.dtype)  # [L, 2, bs, Hkv, D]: each unit is copied once, into its heads
+            # [L, 2, bs, Hkv, D]: each unit is copied once, into its heads
+            block = torch.empty(self.shape.dims[1:], dtype=self.shape.dtype)
             if not all(self._decode_unit_into(block, block_hash, r, next(values), prefix) for r in ranges):
                 return index
             self._staged[block_hash] = block
