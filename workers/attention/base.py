@@ -43,6 +43,11 @@ class AttentionMetadata:
         return len(self.context_lens)
 
     @cached_property
+    def max_query_len(self) -> int:
+        """The longest chunk's query tokens (1: a decode-only step); computed once per step, read per layer."""
+        return max(end - start for start, end in zip(self.query_start_loc, self.query_start_loc[1:]))
+
+    @cached_property
     def device_tables(self) -> DeviceTables:
         """Built on first use and kept for the step: every layer reads the same tables."""
         device = self.slot_blocks.device

@@ -51,7 +51,7 @@ def paged_attention(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMet
     """Every query token attends causally over its chunk's context, read from ``cache`` ([T, Hq, D] out).
     ``num_splits`` (decode-only steps): pages per context split across programs; None picks it."""
     query = query if query.stride(-1) == 1 else query.contiguous()
-    max_query_len = max(b - a for a, b in zip(meta.query_start_loc, meta.query_start_loc[1:]))
+    max_query_len = meta.max_query_len
     if max_query_len == 1:
         splits = num_splits or _decode_splits(meta, cache.key.shape[1], cache.key.shape[2])
         if splits > 1:
