@@ -1,11 +1,13 @@
 """What every benchmark shares: importing the repo's packages from a checkout, the engine and output flags,
-progress bars, and writing results as JSON and a PNG plot (what ``kvtier bench`` collects)."""
+progress bars, timing GPU work and the device's copy bandwidths, and writing results as JSON and a PNG plot
+(what ``kvtier bench`` collects). torch is imported only by the functions that time things."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -64,3 +66,31 @@ def bar_panels(path: str | None, title: str, panels: Sequence[tuple[str, list[st
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def synced(fn) -> float:
+    """Seconds ``fn()`` takes, the GPU's queued work included."""
+    synchronize()
+    began = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - began
+
+
+def measure_bandwidths(device: str, num_bytes: int = 2**30) -> dict[str, float]:
+    """GB/s: device copy (read + written bytes), pinned host-to-device; the best of 5."""
+    import torch
+
+    source = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    copy = min(synced(lambda: target.copy_(source)) for _ in range(5))
+    upload = min(synced(lambda: target.copy_(host, non_blocking=True)) for _ in range(5))
+    return {"d2d_GBps": 2 * num_bytes / copy / 1e9, "h2d_pinned_GBps": num_bytes / upload / 1e9}

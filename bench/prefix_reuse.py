@@ -23,24 +23,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_engine_args, add_output_args, bar_panels, progress, write_json  # noqa: E402
+import torch  # noqa: E402
+from common import (add_engine_args, add_output_args, bar_panels, measure_bandwidths, progress,  # noqa: E402
+                    write_json)
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-QUESTION_LEN = 64
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(parser, default_model="small")
     parser.add_argument("--prefix-lens", default="2048,4096")
+    parser.add_argument("--read-parallelism", type=int, default=1, help="kvstore.redis.read_parallelism")
+    parser.add_argument("--question-len", type=int, default=64, help="new tokens after the prefix")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     add_output_args(parser, default_plot="docs/prefix_reuse.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run one Redis-hit measurement (another process)
     return parser.parse_args()
+
+
+def redis_config(args: argparse.Namespace) -> RedisConfig:
+    """--read-parallelism MGETs at once, each on its own connection (one more stays for the writer)."""
+    connections = max(RedisConfig().max_connections, args.read_parallelism + 1)
+    return RedisConfig(url=args.redis_url, read_parallelism=args.read_parallelism, max_connections=connections)
 
 
 def engine_for(args: argparse.Namespace, kvstore: KVStoreConfig, num_blocks: int) -> LLMEngine:
@@ -59,28 +68,28 @@ def ttft(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
     return time.perf_counter() - began, done.usage.cached_tokens.total
 
 
-def prompts(prefix_len: int, vocab: int) -> tuple[list[int], list[list[int]]]:
+def prompts(prefix_len: int, vocab: int, question_len: int) -> tuple[list[int], list[list[int]]]:
     rng = random.Random(prefix_len)
     prefix = [rng.randrange(3, min(vocab, 256)) for _ in range(prefix_len)]
-    questions = [[rng.randrange(3, min(vocab, 256)) for _ in range(QUESTION_LEN)] for _ in range(4)]
+    questions = [[rng.randrange(3, min(vocab, 256)) for _ in range(question_len)] for _ in range(4)]
     return prefix, questions
 
 
 def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]:
-    blocks = prefix_len // 16 + 16
+    blocks = (prefix_len + args.question_len) // 16 + 16
     uncached = engine_for(args, KVStoreConfig(prefix_caching=False), blocks)
-    prefix, questions = prompts(prefix_len, uncached.model_config.vocab_size)
+    prefix, questions = prompts(prefix_len, uncached.model_config.vocab_size, args.question_len)
     ttft(uncached, prefix[:256] + questions[0])  # warm-up
     results = {"recompute": ttft(uncached, prefix + questions[0])[0]}
     del uncached
     kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity=str(2 * blocks * 2**20)),
-                            redis=RedisConfig(url=args.redis_url))
+                            redis=redis_config(args))
     engine = engine_for(args, kvstore, blocks)  # room for one prefix: a second one evicts the first
     engine.flush_cache()
     ttft(engine, prefix + questions[0])
     results["gpu hit"], cached = ttft(engine, prefix + questions[1])
     assert cached >= prefix_len - 16, cached
-    other, _ = prompts(prefix_len + 1, engine.model_config.vocab_size)
+    other, _ = prompts(prefix_len + 1, engine.model_config.vocab_size, args.question_len)
     ttft(engine, other + questions[0])  # evicts the prefix from the GPU pool into the CPU tier
     results["cpu hit"], cached = ttft(engine, prefix + questions[2])
     assert cached >= prefix_len - 16, cached
@@ -96,9 +105,9 @@ def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]
 
 def measure_redis_in_child(args: argparse.Namespace) -> None:
     prefix_len = int(args.child)
-    kvstore = KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=RedisConfig(url=args.redis_url))
-    engine = engine_for(args, kvstore, prefix_len // 16 + 16)
-    prefix, questions = prompts(prefix_len, engine.model_config.vocab_size)
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=redis_config(args))
+    engine = engine_for(args, kvstore, (prefix_len + args.question_len) // 16 + 16)
+    prefix, questions = prompts(prefix_len, engine.model_config.vocab_size, args.question_len)
     ttft(engine, questions[0] + questions[1])  # warm-up, no shared prefix
     seconds, cached = ttft(engine, prefix + questions[3])
     assert cached >= prefix_len - 16, cached
@@ -112,6 +121,10 @@ def main() -> None:
         measure_redis_in_child(args)
         return
     rows = {}
+    if torch.cuda.is_available():
+        bandwidth = measure_bandwidths("cuda")
+        print(f"pinned host-to-device {bandwidth['h2d_pinned_GBps']:.1f} GB/s, device copy "
+              f"{bandwidth['d2d_GBps']:,.0f} GB/s (read + written), measured now\n")
     print("| prefix tokens | recompute ms | GPU hit ms | CPU hit ms | Redis hit (other process) ms | CPU->GPU GB/s "
           "| Redis->GPU GB/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -122,7 +135,7 @@ def main() -> None:
     write_json(args.json_out, "prefix", args, [{"prefix_tokens": n, **r} for n, r in rows.items()])
     modes = ["recompute", "gpu hit", "cpu hit", "redis hit"]
     series = {f"{n:,}-token prefix": [r[mode] * 1e3 for mode in modes] for n, r in sorted(rows.items())}
-    bar_panels(args.plot, f"kvtier prefix reuse: {args.model}, question {QUESTION_LEN} tokens",
+    bar_panels(args.plot, f"kvtier prefix reuse: {args.model}, question {args.question_len} tokens",
                [("time to first token (ms)", modes, series)])
     if args.plot:
         print(f"plot written to {args.plot}", file=sys.stderr)

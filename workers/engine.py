@@ -25,6 +25,7 @@ from kvstore.stats import KVStoreStats
 from workers.attention import make_backend
 from workers.engine_config import EngineConfig, EngineConfigError
 from workers.block_mover import BlockMover, writer_head_ranges
+from workers.decode_graphs import decode_graph_batch
 from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
 from workers.kv_tiers import KVTiers, cpu_tier_slots
 from workers.model import LlamaForCausalLM
@@ -148,6 +149,7 @@ class LLMEngine:
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
         self.tiers = self._set_up_tiers(kv_cache)
         self._pending_stores: list = []
+        self._capture_decode_graphs()
         self.scheduler = Scheduler(
             config.scheduler, self.block_pool, cache_shape.block_size, lower_tiers=self.tiers, stats=self.kv_stats,
         )
@@ -216,6 +218,13 @@ class LLMEngine:
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
             self.cost_model, self._apply_tier_ops, self.kv_events,
         )
+
+    def _capture_decode_graphs(self) -> None:
+        """On CUDA with the Triton backend (after the other ranks learned the pool size: they capture too)."""
+        max_batch = decode_graph_batch(self.config, self.device)
+        if max_batch:
+            limit = max_model_len(self.config, self.model_config)
+            self.runner.enable_decode_graphs(max_batch, limit, with_logits=True, capture=True)
 
     def _apply_tier_ops(self, ops, payload):
         if self.tp_group is None:

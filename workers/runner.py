@@ -1,7 +1,8 @@
 """Runs one scheduled step through the model: host-side batch preparation, forward, logits.
 
 Under tensor parallelism, rank 0's runner broadcasts each step's ``HostBatch`` before running it, and the
-other ranks run the same batch over their slice (``run`` without logits).
+other ranks run the same batch over their slice (``run`` without logits). Decode steps that fit a captured
+CUDA graph replay it (``workers.decode_graphs``); every rank decides so from the same batch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from workers.attention import AttentionMetadata
+from workers.decode_graphs import DecodeGraphs
 from workers.model import LlamaForCausalLM
 from workers.scheduler import ScheduledChunk
 from workers.step_packet import HostBatch
@@ -65,6 +67,15 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.broadcaster = broadcaster
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int, with_logits: bool, capture: bool) -> None:
+        """Run decode steps of up to ``max_batch`` sequences on static inputs, captured as CUDA graphs
+        (``capture``; every rank of a group at the same point) or eagerly (tests on the CPU)."""
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, max_batch, with_logits)
+        if capture:
+            graphs.capture()
+        self.decode_graphs = graphs
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
         """Compute the chunks' KV into the cache; logits [S, V] fp32 for the chunks that sample, in order."""
@@ -74,6 +85,9 @@ class ModelRunner:
         return self.broadcaster.run_step(batch, lambda: self.run(batch, with_logits=True))
 
     def run(self, batch: HostBatch, with_logits: bool) -> torch.Tensor | None:
+        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+            logits = self.decode_graphs.run(batch)
+            return logits if with_logits else None
         inputs = self.to_inputs(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, self.kv_cache, inputs.meta)  # [T, hidden]
         if not with_logits or inputs.sample_indices.numel() == 0:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from workers.attention import make_backend
 from workers.block_mover import BlockMover, TierOps
-from workers.engine import resolve_device
+from workers.decode_graphs import decode_graph_batch
+from workers.engine import max_model_len, resolve_device
 from workers.engine_config import EngineConfig, engine_config_from_dict
 from workers.kv_cache import KVCacheShape, allocate_kv_cache
 from workers.model_config import load_model_config
@@ -49,6 +50,8 @@ def serve(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
     kv_cache = allocate_kv_cache(shape, device)
     runner = ModelRunner(model, kv_cache, config.cache.block_size, device)
     mover = BlockMover(kv_cache, num_cpu_slots, kv_heads, model_config.num_kv_heads, parallel, collectives.device)
+    if max_batch := decode_graph_batch(config, device):  # rank 0 captures at this point too
+        runner.enable_decode_graphs(max_batch, max_model_len(config, model_config), with_logits=False, capture=True)
     while (message := collectives.receive_message()) is not None:
         if isinstance(message, TierOps):
             mover.apply(message)

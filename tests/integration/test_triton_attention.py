@@ -89,3 +89,31 @@ def test_an_engine_on_the_triton_backend_generates_what_the_reference_does():
         outputs[backend] = [c.token_ids for c in engine.generate(prompts, params)]
         outputs[backend].append(engine.generate([prompts[-1]], params)[0].token_ids)  # a GPU prefix-cache hit
     assert outputs["triton"] == outputs["torch"]
+
+
+def test_decode_graph_buckets():
+    from workers.decode_graphs import decode_buckets
+
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(3) == [1, 2, 3]
+    assert decode_buckets(8) == [1, 2, 4, 8]
+    assert decode_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert decode_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+def test_padded_static_decode_steps_generate_what_eager_steps_do():
+    """The inputs a CUDA graph replays (persistent buffers, rows padded to a bucket, split-K sized for
+    max_model_len), run eagerly here: same greedy tokens as plain steps, in batches that shrink as requests end,
+    a batch too big for any bucket included."""
+    prompts = [[(11 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate((9, 40, 23, 70, 17))]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (3, 9, 6, 12, 5)]
+    outputs, buckets = {}, None
+    for static in (False, True):
+        config = EngineConfig(attention_backend="triton", device=DEVICE, max_model_len=256)
+        engine = LLMEngine.from_config(config, KVStoreConfig(cpu=CpuTierConfig(enabled=False)), progress=False)
+        if static:
+            engine.runner.enable_decode_graphs(max_batch=4, max_model_len=256, with_logits=True, capture=False)
+        outputs[static] = [c.token_ids for c in engine.generate(prompts, params)]
+        buckets = engine.runner.decode_graphs.steps_by_bucket if static else None
+    assert outputs[True] == outputs[False]
+    assert buckets[4] > 0 and buckets[2] > 0 and buckets[1] > 0  # 4 (3 of them padded), 2 and 1 rows ran

@@ -25,9 +25,9 @@ class LayerKVCache(NamedTuple):
 class DeviceTables(NamedTuple):
     """The per-chunk lists as device tensors, for kernels that index them."""
 
-    block_table: torch.Tensor  # [B, max blocks of a chunk] int32, padded with 0
-    query_start: torch.Tensor  # [B + 1] int32
-    context_lens: torch.Tensor  # [B] int32
+    block_table: torch.Tensor  # [B, max blocks of a chunk] int32 (int64 in a decode graph), padded
+    query_start: torch.Tensor  # [B + 1] int32 (int64 in a decode graph)
+    context_lens: torch.Tensor  # [B] int32 (int64 in a decode graph)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class AttentionMetadata:
     block_tables: list[torch.Tensor]  # B tensors of block ids, each [ceil(context_len / block_size)], device
     slot_blocks: torch.Tensor  # [T] long, device: the block each new token's KV is written to
     slot_offsets: torch.Tensor  # [T] long, device: the offset in that block
+    static_tables: DeviceTables | None = None  # a captured decode graph's persistent tables (see decode_graphs)
 
     @property
     def num_chunks(self) -> int:
@@ -50,6 +51,8 @@ class AttentionMetadata:
     @cached_property
     def device_tables(self) -> DeviceTables:
         """Built on first use and kept for the step: every layer reads the same tables."""
+        if self.static_tables is not None:
+            return self.static_tables
         device = self.slot_blocks.device
         table = torch.nn.utils.rnn.pad_sequence(self.block_tables, batch_first=True).to(torch.int32)
         return DeviceTables(table, torch.tensor(self.query_start_loc, dtype=torch.int32, device=device),

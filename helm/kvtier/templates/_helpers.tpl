@@ -57,7 +57,7 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- $v := .Values -}}
 {{- $cache := dict "block_size" ($v.engine.blockSize | int) "memory" ($v.engine.kvCacheMemory | toString) -}}
 {{- $scheduler := dict "max_num_seqs" ($v.engine.maxNumSeqs | int) "max_num_batched_tokens" ($v.engine.maxNumBatchedTokens | int) -}}
-{{- $engine := dict "model" $v.model.name "dtype" $v.model.dtype "device" "auto" "tensor_parallel_size" ($v.workers.tensorParallelSize | int) "cache" $cache "scheduler" $scheduler -}}
+{{- $engine := dict "model" $v.model.name "dtype" $v.model.dtype "device" "auto" "tensor_parallel_size" ($v.workers.tensorParallelSize | int) "attention_backend" $v.engine.attentionBackend "cuda_graphs" $v.engine.cudaGraphs "cuda_graph_max_batch" ($v.engine.cudaGraphMaxBatch | int) "cache" $cache "scheduler" $scheduler -}}
 {{- if $v.model.maxModelLen }}{{ $_ := set $engine "max_model_len" ($v.model.maxModelLen | int) }}{{ end -}}
 {{- $redis := dict -}}
 {{- if ne $v.redis.mode "none" -}}

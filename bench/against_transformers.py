@@ -1,0 +1,207 @@
+"""The engine against transformers on the same weights, and against the GPU's memory bandwidth (CUDA only).
+
+    python bench/against_transformers.py --model llama3-1b-shape --dtype bfloat16 --redis-url redis://127.0.0.1:6399/0
+
+In one run, on one GPU, printing a Markdown table per part:
+1. bandwidth: device-to-device copy (bytes read + written per second) and pinned host-to-device;
+2. decode: B prompts of --prompt-len tokens, --decode-tokens new tokens each, for every batch size: engine
+   tokens/s end to end (prefill included, as ``generate`` counts) and decode-only; transformers ``generate``
+   tokens/s on the same weights; the speed-up; memory-bandwidth utilisation of a decode step, (weight bytes +
+   KV bytes read) / step time / the device-to-device bandwidth above;
+3. TTFT of one --ttft-lens prompt: engine vs transformers' forward (last position's logits only);
+4. caching overhead: decode tokens/s at --overhead-batch with GPU prefix cache, CPU tier and Redis
+   write-behind on (--redis-url) vs every tier off, on random prompts that never share a block.
+Engines run with decode CUDA graphs (--no-cuda-graphs: without) on the --attention-backend (default triton).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import add_output_args, measure_bandwidths, progress, synced, write_json  # noqa: E402
+from engine_throughput import run_batch  # noqa: E402
+from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
+from workers.engine import LLMEngine  # noqa: E402
+from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
+from workers.presets import resolve_model_dir  # noqa: E402
+
+NO_TIERS = KVStoreConfig(prefix_caching=False)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3-1b-shape", help="preset name or model directory")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda", help="cuda (what the numbers are for); cpu: a smoke run")
+    parser.add_argument("--attention-backend", default="triton")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--batch-sizes", default="1,32,128")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--ttft-lens", default="8192,32768")
+    parser.add_argument("--overhead-batch", type=int, default=32)
+    parser.add_argument("--redis-url", help="a loopback Redis for the caching-overhead run (else CPU tier only)")
+    parser.add_argument("--kv-cache-memory", default="16GiB")
+    parser.add_argument("--skip", default="", help="parts to leave out: decode,ttft,overhead,transformers")
+    add_output_args(parser)
+    return parser.parse_args()
+
+
+def make_engine(args: argparse.Namespace, kvstore: KVStoreConfig = NO_TIERS, max_tokens: int = 8192) -> LLMEngine:
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
+        cuda_graphs=not args.no_cuda_graphs, cache=CacheConfig(memory=args.kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_tokens),
+    )
+    return LLMEngine.from_config(config, kvstore, progress=False)
+
+
+def release(engine: LLMEngine) -> None:
+    engine.close()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    """Bytes a decode step reads of the weights: every parameter once (a tied embedding is the LM head)."""
+    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+
+
+def kv_bytes_read(engine: LLMEngine, batch: int, context: float) -> float:
+    """Bytes of K and V one decode step reads: every layer's KV of ``context`` tokens per sequence."""
+    shape = engine.cache_shape
+    return batch * context * shape.bytes_per_block / shape.block_size
+
+
+def engine_decode(args: argparse.Namespace, batches: list[int], d2d: float) -> dict[int, dict]:
+    engine = make_engine(args)
+    run_batch(engine, 2, 16, 4, "warmup")
+    rows = {}
+    for batch in progress(batches, "engine batches"):
+        prefill_s, decode_s = run_batch(engine, batch, args.prompt_len, args.decode_tokens, f"b{batch}")
+        step_s = decode_s / args.decode_tokens
+        moved = weight_bytes(engine) + kv_bytes_read(engine, batch, args.prompt_len + args.decode_tokens / 2)
+        rows[batch] = {"engine_tok_s": batch * (args.decode_tokens + 1) / (prefill_s + decode_s),
+                       "engine_decode_tok_s": batch / step_s, "step_ms": 1e3 * step_s,
+                       "bandwidth_utilisation": moved / step_s / (d2d * 1e9)}
+    release(engine)
+    return rows
+
+
+def load_transformers(args: argparse.Namespace):
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=dtype).to(args.device).eval()
+
+
+def transformers_generate(model, args: argparse.Namespace, batch: int) -> float:
+    """Tokens/s of ``generate`` (greedy, --decode-tokens + 1 new tokens, EOS ignored), prefill included."""
+    rng = random.Random(batch)
+    ids = torch.tensor([[rng.randrange(3, 256) for _ in range(args.prompt_len)] for _ in range(batch)],
+                       device=args.device)
+    new = args.decode_tokens + 1
+    seconds = synced(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                            min_new_tokens=new, do_sample=False, pad_token_id=0))
+    return batch * new / seconds
+
+
+def transformers_ttft(model, length: int) -> float:
+    ids = torch.randint(3, 256, (1, length), device=model.device)
+    with torch.inference_mode():
+        model(ids[:, :128], logits_to_keep=1)  # warm-up
+        return synced(lambda: model(ids, logits_to_keep=1))
+
+
+def engine_ttft(engine: LLMEngine, length: int) -> float:
+    from workers.sampling_params import SamplingParams
+
+    prompt = [random.Random(length).randrange(3, 256) for _ in range(length)]
+    return synced(lambda: engine.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True)))
+
+
+def caching_overhead(args: argparse.Namespace) -> dict[str, float]:
+    """Decode tokens/s at --overhead-batch with every tier on vs off (random prompts: nothing is reused)."""
+    redis = RedisConfig(url=args.redis_url) if args.redis_url else RedisConfig()
+    result = {}
+    for label, kvstore in (("tiers off", NO_TIERS), ("tiers on", KVStoreConfig(cpu=CpuTierConfig(), redis=redis))):
+        engine = make_engine(args, kvstore)
+        run_batch(engine, 2, 16, 4, "warmup")
+        seconds = min(sum(run_batch(engine, args.overhead_batch, args.prompt_len, args.decode_tokens, f"{label}{i}"))
+                      for i in range(2))  # the better of two
+        result[label] = args.overhead_batch * (args.decode_tokens + 1) / seconds
+        release(engine)
+    result["ratio"] = result["tiers on"] / result["tiers off"]
+    return result
+
+
+def print_decode(rows: dict[int, dict]) -> None:
+    print("\n| batch | engine tok/s | engine decode tok/s | decode ms/step | transformers tok/s | speed-up "
+          "| bandwidth utilisation |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch, r in rows.items():
+        theirs = r.get("transformers_tok_s")
+        speedup = f"{r['engine_tok_s'] / theirs:.1f}x" if theirs else "-"
+        print(f"| {batch} | {r['engine_tok_s']:,.0f} | {r['engine_decode_tok_s']:,.0f} | {r['step_ms']:.2f} | "
+              f"{f'{theirs:,.1f}' if theirs else '-'} | {speedup} | {r['bandwidth_utilisation']:.2f} |")
+
+
+def ttft_rows(args: argparse.Namespace, lengths: list[int], skip: set[str]) -> dict[int, dict]:
+    engine = make_engine(args)
+    engine_ttft(engine, 256)  # warm-up
+    rows = {n: {"engine_ms": 1e3 * engine_ttft(engine, n)} for n in progress(lengths, "TTFT (engine)")}
+    release(engine)
+    if "transformers" not in skip:
+        model = load_transformers(args)
+        for n in lengths:
+            rows[n]["transformers_ms"] = 1e3 * transformers_ttft(model, n)
+        del model
+    print("\n| prompt tokens | engine TTFT ms | transformers forward ms | ratio |")
+    print("|---:|---:|---:|---:|")
+    for n, r in rows.items():
+        theirs = r.get("transformers_ms")
+        ratio = f"{r['engine_ms'] / theirs:.2f}" if theirs else "-"
+        print(f"| {n:,} | {r['engine_ms']:,.1f} | {f'{theirs:,.1f}' if theirs else '-'} | {ratio} |")
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    bandwidth = measure_bandwidths(args.device)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"{device_name}, model {args.model}, {args.dtype}, backend {args.attention_backend}, "
+          f"CUDA graphs {'off' if args.no_cuda_graphs else 'on'}, torch {torch.__version__}")
+    print(f"device copy {bandwidth['d2d_GBps']:,.0f} GB/s (read + written), "
+          f"pinned host-to-device {bandwidth['h2d_pinned_GBps']:,.1f} GB/s", flush=True)
+    results: dict = {"bandwidth": bandwidth}
+    if "decode" not in skip:
+        rows = results["decode"] = engine_decode(args, [int(b) for b in args.batch_sizes.split(",")],
+                                                 bandwidth["d2d_GBps"])
+        if "transformers" not in skip:
+            model = load_transformers(args)
+            for batch in progress(list(rows), "transformers batches"):
+                rows[batch]["transformers_tok_s"] = transformers_generate(model, args, batch)
+            del model
+        print_decode(rows)
+    if "ttft" not in skip:
+        results["ttft"] = ttft_rows(args, [int(n) for n in args.ttft_lens.split(",")], skip)
+    if "overhead" not in skip:
+        o = results["overhead"] = caching_overhead(args)
+        print(f"\ncaching overhead, batch {args.overhead_batch}, nothing reused: tiers off {o['tiers off']:,.0f} "
+              f"tok/s, on {o['tiers on']:,.0f} tok/s, ratio {o['ratio']:.3f}")
+    write_json(args.json_out, "against_transformers", args, [results])
+
+
+if __name__ == "__main__":
+    main()
