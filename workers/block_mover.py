@@ -6,15 +6,26 @@ Rank 0 decides (``workers.kv_tiers``); a ``TierOps`` says, in this order:
 3. ``cpu_loads``: copy this rank's CPU slot -> GPU block;
 4. ``full_loads``: rank 0 broadcasts these blocks with every KV head; each rank keeps its own heads.
 With one rank all of it is local. With several, rank 0 first sends the ops (``workers.tp_group``).
+
+Copies between the GPU cache and the CPU slots (and, with one rank, from Redis's staged blocks) go straight
+from block to block, consecutive blocks as one copy (``kvstore.copy_runs``), with no gathered temporary. On
+CUDA they run on a side stream from and to pinned memory: the host does not wait for them; the side stream
+waits for the compute stream (the blocks hold what earlier steps wrote) and the compute stream waits for the
+side stream before the next forward (which reads what was loaded and overwrites what was spilled). One stream
+keeps the copies in order: a spill from a block runs before a load into it, a spill into a slot after a load
+from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from kvstore.copy_runs import coalesce
 from workers.parallel import ParallelContext, Span
 
 
@@ -61,25 +72,44 @@ class BlockMover:
         self.total_kv_heads = total_kv_heads
         self.parallel = parallel
         self.collective_device = collective_device
-        pinned = kv_cache.device.type == "cuda"
+        on_cuda = kv_cache.device.type == "cuda"
         dims = (num_cpu_slots, *kv_cache.shape[1:])
-        self.host = torch.empty(dims, dtype=kv_cache.dtype, pin_memory=pinned) if num_cpu_slots else None
+        self.host = torch.empty(dims, dtype=kv_cache.dtype, pin_memory=on_cuda) if num_cpu_slots else None
+        self.stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None
 
-    def apply(self, ops: TierOps, full_payload: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run ``ops`` on this rank; rank 0 gets the gathered blocks [n, L, 2, bs, Hkv, D] (host) back."""
+    def apply(self, ops: TierOps, full_payload: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Run ``ops`` on this rank; rank 0 gets the gathered blocks [n, L, 2, bs, Hkv, D] (host) back.
+        ``full_payload`` (rank 0): one block [L, 2, bs, Hkv_all, D] per full load, pinned on CUDA."""
         gathered = self._gather(ops.gather_blocks) if ops.gather_blocks else None
-        cache = self.kv_cache
-        if ops.spills:
-            blocks, slots = (torch.tensor(column) for column in zip(*ops.spills))
-            self.host.index_copy_(0, slots, cache.index_select(0, blocks.to(cache.device)).cpu())
-        if ops.cpu_loads:
-            slots, blocks = (torch.tensor(column) for column in zip(*ops.cpu_loads))
-            cache.index_copy_(0, blocks.to(cache.device), self.host[slots].to(cache.device, non_blocking=True))
-        if ops.full_loads:
-            payload = self._broadcast_payload(full_payload, len(ops.full_loads))  # [n, L, 2, bs, Hkv, D]
-            mine = payload[:, :, :, :, self.kv_heads.start : self.kv_heads.stop].to(cache.device)
-            cache.index_copy_(0, torch.tensor(ops.full_loads, device=cache.device), mine)
+        local_full_loads = ops.full_loads and self.parallel.world_size == 1
+        with self._transfers():
+            _copy_blocks(self.kv_cache, self.host, ops.spills)
+            _copy_blocks(self.host, self.kv_cache, ops.cpu_loads)
+            if local_full_loads:  # one rank holds every head: each staged block is a whole cache block
+                for block_id, block in zip(ops.full_loads, full_payload):
+                    self.kv_cache[block_id].copy_(block, non_blocking=True)
+        if ops.full_loads and not local_full_loads:
+            self._load_broadcast(ops.full_loads, full_payload)
         return gathered
+
+    @contextmanager
+    def _transfers(self) -> Iterator[None]:
+        """Copies enqueued inside run on the side stream (CUDA), ordered after and before the compute stream's
+        work; on the CPU they run here and now."""
+        if self.stream is None:
+            yield
+            return
+        compute = torch.cuda.current_stream(self.kv_cache.device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            yield
+        compute.wait_stream(self.stream)
+
+    def _load_broadcast(self, block_ids: list[int], payload: list[torch.Tensor] | None) -> None:
+        cache = self.kv_cache
+        full = self._broadcast_payload(payload, len(block_ids))  # [n, L, 2, bs, Hkv_all, D]
+        mine = full[:, :, :, :, self.kv_heads.start : self.kv_heads.stop].to(cache.device)
+        cache.index_copy_(0, torch.tensor(block_ids, device=cache.device), mine)
 
     def _gather(self, block_ids: list[int]) -> torch.Tensor | None:
         local = self.kv_cache.index_select(0, torch.tensor(block_ids, device=self.kv_cache.device))
@@ -98,16 +128,21 @@ class BlockMover:
         replicas = max(1, self.parallel.world_size // self.total_kv_heads)
         return list(range(0, self.parallel.world_size, replicas))
 
-    def _broadcast_payload(self, payload: torch.Tensor | None, count: int) -> torch.Tensor:
-        if self.parallel.world_size == 1:
-            return payload
+    def _broadcast_payload(self, payload: list[torch.Tensor] | None, count: int) -> torch.Tensor:
         dims = (count, *self.kv_cache.shape[1:4], self.total_kv_heads, self.kv_cache.shape[5])
         if self.parallel.rank == 0:
-            tensor = payload.to(self.collective_device)
+            tensor = torch.stack(payload).to(self.collective_device)
         else:
             tensor = torch.empty(dims, dtype=self.kv_cache.dtype, device=self.collective_device)
         dist.broadcast(tensor, src=0)
         return tensor
+
+
+def _copy_blocks(source: torch.Tensor, target: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    """target[t] = source[s] for each (s, t), consecutive blocks as one copy; asynchronous where pinned."""
+    for run in coalesce(pairs):
+        target[run.target : run.target + run.length].copy_(source[run.source : run.source + run.length],
+                                                           non_blocking=True)
 
 
 def writer_head_ranges(world_size: int, total_kv_heads: int) -> list[tuple[int, int]]:

@@ -216,7 +216,7 @@ class LLMEngine:
         unit_ranges = writer_head_ranges(self.parallel.world_size, model.num_kv_heads)
         return KVTiers(
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
-            self.cost_model, self._apply_tier_ops, self.kv_events,
+            self.cost_model, self._apply_tier_ops, self.kv_events, pin_staging=self.device.type == "cuda",
         )
 
     def _capture_decode_graphs(self) -> None:

@@ -35,7 +35,7 @@ from workers.kv_cache import KVCacheShape
 log = logging.getLogger(__name__)
 _REDIS_BATCH_BLOCKS = 32  # blocks per MGET round: the first tells whether a prefix is there at all
 _KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
-ApplyOps = Callable[[TierOps, "torch.Tensor | None"], "torch.Tensor | None"]
+ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "torch.Tensor | None"]
 
 
 def cpu_tier_slots(config: KVStoreConfig, full_block_bytes: int) -> int:
@@ -53,7 +53,7 @@ class _Moves:
     stored: list[tuple[bytes, PrefixRef]] = field(default_factory=list)
     spilled: list[bytes] = field(default_factory=list)
     cpu_loaded: list[bytes] = field(default_factory=list)
-    payload: torch.Tensor | None = None
+    payload: list[torch.Tensor] | None = None  # the staged Redis blocks, in ``ops.full_loads`` order
 
 
 class KVTiers:
@@ -68,6 +68,7 @@ class KVTiers:
         cost_model: FetchCostModel,
         apply: ApplyOps,
         events: KVEventLog | None = None,
+        pin_staging: bool = False,  # stage Redis blocks in pinned memory (CUDA: asynchronous uploads)
     ) -> None:
         self.events = events or KVEventLog()
         self.shape = full_shape
@@ -82,6 +83,7 @@ class KVTiers:
         self.redis = RedisStore(config.redis) if config.redis.url else None
         self.writer = self._make_writer(config) if self.redis else None
         self._staged: dict[bytes, torch.Tensor] = {}  # hash -> [L, 2, bs, Hkv, D], between lookup and move
+        self._pin_staging = pin_staging
         self._known_in_redis: OrderedDict[bytes, None] = OrderedDict()
         self._dtype_name = str(full_shape.dtype).removeprefix("torch.")
         if self.cpu:
@@ -151,7 +153,7 @@ class KVTiers:
         values = iter(self._get(keys))
         for index, (block_hash, ranges) in enumerate(zip(hashes, layouts)):
             # [L, 2, bs, Hkv, D]: each unit is copied once, into its heads
-            block = torch.empty(self.shape.dims[1:], dtype=self.shape.dtype)
+            block = torch.empty(self.shape.dims[1:], dtype=self.shape.dtype, pin_memory=self._pin_staging)
             if not all(self._decode_unit_into(block, block_hash, r, next(values), prefix) for r in ranges):
                 return index
             self._staged[block_hash] = block
@@ -231,7 +233,7 @@ class KVTiers:
         redis_loads = [load for load in loads if load.tier == "redis"]
         if redis_loads:
             moves.ops.full_loads.extend(load.block_id for load in redis_loads)
-            moves.payload = torch.stack([self._staged.pop(load.block_hash) for load in redis_loads])
+            moves.payload = [self._staged.pop(load.block_hash) for load in redis_loads]
         return moves
 
     def _account_loads(self, moves: _Moves, seconds: float) -> None:

@@ -1,0 +1,35 @@
+"""Tier copies on CUDA (skipped without it): exact blocks on the side stream, and the host never waits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.integration.test_block_mover import DIMS, block_values, mover_for, numbered_cache, run_ops_and_read
+from workers.block_mover import TierOps
+
+pytestmark = pytest.mark.gpu
+
+
+def test_side_stream_copies_land_exact_blocks_in_order():
+    cache, host = run_ops_and_read("cuda")
+    assert host == [2, 3, 4, 6, -1, 7]
+    assert cache == [100, 101, 2, 3, 3, 7, 2, 7]
+
+
+def test_spills_and_loads_do_not_synchronise_the_host():
+    cache = numbered_cache(64, "cuda")
+    mover = mover_for(cache, num_cpu_slots=64)
+    staged = [torch.full(DIMS, 5.0, pin_memory=True) for _ in range(4)]
+    ops = TierOps(spills=[(b, b) for b in range(32)], cpu_loads=[(s, 32 + s) for s in range(8)],
+                  full_loads=[60, 61, 62, 63])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mover.apply(ops, staged)
+        cache.add_(0)  # compute-stream work after the moves waits for them on the GPU, not on the host
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert block_values(mover.host)[:32] == list(range(32))
+    assert block_values(cache)[32:40] == list(range(8)) and block_values(cache)[60:] == [5.0] * 4
