@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--overhead-batch", type=int, default=32)
     parser.add_argument("--redis-url", help="a loopback Redis for the caching-overhead run (else CPU tier only)")
     parser.add_argument("--kv-cache-memory", default="16GiB")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer size of the bandwidth copies")
     parser.add_argument("--skip", default="", help="parts to leave out: decode,ttft,overhead,transformers")
     add_output_args(parser)
     return parser.parse_args()
@@ -178,7 +179,7 @@ def ttft_rows(args: argparse.Namespace, lengths: list[int], skip: set[str]) -> d
 def main() -> None:
     args = parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    bandwidth = measure_bandwidths(args.device)
+    bandwidth = measure_bandwidths(args.device, args.bandwidth_mib * 2**20)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"{device_name}, model {args.model}, {args.dtype}, backend {args.attention_backend}, "
           f"CUDA graphs {'off' if args.no_cuda_graphs else 'on'}, torch {torch.__version__}")

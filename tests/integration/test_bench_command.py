@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.redis_server import RedisServer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def kvtier_bench(*flags: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
@@ -57,3 +59,26 @@ def test_mistakes_are_named_before_anything_runs(tmp_path):
     unknown = kvtier_bench("nonsense", "--out-dir", str(tmp_path))
     assert unknown.returncode == 2 and "'nonsense' is not a benchmark" in unknown.stderr
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_path):
+    """bench/against_transformers.py is for the GPU; on the CPU, at toy sizes, every part still runs."""
+    redis = RedisServer(tmp_path / "redis").start()
+    out = tmp_path / "against.json"
+    flags = ["--model", "tiny", "--dtype", "float32", "--device", "cpu", "--attention-backend", "torch",
+             "--batch-sizes", "1,2", "--prompt-len", "16", "--decode-tokens", "4", "--ttft-lens", "64",
+             "--overhead-batch", "2", "--kv-cache-memory", "32MiB", "--bandwidth-mib", "16",
+             "--redis-url", redis.url, "--json-out", str(out)]
+    try:
+        done = subprocess.run([sys.executable, str(BENCH / "against_transformers.py"), *flags],
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        redis.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["rows"]
+    assert set(result["decode"]) == {"1", "2"}
+    for row in result["decode"].values():
+        assert row["engine_tok_s"] > 0 and row["transformers_tok_s"] > 0 and row["bandwidth_utilisation"] > 0
+    assert result["ttft"]["64"]["engine_ms"] > 0 and result["ttft"]["64"]["transformers_ms"] > 0
+    assert result["overhead"]["tiers on"] > 0 and result["overhead"]["tiers off"] > 0
+    assert "| batch | engine tok/s |" in done.stdout and "| prompt tokens |" in done.stdout
