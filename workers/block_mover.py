@@ -18,6 +18,7 @@ from it.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,20 +77,22 @@ class BlockMover:
         dims = (num_cpu_slots, *kv_cache.shape[1:])
         self.host = torch.empty(dims, dtype=kv_cache.dtype, pin_memory=on_cuda) if num_cpu_slots else None
         self.stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None
+        self.time_loads = False  # CUDA: time each apply's loads with events (set where someone reads them)
+        self._load_timings: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # oldest first
 
     def apply(self, ops: TierOps, full_payload: list[torch.Tensor] | None = None) -> torch.Tensor | None:
         """Run ``ops`` on this rank; rank 0 gets the gathered blocks [n, L, 2, bs, Hkv, D] (host) back.
         ``full_payload`` (rank 0): one block [L, 2, bs, Hkv_all, D] per full load, pinned on CUDA."""
         gathered = self._gather(ops.gather_blocks) if ops.gather_blocks else None
-        local_full_loads = ops.full_loads and self.parallel.world_size == 1
         with self._transfers():
             _copy_blocks(self.kv_cache, self.host, ops.spills)
-            _copy_blocks(self.host, self.kv_cache, ops.cpu_loads)
-            if local_full_loads:  # one rank holds every head: each staged block is a whole cache block
-                for block_id, block in zip(ops.full_loads, full_payload):
-                    self.kv_cache[block_id].copy_(block, non_blocking=True)
-        if ops.full_loads and not local_full_loads:
-            self._load_broadcast(ops.full_loads, full_payload)
+            with self._timed(bool(ops.cpu_loads or ops.full_loads)):
+                _copy_blocks(self.host, self.kv_cache, ops.cpu_loads)
+                if ops.full_loads and self.parallel.world_size == 1:  # each staged block is a whole cache block
+                    for block_id, block in zip(ops.full_loads, full_payload):
+                        self.kv_cache[block_id].copy_(block, non_blocking=True)
+                elif ops.full_loads:
+                    self._load_broadcast(ops.full_loads, full_payload)
         return gathered
 
     @contextmanager
@@ -104,6 +107,28 @@ class BlockMover:
         with torch.cuda.stream(self.stream):
             yield
         compute.wait_stream(self.stream)
+
+    @contextmanager
+    def _timed(self, loads: bool) -> Iterator[None]:
+        """On CUDA, events around the loads enqueued inside (read back by ``settled_load_seconds``)."""
+        if self.stream is None or not (loads and self.time_loads):
+            yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        yield
+        end.record(self.stream)
+        self._load_timings.append((start, end))
+
+    def settled_load_seconds(self, wait: bool) -> list[float]:
+        """GPU seconds of the loads of each earlier ``apply`` that had loads and has finished (all of them if
+        ``wait``), oldest first, each reported once. Host clocks cannot time copies the host does not wait for."""
+        seconds = []
+        while self._load_timings and (wait or self._load_timings[0][1].query()):
+            start, end = self._load_timings.popleft()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        return seconds
 
     def _load_broadcast(self, block_ids: list[int], payload: list[torch.Tensor] | None) -> None:
         cache = self.kv_cache

@@ -214,9 +214,11 @@ class LLMEngine:
         if not kvstore.prefix_caching or not (num_cpu_slots or kvstore.redis.url):
             return None
         unit_ranges = writer_head_ranges(self.parallel.world_size, model.num_kv_heads)
+        self.mover.time_loads = self.mover.stream is not None  # asynchronous copies: KVTiers reads GPU times
         return KVTiers(
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
             self.cost_model, self._apply_tier_ops, self.kv_events, pin_staging=self.device.type == "cuda",
+            load_clock=self.mover.settled_load_seconds if self.mover.stream is not None else None,
         )
 
     def _capture_decode_graphs(self) -> None:

@@ -13,9 +13,10 @@ The pure decisions live in ``kvstore`` (tier policy, codec, keys, cost model).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 _REDIS_BATCH_BLOCKS = 32  # blocks per MGET round: the first tells whether a prefix is there at all
 _KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
 ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "torch.Tensor | None"]
+LoadClock = Callable[[bool], "list[float]"]  # BlockMover.settled_load_seconds: GPU-timed loads (CUDA)
 
 
 def cpu_tier_slots(config: KVStoreConfig, full_block_bytes: int) -> int:
@@ -69,6 +71,7 @@ class KVTiers:
         apply: ApplyOps,
         events: KVEventLog | None = None,
         pin_staging: bool = False,  # stage Redis blocks in pinned memory (CUDA: asynchronous uploads)
+        load_clock: LoadClock | None = None,  # None: loads finish inside ``apply`` and the host clock times them
     ) -> None:
         self.events = events or KVEventLog()
         self.shape = full_shape
@@ -84,6 +87,9 @@ class KVTiers:
         self.writer = self._make_writer(config) if self.redis else None
         self._staged: dict[bytes, torch.Tensor] = {}  # hash -> [L, 2, bs, Hkv, D], between lookup and move
         self._pin_staging = pin_staging
+        self._load_clock = load_clock
+        self._untimed_loads: deque[tuple[int, int]] = deque()  # (CPU, Redis) blocks of loads not yet timed
+        self._settle_lock = threading.Lock()
         self._known_in_redis: OrderedDict[bytes, None] = OrderedDict()
         self._dtype_name = str(full_shape.dtype).removeprefix("torch.")
         if self.cpu:
@@ -210,9 +216,13 @@ class KVTiers:
         moves = self._plan(evicted, loads, stores)
         if moves.ops.empty:
             return
+        counts = (len(moves.ops.cpu_loads), len(moves.ops.full_loads))  # blocks loaded from (CPU, Redis)
+        if self._load_clock is not None and any(counts):
+            with self._settle_lock:  # before the loads run: every GPU timing finds its counts here
+                self._untimed_loads.append(counts)
         began = time.perf_counter()
         gathered = self.apply(moves.ops, moves.payload)
-        self._account_loads(moves, time.perf_counter() - began)
+        self._account_loads(counts, time.perf_counter() - began)
         self._complete(moves, gathered)
 
     def _plan(self, evicted, loads, stores) -> _Moves:
@@ -236,12 +246,30 @@ class KVTiers:
             moves.payload = [self._staged.pop(load.block_hash) for load in redis_loads]
         return moves
 
-    def _account_loads(self, moves: _Moves, seconds: float) -> None:
-        loaded = len(moves.ops.cpu_loads) + len(moves.ops.full_loads)
-        for tier, count in (("cpu", len(moves.ops.cpu_loads)), ("redis", len(moves.ops.full_loads))):
-            self.stats[tier].bytes_out += count * self.block_bytes
-            if count:  # the ops ran together: charge each tier its share of the time
-                self.stats[tier].transfer_seconds += seconds * count / loaded
+    def _account_loads(self, counts: tuple[int, int], seconds: float) -> None:
+        self.stats["cpu"].bytes_out += counts[0] * self.block_bytes
+        self.stats["redis"].bytes_out += counts[1] * self.block_bytes
+        if self._load_clock is None:
+            self._charge_load_time(counts, seconds)
+        else:  # asynchronous: timed on the GPU once they ran
+            self.settle_load_times(wait=False)
+
+    def settle_load_times(self, wait: bool) -> None:
+        """Charge the tiers the GPU time of the loads that finished (all of them if ``wait``). The step loop
+        and a stats reader may both call this."""
+        if self._load_clock is None:
+            return
+        with self._settle_lock:
+            for seconds in self._load_clock(wait):
+                self._charge_load_time(self._untimed_loads.popleft(), seconds)
+
+    def _charge_load_time(self, counts: tuple[int, int], seconds: float) -> None:
+        """The loads ran together: each tier is charged its share of the time."""
+        if not any(counts):
+            return
+        for tier, count in zip(("cpu", "redis"), counts):
+            if count:
+                self.stats[tier].transfer_seconds += seconds * count / sum(counts)
 
     def _complete(self, moves: _Moves, gathered: torch.Tensor | None) -> None:
         if moves.spilled:
@@ -289,7 +317,8 @@ class KVTiers:
         return dropped
 
     def sync_writer_stats(self) -> None:
-        """Fold the write-behind thread's counters into the Redis tier's stats."""
+        """Fold the write-behind thread's counters and the loads' GPU times into the tiers' stats."""
+        self.settle_load_times(wait=True)
         if self.writer is None:
             return
         redis_stats = self.stats["redis"]

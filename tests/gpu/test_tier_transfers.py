@@ -33,3 +33,26 @@ def test_spills_and_loads_do_not_synchronise_the_host():
     torch.cuda.synchronize()
     assert block_values(mover.host)[:32] == list(range(32))
     assert block_values(cache)[32:40] == list(range(8)) and block_values(cache)[60:] == [5.0] * 4
+
+
+def test_an_engine_on_cuda_reuses_a_spilled_prefix_and_times_its_load_on_the_gpu():
+    """A prefix evicted to the CPU tier comes back with the same tokens; its load time comes from CUDA events
+    (the copies are asynchronous), so the stats give a load rate."""
+    from kvstore.config import CpuTierConfig, KVStoreConfig
+    from workers.engine import LLMEngine
+    from workers.engine_config import CacheConfig, EngineConfig
+    from workers.sampling_params import SamplingParams
+
+    prefix, other = [5 + i % 200 for i in range(160)], [7 + i % 190 for i in range(160)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    config = EngineConfig(device="cuda", cache=CacheConfig(num_blocks=14))  # room for one prompt at a time
+    uncached = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
+    expected = uncached.generate([prefix + [9]], params)[0].token_ids
+    engine = LLMEngine.from_config(config, KVStoreConfig(cpu=CpuTierConfig(capacity="16MiB")), progress=False)
+    engine.generate([prefix + [1]], params)
+    engine.generate([other], params)  # evicts the prefix into the CPU tier
+    (done,) = engine.generate([prefix + [9]], params)
+    cached = done.usage.cached_tokens
+    assert done.token_ids == expected and cached.cpu > 0 and cached.total >= 144
+    cpu = engine.kv_store_stats()["cpu"]
+    assert cpu["bytes_out"] > 0 and cpu["transfer_seconds"] > 0
