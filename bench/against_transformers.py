@@ -32,6 +32,7 @@ from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E4
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from workers.presets import resolve_model_dir  # noqa: E402
+from workers.sampling_params import SamplingParams  # noqa: E402
 
 NO_TIERS = KVStoreConfig(prefix_caching=False)
 
@@ -125,8 +126,6 @@ def transformers_ttft(model, length: int) -> float:
 
 
 def engine_ttft(engine: LLMEngine, length: int) -> float:
-    from workers.sampling_params import SamplingParams
-
     prompt = [random.Random(length).randrange(3, 256) for _ in range(length)]
     return synced(lambda: engine.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True)))
 

@@ -67,6 +67,7 @@ class BlockMover:
         total_kv_heads: int,
         parallel: ParallelContext,
         collective_device: torch.device,
+        time_loads: bool = False,  # CUDA: time each apply's loads with events, for ``settled_load_seconds``
     ) -> None:
         self.kv_cache = kv_cache
         self.kv_heads = kv_heads
@@ -77,7 +78,7 @@ class BlockMover:
         dims = (num_cpu_slots, *kv_cache.shape[1:])
         self.host = torch.empty(dims, dtype=kv_cache.dtype, pin_memory=on_cuda) if num_cpu_slots else None
         self.stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None
-        self.time_loads = False  # CUDA: time each apply's loads with events (set where someone reads them)
+        self.time_loads = time_loads and self.stream is not None  # on the CPU the host clock times them
         self._load_timings: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # oldest first
 
     def apply(self, ops: TierOps, full_payload: list[torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -111,7 +112,7 @@ class BlockMover:
     @contextmanager
     def _timed(self, loads: bool) -> Iterator[None]:
         """On CUDA, events around the loads enqueued inside (read back by ``settled_load_seconds``)."""
-        if self.stream is None or not (loads and self.time_loads):
+        if not (loads and self.time_loads):
             yield
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

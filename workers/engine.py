@@ -149,7 +149,6 @@ class LLMEngine:
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
         self.tiers = self._set_up_tiers(kv_cache)
         self._pending_stores: list = []
-        self._capture_decode_graphs()
         self.scheduler = Scheduler(
             config.scheduler, self.block_pool, cache_shape.block_size, lower_tiers=self.tiers, stats=self.kv_stats,
         )
@@ -159,6 +158,7 @@ class LLMEngine:
             kv_capacity_tokens=cache_shape.num_blocks * cache_shape.block_size,
             has_tokenizer=tokenizer is not None,
         )
+        self._capture_decode_graphs()  # after the other ranks learned the pool size (_set_up_tiers)
         self.stats = EngineStats()
         self._requests: dict[str, _RequestState] = {}
         self._aborted: list[RequestOutput] = []
@@ -206,27 +206,26 @@ class LLMEngine:
         num_cpu_slots = cpu_tier_slots(self.kvstore_config, full_block_shape.bytes_per_block)
         if self.tp_group is not None:
             self.tp_group.broadcast_sizes(shape.num_blocks, num_cpu_slots)
+        kvstore = self.kvstore_config
+        has_tiers = kvstore.prefix_caching and bool(num_cpu_slots or kvstore.redis.url)
         self.mover = BlockMover(
             kv_cache, num_cpu_slots, self.parallel.kv_heads(model), model.num_kv_heads, self.parallel,
-            collective_device(self.device),
+            collective_device(self.device), time_loads=has_tiers,  # KVTiers reads the loads' GPU times
         )
-        kvstore = self.kvstore_config
-        if not kvstore.prefix_caching or not (num_cpu_slots or kvstore.redis.url):
+        if not has_tiers:
             return None
         unit_ranges = writer_head_ranges(self.parallel.world_size, model.num_kv_heads)
-        self.mover.time_loads = self.mover.stream is not None  # asynchronous copies: KVTiers reads GPU times
         return KVTiers(
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
             self.cost_model, self._apply_tier_ops, self.kv_events, pin_staging=self.device.type == "cuda",
-            load_clock=self.mover.settled_load_seconds if self.mover.stream is not None else None,
+            load_clock=self.mover.settled_load_seconds if self.mover.time_loads else None,
         )
 
     def _capture_decode_graphs(self) -> None:
-        """On CUDA with the Triton backend (after the other ranks learned the pool size: they capture too)."""
+        """On CUDA with the Triton backend; the other ranks capture at the same point of their start-up."""
         max_batch = decode_graph_batch(self.config, self.device)
         if max_batch:
-            limit = max_model_len(self.config, self.model_config)
-            self.runner.enable_decode_graphs(max_batch, limit, with_logits=True, capture=True)
+            self.runner.enable_decode_graphs(max_batch, self.limits.max_model_len, with_logits=True, capture=True)
 
     def _apply_tier_ops(self, ops, payload):
         if self.tp_group is None:
