@@ -6,6 +6,8 @@
 
 Prefill: B prompts of --prompt-len random tokens, timed until every one has its first token.
 Decode: the same B sequences generating --decode-tokens more tokens each (EOS ignored), timed from then on.
+Host share: of the decode steps' time, the part not spent waiting for the device to hand back sampled tokens
+(on a GPU, the host work the device does not hide; on the CPU the forward itself runs on the host, so ~1).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -39,8 +42,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_batch(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, tag: str) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) for one batch."""
+class BatchTimes(NamedTuple):
+    prefill_s: float
+    decode_s: float
+    decode_host_share: float  # of the decode steps' time, the part not spent waiting for sampled tokens
+
+
+def run_batch(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, tag: str) -> BatchTimes:
     rng = random.Random(batch)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
@@ -52,9 +60,12 @@ def run_batch(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int
     while len(started) < batch:
         started |= {o.request_id for o in engine.step() if o.new_token_ids}
     prefill_done = time.perf_counter()
+    step_seconds, wait_seconds = engine.stats.step_seconds, engine.stats.token_wait_seconds
     while engine.has_unfinished():
         engine.step()
-    return prefill_done - start, time.perf_counter() - prefill_done
+    decode_s = time.perf_counter() - prefill_done
+    waited = (engine.stats.token_wait_seconds - wait_seconds) / (engine.stats.step_seconds - step_seconds)
+    return BatchTimes(prefill_done - start, decode_s, 1 - waited)
 
 
 def describe_device(engine: LLMEngine) -> str:
@@ -75,17 +86,17 @@ def main() -> None:
     title = f"engine throughput: model {args.model}, {engine.runner.kv_cache.dtype}, {describe_device(engine)}"
     print(f"\n{title}")
     print(f"prompt {args.prompt_len} tokens, {args.decode_tokens} decoded tokens, torch {torch.__version__}\n")
-    print("| batch | prefill tok/s | decode tok/s | decode ms/step |")
-    print("|---:|---:|---:|---:|")
+    print("| batch | prefill tok/s | decode tok/s | decode ms/step | host share of a decode step |")
+    print("|---:|---:|---:|---:|---:|")
     rows = []
     for batch in progress([int(b) for b in args.batch_sizes.split(",")], "batch sizes"):
-        prefill_s, decode_s = run_batch(engine, batch, args.prompt_len, args.decode_tokens, f"b{batch}")
+        prefill_s, decode_s, host_share = run_batch(engine, batch, args.prompt_len, args.decode_tokens, f"b{batch}")
         row = {"batch": batch, "prefill_tok_s": batch * args.prompt_len / prefill_s,
                "decode_tok_s": batch * args.decode_tokens / decode_s,
-               "decode_ms_per_step": 1000 * decode_s / args.decode_tokens}
+               "decode_ms_per_step": 1000 * decode_s / args.decode_tokens, "decode_host_share": host_share}
         rows.append(row)
         print(f"| {batch} | {row['prefill_tok_s']:,.0f} | {row['decode_tok_s']:,.0f} | "
-              f"{row['decode_ms_per_step']:.1f} |", flush=True)
+              f"{row['decode_ms_per_step']:.1f} | {host_share:.2f} |", flush=True)
     write_json(args.json_out, "engine", args, rows)
     batches = [f"batch {row['batch']}" for row in rows]
     bar_panels(args.plot, title, [("prefill tokens/s", batches, {"prefill": [r["prefill_tok_s"] for r in rows]}),

@@ -31,6 +31,8 @@ BENCHMARKS = {
                         ("--batch-sizes", "1,4", "--prompt-len", "32", "--decode-tokens", "8")),
     "prefix": Benchmark("prefix_reuse.py", "time to first token: the prefix recomputed, or found in each tier",
                         ("--model", "tiny", "--prefix-lens", "256"), needs_redis=True),
+    "host": Benchmark("host_overhead.py", "host work per decode step, the model stubbed",
+                      ("--model", "tiny", "--batch-sizes", "1,8", "--contexts", "64", "--decode-steps", "8")),
     "serving": Benchmark("serving.py", "routing policies over gRPC on a local Ray cluster, and router overhead",
                          ("--requests", "8", "--prefix-len", "256", "--overhead-streams", "40",
                           "--policies", "cache_aware")),

@@ -51,6 +51,9 @@ _ENGINE_COUNTERS = {
     "preemptions": ("kvtier_worker_preemptions", "Sequences preempted (recomputed later)"),
     "computed_tokens": ("kvtier_worker_computed_tokens", "Prompt and generated tokens the model computed"),
     "generated_tokens": ("kvtier_worker_generated_tokens", "Tokens generated"),
+    "step_seconds": ("kvtier_worker_step_seconds", "Wall time of engine steps that ran the model"),
+    "token_wait_seconds": ("kvtier_worker_token_wait_seconds",
+                           "Of the step time, waiting on the device for sampled tokens (the rest: host work)"),
 }
 
 

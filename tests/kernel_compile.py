@@ -130,15 +130,17 @@ def _runner(shape: HeadShape):
                                         "num_key_value_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
     model = LlamaForCausalLM(parse_model_config(raw), TritonBackend(), shape.dtype, "cpu")
     cache = KVCacheShape(256, 1, 16, shape.num_kv_heads, shape.head_dim, shape.dtype)
-    return ModelRunner(model, allocate_kv_cache(cache, torch.device("cpu")), 16, torch.device("cpu"))
+    return ModelRunner(model, allocate_kv_cache(cache, torch.device("cpu")), 16, torch.device("cpu"), max_num_seqs=8,
+                       max_model_len=4096)
 
 
 def _batch(chunks: list[tuple[int, int]], block_size: int):
     """A HostBatch of (query_len, context_len) chunks over disjoint block runs, every chunk sampling."""
     from workers.step_packet import HostBatch
+    from workers.table_rows import TableUpdate
 
-    batch, next_block = HostBatch([], [], [], [0], [], [], []), 0
-    for query_len, context_len in chunks:
+    batch, next_block = HostBatch([], [], [], [0], [], [], [], []), 0
+    for row, (query_len, context_len) in enumerate(chunks):
         table = list(range(next_block, next_block + -(-context_len // block_size)))
         next_block += len(table)
         positions = list(range(context_len - query_len, context_len))
@@ -147,7 +149,8 @@ def _batch(chunks: list[tuple[int, int]], block_size: int):
         batch.slot_blocks.extend(table[p // block_size] for p in positions)
         batch.query_start_loc.append(len(batch.token_ids))
         batch.context_lens.append(context_len)
-        batch.block_tables.append(table)
+        batch.table_rows.append(row)
+        batch.table_updates.append(TableUpdate(row, 0, table))
         batch.sample_indices.append(len(batch.token_ids) - 1)
     return batch
 
@@ -178,8 +181,8 @@ def main() -> int:
 
 def _report(shape: HeadShape, kernel, args: tuple, constexprs: dict) -> bool:
     """Compile one launch and print a JSON line about it; True when it compiled and fits an SM."""
-    tables = dict(zip(kernel.arg_names, args)).get("block_table_ptr")
-    line = {"shape": shape.name, "kernel": kernel.__name__, "table": None if tables is None else str(tables.dtype),
+    lens = dict(zip(kernel.arg_names, args)).get("context_lens_ptr")  # int32 eagerly, int64 in a decode graph
+    line = {"shape": shape.name, "kernel": kernel.__name__, "lens": None if lens is None else str(lens.dtype),
             "constexprs": {name: str(value) for name, value in constexprs.items()}}
     try:
         binary = compile_launch(kernel, args, constexprs)

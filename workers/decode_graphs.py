@@ -2,8 +2,9 @@
 
 A decode step (every chunk one token, and every chunk samples) of B sequences runs the graph of the smallest
 bucket >= B. The graph reads persistent input buffers and writes persistent logits; before a replay the
-inputs are rewritten in place with one host-to-device copy from a pinned buffer, and one device copy spreads
-the block tables into the persistent table. Python launches nothing per layer.
+inputs are rewritten in place with one host-to-device copy from a pinned buffer (six numbers per row), and
+the graph itself gathers each row's block table from the runner's persistent table (``workers.block_table``).
+Python launches nothing per layer, and the host's work does not grow with the context.
 
 Padding: rows past B repeat row B-1. The same token at the same position writes the same K/V into the same
 slot and reads the same context, so padded rows touch no other sequence's blocks and need no scratch block.
@@ -32,13 +33,14 @@ import torch
 
 from workers.attention import AttentionMetadata
 from workers.attention.base import DeviceTables
+from workers.block_table import DeviceBlockTable
 from workers.engine_config import EngineConfig
 from workers.model import LlamaForCausalLM
 from workers.step_packet import HostBatch
 
 log = logging.getLogger(__name__)
 _BUCKET_STEP = 8
-_ROW_FIELDS = 5  # token id, position, slot block, slot offset, context length
+_ROW_FIELDS = 6  # token id, position, slot block, slot offset, context length, block-table row
 
 
 def decode_buckets(max_batch: int) -> list[int]:
@@ -55,19 +57,18 @@ def decode_graph_batch(config: EngineConfig, device: torch.device) -> int:
 
 
 class _RowViews(NamedTuple):
-    """Views into one flat int64 buffer (host or device): ``_ROW_FIELDS`` rows of ``max_batch``, then tables."""
+    """Views into one flat int64 buffer (host or device): ``_ROW_FIELDS`` rows of ``max_batch``."""
 
     token_ids: torch.Tensor  # [max_batch]
     positions: torch.Tensor  # [max_batch]
     slot_blocks: torch.Tensor  # [max_batch]
     slot_offsets: torch.Tensor  # [max_batch]
     context_lens: torch.Tensor  # [max_batch]
-    packed_tables: torch.Tensor  # [max_batch * width]: this step's rows, ``used width`` entries each
+    table_rows: torch.Tensor  # [max_batch]: each row's row of the persistent block table
 
 
 def _row_views(flat: torch.Tensor, max_batch: int) -> _RowViews:
-    fields = [flat[i * max_batch : (i + 1) * max_batch] for i in range(_ROW_FIELDS)]
-    return _RowViews(*fields, flat[_ROW_FIELDS * max_batch :])
+    return _RowViews(*(flat[i * max_batch : (i + 1) * max_batch] for i in range(_ROW_FIELDS)))
 
 
 class DecodeGraphs:
@@ -75,23 +76,24 @@ class DecodeGraphs:
         self,
         model: LlamaForCausalLM,
         kv_cache: torch.Tensor,  # [num_blocks, L, 2, block_size, Hkv, D]
+        block_table: DeviceBlockTable,
         block_size: int,
         max_model_len: int,
         max_batch: int,
         with_logits: bool,
     ) -> None:
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
+        self.block_table = block_table
         self.max_batch, self.with_logits = max_batch, with_logits
         self.buckets = decode_buckets(max_batch)
-        self.width = -(-max_model_len // block_size)  # table entries of the longest sequence
         device = kv_cache.device
-        size = _ROW_FIELDS * max_batch + max_batch * self.width
+        size = _ROW_FIELDS * max_batch
         self._host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self._host_rows = _row_views(self._host, max_batch)
         self._inputs = torch.zeros(size, dtype=torch.long, device=device)
         self._rows = _row_views(self._inputs, max_batch)
         self._rows.context_lens.fill_(1)  # warm-up rows attend over one slot, not over nothing
-        self._table = torch.zeros(max_batch, self.width, dtype=torch.long, device=device)  # [max_batch, width]
+        self._table = torch.zeros_like(block_table.table[:max_batch])  # [max_batch, width] int32: rows gathered
         self._query_start = torch.arange(max_batch + 1, dtype=torch.long, device=device)  # one token per row
         self._metas = {bucket: self._static_meta(bucket, max_model_len) for bucket in self.buckets}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
@@ -104,7 +106,8 @@ class DecodeGraphs:
         return AttentionMetadata(
             query_start_loc=list(range(bucket + 1)),
             context_lens=[max_model_len] * bucket,  # the worst case: what split-K is sized for
-            block_tables=[],  # kernels read ``static_tables``; the torch reference cannot run a graph
+            block_table=self._table[:bucket],  # kernels read ``static_tables``; the torch reference, with its
+            # host context_lens of the worst case, cannot run a graph
             slot_blocks=rows.slot_blocks[:bucket],
             slot_offsets=rows.slot_offsets[:bucket],
             static_tables=tables,
@@ -144,33 +147,21 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int) -> torch.Tensor | None:
         rows = self._rows
+        torch.index_select(self.block_table.table, 0, rows.table_rows[:bucket], out=self._table[:bucket])
         hidden = self.model(rows.token_ids[:bucket], rows.positions[:bucket], self.kv_cache, self._metas[bucket])
         return self.model.compute_logits(hidden) if self.with_logits else None  # [bucket, V]
 
     def _load_inputs(self, batch: HostBatch, bucket: int) -> None:
-        """Pad ``batch`` to ``bucket`` rows in the pinned buffer, copy it over, spread the tables."""
+        """Pad ``batch`` to ``bucket`` rows in the pinned buffer and copy it over."""
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy has read the host buffer
-        used_width = self._pack_host(batch, bucket)
-        count = _ROW_FIELDS * self.max_batch + bucket * used_width
-        self._inputs[:count].copy_(self._host[:count], non_blocking=True)
-        packed = self._rows.packed_tables[: bucket * used_width].view(bucket, used_width)
-        self._table[:bucket, :used_width].copy_(packed)
-        if self._copied is not None:
-            self._copied.record()
-
-    def _pack_host(self, batch: HostBatch, bucket: int) -> int:
-        """Write the padded rows and the tables (``used width`` entries per row) to the host buffer."""
         num_rows = len(batch.context_lens)
         source = np.minimum(np.arange(bucket), num_rows - 1)  # padded rows repeat the last row
         positions = np.asarray(batch.positions)
-        columns = (batch.token_ids, positions, batch.slot_blocks, positions % self.block_size, batch.context_lens)
-        host = self._host_rows
-        for view, values in zip(host[:_ROW_FIELDS], columns):
+        columns = (batch.token_ids, positions, batch.slot_blocks, positions % self.block_size, batch.context_lens,
+                   batch.table_rows)
+        for view, values in zip(self._host_rows, columns):
             view.numpy()[:bucket] = np.asarray(values)[source]
-        used_width = max(len(table) for table in batch.block_tables)
-        packed = host.packed_tables.numpy()[: bucket * used_width].reshape(bucket, used_width)
-        for row, table_index in enumerate(source):
-            table = batch.block_tables[table_index]
-            packed[row, : len(table)] = table
-        return used_width
+        self._inputs.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()

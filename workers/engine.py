@@ -34,7 +34,7 @@ from workers.model_loader import fingerprint_model, load_model, resolve_dtype
 from workers.parallel import ParallelContext, check_parallel_degree
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
-from workers.sampler import sample
+from workers.sampler import sample_on_device
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
@@ -101,6 +101,8 @@ class EngineStats:
     preemptions: int = 0
     computed_tokens: int = 0  # prompt and recomputed tokens run through the model
     generated_tokens: int = 0
+    step_seconds: float = 0.0  # wall time in steps that ran the model
+    token_wait_seconds: float = 0.0  # of which blocked on the device for sampled tokens; the rest is host work
 
 
 @dataclass(frozen=True)
@@ -143,20 +145,21 @@ class LLMEngine:
         self.parallel = ParallelContext(0, config.tensor_parallel_size)
         self.kv_events = KVEventLog()
         self.block_pool = BlockPool(cache_shape.num_blocks, self.kv_events)
+        self.limits = RequestLimits(
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=max_model_len(config, self.model_config),
+            kv_capacity_tokens=cache_shape.num_blocks * cache_shape.block_size,
+            has_tokenizer=tokenizer is not None,
+        )
         kv_cache = allocate_kv_cache(cache_shape, device)
-        self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, broadcaster=tp_group)
+        self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, config.scheduler.max_num_seqs,
+                                  self.limits.max_model_len, broadcaster=tp_group)
         self.kv_stats = KVStoreStats()
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
         self.tiers = self._set_up_tiers(kv_cache)
         self._pending_stores: list = []
         self.scheduler = Scheduler(
             config.scheduler, self.block_pool, cache_shape.block_size, lower_tiers=self.tiers, stats=self.kv_stats,
-        )
-        self.limits = RequestLimits(
-            vocab_size=self.model_config.vocab_size,
-            max_model_len=max_model_len(config, self.model_config),
-            kv_capacity_tokens=cache_shape.num_blocks * cache_shape.block_size,
-            has_tokenizer=tokenizer is not None,
         )
         self._capture_decode_graphs()  # after the other ranks learned the pool size (_set_up_tiers)
         self.stats = EngineStats()
@@ -292,11 +295,12 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
+        stepped = time.perf_counter()
         self._move_blocks_in(plan)
         began = time.perf_counter()
         logits = self.runner.execute(plan.chunks)
         sampling = [self._requests[chunk.seq.request_id] for chunk in plan.chunks if chunk.samples]
-        tokens = sample(logits, [s.seq.params for s in sampling], [s.generator for s in sampling]) if sampling else []
+        tokens = self._sample(logits, sampling)
         self._observe_step(plan, time.perf_counter() - began)
         self.scheduler.mark_computed(plan)
         newly_cached = self.scheduler.cache_full_blocks(plan)
@@ -305,7 +309,18 @@ class LLMEngine:
             self._pending_stores += newly_cached
             if not self.scheduler.has_unfinished():  # idle: write what is pending now, not at the next request
                 self.tiers.move([], [], self._take_pending_stores())
+        self.stats.step_seconds += time.perf_counter() - stepped
         return outputs
+
+    def _sample(self, logits: torch.Tensor | None, sampling: list[_RequestState]) -> list[int]:
+        """The step's tokens on the host; reading them is the step's one wait for the device (timed)."""
+        if not sampling:
+            return []
+        tokens = sample_on_device(logits, [s.seq.params for s in sampling], [s.generator for s in sampling])
+        waited = time.perf_counter()
+        host_tokens = tokens.tolist()
+        self.stats.token_wait_seconds += time.perf_counter() - waited
+        return host_tokens
 
     def _move_blocks_in(self, plan: SchedulerOutput) -> None:
         """Before the forward, in this order: gather last step's new blocks for Redis, spill what the pool evicted

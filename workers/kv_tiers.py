@@ -227,8 +227,8 @@ class KVTiers:
 
     def _plan(self, evicted, loads, stores) -> _Moves:
         moves = _Moves()
-        fresh = [(h, block, prefix) for h, block, prefix in stores if h not in self._known_in_redis]
-        if self.writer is not None and fresh:
+        if self.writer is not None:  # (no Redis: nothing to sort out)
+            fresh = [(h, block, prefix) for h, block, prefix in stores if h not in self._known_in_redis]
             moves.stored = [(h, prefix) for h, _, prefix in fresh]
             moves.ops.gather_blocks.extend(block for _, block, _ in fresh)
         if self.cpu is not None and evicted:
@@ -292,7 +292,8 @@ class KVTiers:
             for heads in self.unit_ranges:
                 unit = block[:, :, :, heads[0] : heads[1]].contiguous()
                 raw = memoryview(unit.view(-1).view(torch.uint8).numpy())
-                items.append((self._unit_key(block_hash, heads, prefix), codec.encode(self.unit_of(block_hash, heads), raw)))
+                encoded = codec.encode(self.unit_of(block_hash, heads), raw)
+                items.append((self._unit_key(block_hash, heads, prefix), encoded))
             manifest = codec.encode_manifest(bytes.fromhex(self.fingerprint), block_hash, self.unit_ranges)
             items.append((manifest_key(self.fingerprint, prefix, block_hash), manifest))
             self._remember_in_redis(block_hash)

@@ -14,10 +14,12 @@ from typing import Protocol, TypeVar
 import torch
 
 from workers.attention import AttentionMetadata
+from workers.block_table import DeviceBlockTable, upload
 from workers.decode_graphs import DecodeGraphs
 from workers.model import LlamaForCausalLM
 from workers.scheduler import ScheduledChunk
 from workers.step_packet import HostBatch
+from workers.table_rows import TableRowAllocator
 
 
 @dataclass(frozen=True)
@@ -37,20 +39,27 @@ class StepBroadcaster(Protocol):
         ...
 
 
-def build_host_batch(chunks: list[ScheduledChunk], block_size: int) -> HostBatch:
-    batch = HostBatch([], [], [], [0], [], [], [])
+def build_host_batch(chunks: list[ScheduledChunk], block_size: int, table_rows: TableRowAllocator) -> HostBatch:
+    token_ids, positions, slot_blocks, query_start_loc, context_lens, sample_indices = [], [], [], [0], [], []
     for chunk in chunks:
         seq, end = chunk.seq, chunk.start + chunk.num_tokens
-        span = range(chunk.start, end)
-        batch.token_ids.extend(seq.token_ids[chunk.start : end])
-        batch.positions.extend(span)
-        batch.slot_blocks.extend(seq.block_ids[pos // block_size] for pos in span)
-        batch.query_start_loc.append(len(batch.token_ids))
-        batch.context_lens.append(end)
-        batch.block_tables.append(seq.block_ids[: -(-end // block_size)])
+        if chunk.num_tokens == 1:  # a decode token: the common case, kept cheap
+            token_ids.append(seq.token_ids[chunk.start])
+            positions.append(chunk.start)
+            slot_blocks.append(seq.block_ids[chunk.start // block_size])
+        else:
+            span = range(chunk.start, end)
+            token_ids.extend(seq.token_ids[chunk.start : end])
+            positions.extend(span)
+            slot_blocks.extend(seq.block_ids[pos // block_size] for pos in span)
+        query_start_loc.append(len(token_ids))
+        context_lens.append(end)
         if chunk.samples:
-            batch.sample_indices.append(len(batch.token_ids) - 1)
-    return batch
+            sample_indices.append(len(token_ids) - 1)
+    rows = table_rows.assign([(c.seq.request_id, c.seq.block_ids, -(-(c.start + c.num_tokens) // block_size))
+                              for c in chunks])
+    return HostBatch(token_ids, positions, slot_blocks, query_start_loc, context_lens, rows.rows, rows.updates,
+                     sample_indices)
 
 
 class ModelRunner:
@@ -60,6 +69,8 @@ class ModelRunner:
         kv_cache: torch.Tensor,
         block_size: int,
         device: torch.device,
+        max_num_seqs: int,
+        max_model_len: int,
         broadcaster: StepBroadcaster | None = None,
     ) -> None:
         self.model = model
@@ -67,24 +78,28 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.broadcaster = broadcaster
+        self.table_rows = TableRowAllocator(max_num_seqs)  # used on rank 0, which builds the batches
+        self.block_table = DeviceBlockTable(max_num_seqs, -(-max_model_len // block_size), device)
         self.decode_graphs: DecodeGraphs | None = None
 
     def enable_decode_graphs(self, max_batch: int, max_model_len: int, with_logits: bool, capture: bool) -> None:
         """Run decode steps of up to ``max_batch`` sequences on static inputs, captured as CUDA graphs
         (``capture``; every rank of a group at the same point) or eagerly (tests on the CPU)."""
-        graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_model_len, max_batch, with_logits)
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.block_table, self.block_size, max_model_len, max_batch,
+                              with_logits)
         if capture:
             graphs.capture()
         self.decode_graphs = graphs
 
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
         """Compute the chunks' KV into the cache; logits [S, V] fp32 for the chunks that sample, in order."""
-        batch = build_host_batch(chunks, self.block_size)
+        batch = build_host_batch(chunks, self.block_size, self.table_rows)
         if self.broadcaster is None:
             return self.run(batch, with_logits=True)
         return self.broadcaster.run_step(batch, lambda: self.run(batch, with_logits=True))
 
     def run(self, batch: HostBatch, with_logits: bool) -> torch.Tensor | None:
+        self.block_table.apply(batch.table_updates)
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             logits = self.decode_graphs.run(batch)
             return logits if with_logits else None
@@ -95,16 +110,18 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.sample_indices])
 
     def to_inputs(self, batch: HostBatch) -> ModelInputs:
-        to_device = self._to_device
-        positions = to_device(batch.positions)
+        """One host-to-device copy of the step's lists, then the block table rows gathered on the device."""
+        num_tokens, num_chunks = len(batch.token_ids), len(batch.context_lens)
+        values = upload(batch.token_ids + batch.positions + batch.slot_blocks + batch.table_rows
+                        + batch.sample_indices, self.device)
+        token_ids, positions, slot_blocks, table_rows, sample_indices = values.split(
+            [num_tokens, num_tokens, num_tokens, num_chunks, len(batch.sample_indices)])
+        width = -(-max(batch.context_lens) // self.block_size)
         meta = AttentionMetadata(
             query_start_loc=batch.query_start_loc,
             context_lens=batch.context_lens,
-            block_tables=[to_device(table) for table in batch.block_tables],
-            slot_blocks=to_device(batch.slot_blocks),
+            block_table=self.block_table.gather(table_rows, width),
+            slot_blocks=slot_blocks,
             slot_offsets=positions % self.block_size,
         )
-        return ModelInputs(to_device(batch.token_ids), positions, meta, to_device(batch.sample_indices))
-
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        return ModelInputs(token_ids, positions, meta, sample_indices)

@@ -14,6 +14,12 @@ from workers.sampling_params import SamplingParams
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """logits [S, V] fp32 -> S token ids."""
+    return sample_on_device(logits, params, generators).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator]) -> torch.Tensor:
+    """logits [S, V] fp32 -> [S] token ids, on the logits' device (no host synchronisation)."""
     tokens = logits.argmax(dim=-1)  # [S]
     random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
     if random_rows:
@@ -21,7 +27,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         probs = filtered_probs(logits[rows], [params[row] for row in random_rows])  # [R, V]
         noise = torch.stack([_exponential(probs.shape[-1], generators[row], probs.device) for row in random_rows])
         tokens[rows] = (probs / noise).argmax(dim=-1)
-    return tokens.tolist()
+    return tokens
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

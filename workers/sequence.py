@@ -25,7 +25,9 @@ class FinishReason(str, enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     """Invariants: ``num_computed_tokens <= len(token_ids)``; the KV of tokens ``[0, num_computed_tokens)`` is in
-    ``block_ids`` (token t in block ``block_ids[t // block_size]``); a waiting sequence holds no blocks."""
+    ``block_ids`` (token t in block ``block_ids[t // block_size]``); a waiting sequence holds no blocks;
+    ``block_ids`` only grows in place, and any other change assigns a new list (``workers.table_rows`` relies on
+    that to send only new entries of a sequence's block table)."""
 
     request_id: str
     token_ids: list[int]  # the prompt, then every generated token

@@ -1,7 +1,8 @@
 """One step's model inputs as int64 tensors, so rank 0 can broadcast them to the other ranks (never pickle).
 
-STEP header: [STEP, T, B, table entries, S]; body: token_ids[T], positions[T], slot_blocks[T],
-query_start_loc[B+1], context_lens[B], table lengths[B], block tables (flattened), sample_indices[S].
+STEP header: [STEP, T, B, U, S]; body: token_ids[T], positions[T], slot_blocks[T], query_start_loc[B+1],
+context_lens[B], table_rows[B], the block-table updates as U flat entries (row, column, count, blocks...),
+sample_indices[S].
 TIER header: [TIER, gathers, spills, CPU loads, full loads]; body: ``TierOps.flat()``.
 """
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
+
+from workers.table_rows import TableUpdate
 
 STOP, STEP, TIER = 0, 1, 2
 HEADER_SIZE = 5
@@ -25,16 +28,19 @@ class HostBatch:
     slot_blocks: list[int]
     query_start_loc: list[int]
     context_lens: list[int]
-    block_tables: list[list[int]]
+    table_rows: list[int]  # [B]: the persistent block-table row each chunk reads (``workers.table_rows``)
+    table_updates: list[TableUpdate]  # written into the persistent table before the step reads it
     sample_indices: list[int]
 
 
 def pack(batch: HostBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    tables = [block for table in batch.block_tables for block in table]
-    header = [STEP, len(batch.token_ids), len(batch.context_lens), len(tables), len(batch.sample_indices)]
+    updates = []
+    for update in batch.table_updates:
+        updates += [update.row, update.column, len(update.blocks), *update.blocks]
+    header = [STEP, len(batch.token_ids), len(batch.context_lens), len(updates), len(batch.sample_indices)]
     body = (
         batch.token_ids + batch.positions + batch.slot_blocks + batch.query_start_loc + batch.context_lens
-        + [len(table) for table in batch.block_tables] + tables + batch.sample_indices
+        + batch.table_rows + updates + batch.sample_indices
     )
     return torch.tensor(header, dtype=torch.long), torch.tensor(body, dtype=torch.long)
 
@@ -44,17 +50,25 @@ def stop_header() -> torch.Tensor:
 
 
 def body_size(header: torch.Tensor) -> int:
-    _, num_tokens, num_chunks, table_entries, num_samples = header.tolist()
-    return 3 * num_tokens + (num_chunks + 1) + 2 * num_chunks + table_entries + num_samples
+    _, num_tokens, num_chunks, update_entries, num_samples = header.tolist()
+    return 3 * num_tokens + (num_chunks + 1) + 2 * num_chunks + update_entries + num_samples
 
 
 def unpack(header: torch.Tensor, body: torch.Tensor) -> HostBatch:
-    _, num_tokens, num_chunks, table_entries, num_samples = header.tolist()
-    sizes = [num_tokens, num_tokens, num_tokens, num_chunks + 1, num_chunks, num_chunks, table_entries, num_samples]
+    _, num_tokens, num_chunks, update_entries, num_samples = header.tolist()
+    sizes = [num_tokens, num_tokens, num_tokens, num_chunks + 1, num_chunks, num_chunks, update_entries, num_samples]
     values = body.tolist()
     bounds = [0, *accumulate(sizes)]
     fields = [values[start:end] for start, end in zip(bounds, bounds[1:])]
-    tokens, positions, slots, query_start_loc, context_lens, table_lens, tables, samples = fields
-    table_bounds = [0, *accumulate(table_lens)]
-    block_tables = [tables[start:end] for start, end in zip(table_bounds, table_bounds[1:])]
-    return HostBatch(tokens, positions, slots, query_start_loc, context_lens, block_tables, samples)
+    tokens, positions, slots, query_start_loc, context_lens, table_rows, flat_updates, samples = fields
+    return HostBatch(tokens, positions, slots, query_start_loc, context_lens, table_rows,
+                     _unflatten_updates(flat_updates), samples)
+
+
+def _unflatten_updates(flat: list[int]) -> list[TableUpdate]:
+    updates, index = [], 0
+    while index < len(flat):
+        row, column, count = flat[index : index + 3]
+        updates.append(TableUpdate(row, column, flat[index + 3 : index + 3 + count]))
+        index += 3 + count
+    return updates

@@ -48,10 +48,11 @@ def serve(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
     shape = KVCacheShape(num_blocks, model_config.num_layers, config.cache.block_size, kv_heads.size,
                          model_config.head_dim, dtype)
     kv_cache = allocate_kv_cache(shape, device)
-    runner = ModelRunner(model, kv_cache, config.cache.block_size, device)
+    model_len = max_model_len(config, model_config)
+    runner = ModelRunner(model, kv_cache, config.cache.block_size, device, config.scheduler.max_num_seqs, model_len)
     mover = BlockMover(kv_cache, num_cpu_slots, kv_heads, model_config.num_kv_heads, parallel, collectives.device)
     if max_batch := decode_graph_batch(config, device):  # rank 0 captures at this point too
-        runner.enable_decode_graphs(max_batch, max_model_len(config, model_config), with_logits=False, capture=True)
+        runner.enable_decode_graphs(max_batch, model_len, with_logits=False, capture=True)
     while (message := collectives.receive_message()) is not None:
         if isinstance(message, TierOps):
             mover.apply(message)

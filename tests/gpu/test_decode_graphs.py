@@ -61,7 +61,7 @@ def test_a_replayed_decode_step_does_not_synchronise_the_host(tmp_path):
     while engine.stats.generated_tokens < 3:
         engine.step()  # prefill: every sequence has its first token
     plan = engine.scheduler.schedule()
-    batch = build_host_batch(plan.chunks, engine.cache_shape.block_size)
+    batch = build_host_batch(plan.chunks, engine.cache_shape.block_size, engine.runner.table_rows)
     assert engine.runner.decode_graphs.fits(batch)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -27,8 +27,11 @@ def test_every_benchmark_writes_its_table_json_and_plot(tmp_path):
     finally:
         redis.stop()
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {name: json.loads((out / f"{name}.json").read_text())["rows"] for name in ("engine", "prefix", "serving")}
+    names = ("engine", "prefix", "host", "serving")
+    rows = {name: json.loads((out / f"{name}.json").read_text())["rows"] for name in names}
     assert [row["batch"] for row in rows["engine"]] == [1, 4]
+    assert [(row["batch"], row["context"]) for row in rows["host"]] == [(1, 64), (8, 64)]
+    assert all(row["host_ms_per_step"] > 0 for row in rows["host"])
     assert all(row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 for row in rows["engine"])
     (prefix,) = rows["prefix"]
     assert prefix["prefix_tokens"] == 256 and prefix["redis hit"] > 0 and prefix["redis GB/s"] > 0
@@ -39,10 +42,11 @@ def test_every_benchmark_writes_its_table_json_and_plot(tmp_path):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     summary = (out / "summary.md").read_text()
     for heading, table in (("## engine:", "| batch | prefill tok/s"), ("## prefix:", "| prefix tokens |"),
+                           ("## host:", "| batch | context | host ms/step |"),
                            ("## serving:", "| workload | policy |")):
         assert heading in summary and table in summary and table in done.stdout
-    assert summary.count("![") == 3
-    assert "kvtier bench [3/3] serving" in done.stderr
+    assert summary.count("![") == 4
+    assert "kvtier bench [4/4] serving" in done.stderr
 
 
 def test_flags_it_does_not_know_go_to_the_one_benchmark_named(tmp_path):

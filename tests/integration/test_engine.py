@@ -174,3 +174,11 @@ def test_async_validation_errors_raise_at_once_and_a_cancelled_stream_aborts(eng
     first = asyncio.run(main())
     assert first.new_token_ids and not first.finished
     assert pool_is_full(engine)
+
+
+def test_step_time_is_split_into_host_work_and_the_wait_for_sampled_tokens(engine):
+    before = engine.stats.step_seconds
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))
+    step_seconds = engine.stats.step_seconds - before
+    assert step_seconds > 0
+    assert 0 <= engine.stats.token_wait_seconds <= engine.stats.step_seconds

@@ -43,7 +43,8 @@ def step_inputs(chunks: list[tuple[int, int]], num_heads: int, num_kv_heads: int
         tables.append(table.to(DEVICE))
         starts.append(starts[-1] + query_len)
     query = torch.randn(starts[-1], num_heads, head_dim, generator=gen).to(DEVICE)
-    meta = AttentionMetadata(starts, [c for _, c in chunks], tables, torch.zeros(starts[-1], dtype=torch.long,
+    table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=-1).to(torch.int32)
+    meta = AttentionMetadata(starts, [c for _, c in chunks], table, torch.zeros(starts[-1], dtype=torch.long,
                              device=DEVICE), torch.zeros(starts[-1], dtype=torch.long, device=DEVICE))
     return query, LayerKVCache(key.to(DEVICE), value.to(DEVICE)), meta
 

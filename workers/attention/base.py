@@ -2,7 +2,8 @@
 
 One step's batch is a list of sequence chunks, flattened into T tokens. Chunk i owns tokens
 ``query_start_loc[i]:query_start_loc[i + 1]``; they are the last ``query_len`` positions of a context of
-``context_lens[i]`` tokens whose KV lives in the blocks ``block_tables[i]`` (``block_size`` tokens each).
+``context_lens[i]`` tokens whose KV lives in the blocks ``block_table[i, :ceil(context_lens[i] / block_size)]``
+(``block_size`` tokens each).
 A chunk may be a whole prompt, part of one (chunked prefill, cached prefix before it) or one decode token.
 """
 
@@ -25,7 +26,7 @@ class LayerKVCache(NamedTuple):
 class DeviceTables(NamedTuple):
     """The per-chunk lists as device tensors, for kernels that index them."""
 
-    block_table: torch.Tensor  # [B, max blocks of a chunk] int32 (int64 in a decode graph), padded
+    block_table: torch.Tensor  # [B, max blocks of a chunk] int32, padded
     query_start: torch.Tensor  # [B + 1] int32 (int64 in a decode graph)
     context_lens: torch.Tensor  # [B] int32 (int64 in a decode graph)
 
@@ -34,7 +35,7 @@ class DeviceTables(NamedTuple):
 class AttentionMetadata:
     query_start_loc: list[int]  # [B + 1], host
     context_lens: list[int]  # [B], host
-    block_tables: list[torch.Tensor]  # B tensors of block ids, each [ceil(context_len / block_size)], device
+    block_table: torch.Tensor  # [B, max blocks of a chunk] int32, device; a row's entries past its context: any
     slot_blocks: torch.Tensor  # [T] long, device: the block each new token's KV is written to
     slot_offsets: torch.Tensor  # [T] long, device: the offset in that block
     static_tables: DeviceTables | None = None  # a captured decode graph's persistent tables (see decode_graphs)
@@ -54,9 +55,11 @@ class AttentionMetadata:
         if self.static_tables is not None:
             return self.static_tables
         device = self.slot_blocks.device
-        table = torch.nn.utils.rnn.pad_sequence(self.block_tables, batch_first=True).to(torch.int32)
-        return DeviceTables(table, torch.tensor(self.query_start_loc, dtype=torch.int32, device=device),
-                            torch.tensor(self.context_lens, dtype=torch.int32, device=device))
+        lists = torch.tensor(self.query_start_loc + self.context_lens, dtype=torch.int32)
+        if device.type == "cuda":
+            lists = lists.pin_memory()
+        query_start, context_lens = lists.to(device, non_blocking=True).split([self.num_chunks + 1, self.num_chunks])
+        return DeviceTables(self.block_table, query_start, context_lens)
 
 
 class AttentionBackend(Protocol):

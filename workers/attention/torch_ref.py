@@ -30,8 +30,9 @@ def attend_paged(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetada
     out = torch.empty_like(query)
     for i in range(meta.num_chunks):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-        keys = _gather_context(cache.key, meta.block_tables[i], meta.context_lens[i])
-        values = _gather_context(cache.value, meta.block_tables[i], meta.context_lens[i])
+        table = meta.block_table[i, : -(-meta.context_lens[i] // cache.key.shape[1])]  # [blocks of the context]
+        keys = _gather_context(cache.key, table, meta.context_lens[i])
+        values = _gather_context(cache.value, table, meta.context_lens[i])
         out[start:end] = _attend(query[start:end], keys, values, scale)
     return out
 
