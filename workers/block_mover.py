@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from kvstore.copy_runs import coalesce
 from workers.parallel import ParallelContext, Span
+from workers.uploads import upload
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,10 @@ class BlockMover:
         cache = self.kv_cache
         full = self._broadcast_payload(payload, len(block_ids))  # [n, L, 2, bs, Hkv_all, D]
         mine = full[:, :, :, :, self.kv_heads.start : self.kv_heads.stop].to(cache.device)
-        cache.index_copy_(0, torch.tensor(block_ids, device=cache.device), mine)
+        cache.index_copy_(0, upload(block_ids, cache.device), mine)
 
     def _gather(self, block_ids: list[int]) -> torch.Tensor | None:
-        local = self.kv_cache.index_select(0, torch.tensor(block_ids, device=self.kv_cache.device))
+        local = self.kv_cache.index_select(0, upload(block_ids, self.kv_cache.device))
         if self.parallel.world_size == 1:
             return local.cpu()
         local = local.to(self.collective_device)

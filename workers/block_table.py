@@ -9,14 +9,7 @@ from __future__ import annotations
 import torch
 
 from workers.table_rows import TableUpdate
-
-
-def upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 host list on ``device``, copied without blocking the host (through pinned memory on CUDA)."""
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        host = host.pin_memory()  # the caching host allocator keeps it until the copy has run
-    return host.to(device, non_blocking=True)
+from workers.uploads import upload
 
 
 class DeviceBlockTable:

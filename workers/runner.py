@@ -14,12 +14,13 @@ from typing import Protocol, TypeVar
 import torch
 
 from workers.attention import AttentionMetadata
-from workers.block_table import DeviceBlockTable, upload
+from workers.block_table import DeviceBlockTable
 from workers.decode_graphs import DecodeGraphs
 from workers.model import LlamaForCausalLM
 from workers.scheduler import ScheduledChunk
 from workers.step_packet import HostBatch
 from workers.table_rows import TableRowAllocator
+from workers.uploads import upload
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from workers.sampling_params import SamplingParams
+from workers.uploads import upload
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
@@ -23,7 +24,7 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
     tokens = logits.argmax(dim=-1)  # [S]
     random_rows = [row for row, p in enumerate(params) if not p.is_greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
+        rows = upload(random_rows, logits.device)
         probs = filtered_probs(logits[rows], [params[row] for row in random_rows])  # [R, V]
         noise = torch.stack([_exponential(probs.shape[-1], generators[row], probs.device) for row in random_rows])
         tokens[rows] = (probs / noise).argmax(dim=-1)
@@ -33,13 +34,13 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """[R, V] logits -> [R, V] probabilities after temperature, top-k, top-p and min-p."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    temperature = upload([p.temperature for p in params], device, logits.dtype)
     logits = logits / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         logits = _top_k_top_p(logits, params)
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=probs.dtype)
+        min_p = upload([p.min_p for p in params], device, probs.dtype)
         floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
     return probs
@@ -49,9 +50,9 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
+    top_k = upload([p.top_k if p.top_k > 0 else vocab for p in params], logits.device)
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
+    top_p = upload([p.top_p for p in params], logits.device, logits.dtype)
     sorted_probs = sorted_logits.softmax(dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better-ranked tokens
     drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1) & (ranks > 0)

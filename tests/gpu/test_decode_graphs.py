@@ -4,9 +4,9 @@ replayed, and no host synchronisation in a replayed step."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kvstore.config import CpuTierConfig, KVStoreConfig
+from tests.gpu.sync import no_host_sync
 from tests.hf_reference import random_prompts, save_random_model
 from workers.engine import LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig
@@ -63,10 +63,5 @@ def test_a_replayed_decode_step_does_not_synchronise_the_host(tmp_path):
     plan = engine.scheduler.schedule()
     batch = build_host_batch(plan.chunks, engine.cache_shape.block_size, engine.runner.table_rows)
     assert engine.runner.decode_graphs.fits(batch)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        logits = engine.runner.run(batch, with_logits=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    logits = no_host_sync(lambda: engine.runner.run(batch, with_logits=True))
     assert logits.shape == (3, engine.model_config.vocab_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.gpu.sync import no_host_sync
 from tests.integration.test_block_mover import DIMS, block_values, mover_for, numbered_cache, run_ops_and_read
 from workers.block_mover import TierOps
 
@@ -23,13 +24,11 @@ def test_spills_and_loads_do_not_synchronise_the_host():
     staged = [torch.full(DIMS, 5.0, pin_memory=True) for _ in range(4)]
     ops = TierOps(spills=[(b, b) for b in range(32)], cpu_loads=[(s, 32 + s) for s in range(8)],
                   full_loads=[60, 61, 62, 63])
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    def move_then_compute():
         mover.apply(ops, staged)
         cache.add_(0)  # compute-stream work after the moves waits for them on the GPU, not on the host
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+
+    no_host_sync(move_then_compute)
     torch.cuda.synchronize()
     assert block_values(mover.host)[:32] == list(range(32))
     assert block_values(cache)[32:40] == list(range(8)) and block_values(cache)[60:] == [5.0] * 4

@@ -15,6 +15,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from workers.uploads import upload
+
 
 class LayerKVCache(NamedTuple):
     """One layer's strided views into the block-major cache."""
@@ -55,10 +57,8 @@ class AttentionMetadata:
         if self.static_tables is not None:
             return self.static_tables
         device = self.slot_blocks.device
-        lists = torch.tensor(self.query_start_loc + self.context_lens, dtype=torch.int32)
-        if device.type == "cuda":
-            lists = lists.pin_memory()
-        query_start, context_lens = lists.to(device, non_blocking=True).split([self.num_chunks + 1, self.num_chunks])
+        lists = upload(self.query_start_loc + self.context_lens, device, torch.int32)
+        query_start, context_lens = lists.split([self.num_chunks + 1, self.num_chunks])
         return DeviceTables(self.block_table, query_start, context_lens)
 
 
