@@ -9,7 +9,8 @@ In one run, on one GPU, printing a Markdown table per part:
    tokens/s on the same weights; the speed-up; memory-bandwidth utilisation of a decode step, (weight bytes +
    KV bytes read) / step time / the device-to-device bandwidth above; the host share of a decode step (the
    part not spent waiting for sampled tokens: what overlapping scheduling with the GPU could win back);
-3. TTFT of one --ttft-lens prompt: engine vs transformers' forward (last position's logits only);
+3. TTFT of one --ttft-lens prompt: engine (the prompt in one step, and in chunks of --ttft-chunk tokens, the
+   later chunks attending over the cached earlier ones) vs transformers' forward (last position's logits only);
 4. caching overhead: decode tokens/s at --overhead-batch with GPU prefix cache, CPU tier and Redis
    write-behind on (--redis-url) vs every tier off, on random prompts that never share a block.
 Engines run with decode CUDA graphs (--no-cuda-graphs: without) on the --attention-backend (default triton).
@@ -49,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--ttft-lens", default="8192,32768")
+    parser.add_argument("--ttft-chunk", type=int, default=8192, help="the chunked-prefill token budget also timed")
     parser.add_argument("--overhead-batch", type=int, default=32)
     parser.add_argument("--redis-url", help="a loopback Redis for the caching-overhead run (else CPU tier only)")
     parser.add_argument("--kv-cache-memory", default="16GiB")
@@ -160,21 +162,27 @@ def print_decode(rows: dict[int, dict]) -> None:
 
 
 def ttft_rows(args: argparse.Namespace, lengths: list[int], skip: set[str]) -> dict[int, dict]:
-    engine = make_engine(args)
-    engine_ttft(engine, 256)  # warm-up
-    rows = {n: {"engine_ms": 1e3 * engine_ttft(engine, n)} for n in progress(lengths, "TTFT (engine)")}
-    release(engine)
+    """The prompt prefilled in one step (a token budget of the longest prompt), and in --ttft-chunk chunks."""
+    rows = {n: {} for n in lengths}
+    for label, budget in (("engine_ms", max(lengths)), ("engine_chunked_ms", args.ttft_chunk)):
+        engine = make_engine(args, max_tokens=budget)
+        engine_ttft(engine, 256)  # warm-up
+        for n in progress(lengths, f"TTFT ({label})"):
+            rows[n][label] = 1e3 * engine_ttft(engine, n)
+        release(engine)
     if "transformers" not in skip:
         model = load_transformers(args)
         for n in lengths:
             rows[n]["transformers_ms"] = 1e3 * transformers_ttft(model, n)
         del model
-    print("\n| prompt tokens | engine TTFT ms | transformers forward ms | ratio |")
-    print("|---:|---:|---:|---:|")
+    print(f"\n| prompt tokens | engine TTFT ms, one step | engine, chunks of {args.ttft_chunk} | transformers forward ms "
+          "| ratio, one step |")
+    print("|---:|---:|---:|---:|---:|")
     for n, r in rows.items():
         theirs = r.get("transformers_ms")
         ratio = f"{r['engine_ms'] / theirs:.2f}" if theirs else "-"
-        print(f"| {n:,} | {r['engine_ms']:,.1f} | {f'{theirs:,.1f}' if theirs else '-'} | {ratio} |")
+        print(f"| {n:,} | {r['engine_ms']:,.1f} | {r['engine_chunked_ms']:,.1f} | "
+              f"{f'{theirs:,.1f}' if theirs else '-'} | {ratio} |")
     return rows
 
 

@@ -79,3 +79,19 @@ def test_the_compiled_triton_kernel_matches_the_reference_in_half_precision(dtyp
         got = paged_attention(query, cache, meta, 128 ** -0.5, num_splits=splits).float()
         want = reference(query.float(), LayerKVCache(cache.key.float(), cache.value.float()), meta, 128 ** -0.5)
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_long_prompts_on_sdpa_and_the_kernel_generate_what_the_reference_does():
+    """Prompts of 1,500 and 2,100 tokens go to SDPA (whole prompts), then the decode steps and a prompt that
+    continues a cached one go through the compiled kernel: same greedy tokens as the torch reference (fp32)."""
+    prompts = random_prompts([1500, 2100, 300], vocab_size=256, seed=4)
+    prompts.append(prompts[1][:1600] + prompts[2][:40])  # a cached prefix of 1,600 tokens, then a new chunk
+    outputs = {}
+    for backend in ("torch", "triton"):
+        config = EngineConfig(model="tiny", device="cuda", attention_backend=backend, cache=CacheConfig(num_blocks=512),
+                              scheduler=SchedulerConfig(max_num_batched_tokens=4096))
+        engine = LLMEngine.from_config(config, progress=False)
+        done = engine.generate(prompts[:3], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        done += engine.generate(prompts[3:], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        outputs[backend] = [c.token_ids for c in done]
+    assert outputs["triton"] == outputs["torch"]

@@ -71,7 +71,7 @@ def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_pat
     out = tmp_path / "against.json"
     flags = ["--model", "tiny", "--dtype", "float32", "--device", "cpu", "--attention-backend", "torch",
              "--batch-sizes", "1,2", "--prompt-len", "16", "--decode-tokens", "4", "--ttft-lens", "64",
-             "--overhead-batch", "2", "--kv-cache-memory", "32MiB", "--bandwidth-mib", "16",
+             "--ttft-chunk", "32", "--overhead-batch", "2", "--kv-cache-memory", "32MiB", "--bandwidth-mib", "16",
              "--redis-url", redis.url, "--json-out", str(out)]
     try:
         done = subprocess.run([sys.executable, str(BENCH / "against_transformers.py"), *flags],
@@ -83,6 +83,8 @@ def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_pat
     assert set(result["decode"]) == {"1", "2"}
     for row in result["decode"].values():
         assert row["engine_tok_s"] > 0 and row["transformers_tok_s"] > 0 and row["bandwidth_utilisation"] > 0
-    assert result["ttft"]["64"]["engine_ms"] > 0 and result["ttft"]["64"]["transformers_ms"] > 0
+    ttft = result["ttft"]["64"]
+    assert ttft["engine_ms"] > 0 and ttft["engine_chunked_ms"] > 0 and ttft["transformers_ms"] > 0
+    assert 0 < row["host_share"] <= 1
     assert result["overhead"]["tiers on"] > 0 and result["overhead"]["tiers off"] > 0
     assert "| batch | engine tok/s |" in done.stdout and "| prompt tokens |" in done.stdout

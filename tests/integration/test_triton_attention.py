@@ -4,6 +4,7 @@ interpreter (``TRITON_INTERPRET=1``, set in conftest); on a GPU the same tests r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -67,6 +68,29 @@ def test_decode_steps_match_whether_or_not_contexts_are_split(num_splits):
     query, cache, meta = step_inputs([(1, n) for n in (3, 16, 33, 64, 300)], 8, 2, 32, seed=7)
     got = paged_attention(query, cache, meta, 0.2, num_splits=num_splits)
     torch.testing.assert_close(got, reference(query, cache, meta, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_long_whole_prompts_go_to_sdpa_and_the_kernel_takes_the_rest():
+    """The backend's forward: the K/V of every token is written, then whole prompts of at least the threshold are
+    attended by SDPA over their own K/V and every other chunk (short prompt, prefix + chunk, decode) by the
+    kernel, which is told to skip the long ones."""
+    from workers.attention.triton_backend import TritonBackend, dense_prompt_spans, paged_attention
+
+    chunks = [(1, 40), (12, 12), (20, 50), (40, 40), (17, 17)]  # 40 and 17: whole prompts >= 17 tokens
+    query, cache, meta = step_inputs(chunks, 8, 2, 32, seed=11)
+    starts = meta.query_start_loc
+    slots = [(int(meta.block_table[i, p // BLOCK]), p % BLOCK) for i, (q, c) in enumerate(chunks)
+             for p in range(c - q, c)]  # where each new token's K/V goes: the forward writes it there again
+    meta = dataclasses.replace(meta, slot_blocks=torch.tensor([b for b, _ in slots], device=DEVICE),
+                               slot_offsets=torch.tensor([o for _, o in slots], device=DEVICE))
+    key = torch.stack([cache.key[block, offset] for block, offset in slots])  # [T, Hkv, D]
+    value = torch.stack([cache.value[block, offset] for block, offset in slots])
+    assert dense_prompt_spans(meta, 17) == [(starts[3], starts[4]), (starts[4], starts[5])]
+    skipped = paged_attention(query, cache, meta, 0.2, dense_from=17)
+    got = TritonBackend(sdpa_min_tokens=17).forward(query, key, value, cache, meta, 0.2)
+    expected = reference(query, cache, meta, 0.2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(skipped[: starts[3]], expected[: starts[3]], rtol=1e-5, atol=1e-5)
 
 
 def test_long_decode_contexts_in_a_small_batch_are_split_by_default():

@@ -12,6 +12,10 @@ Decode steps with long contexts and few programs (batch x KV heads below the GPU
 pages across ``num_splits`` programs (split-K): each writes its partial max, sum and accumulator, and a second
 kernel combines them, so a batch-1 decode over 32k tokens uses the whole GPU rather than 8 of its SMs.
 
+A whole prompt (no cached prefix) of at least ``sdpa_min_tokens`` tokens is attended by torch's
+``scaled_dot_product_attention`` (FlashAttention on CUDA) over its own contiguous K/V instead, as transformers
+does: the paged kernel skips such chunks. Steps mixing them with other chunks run both.
+
 Runs on CUDA; with ``TRITON_INTERPRET=1`` it runs on the CPU (slowly), which is how the test suite checks it
 against the torch reference on machines without a GPU. Speed work (split-K decode for long contexts, tuning)
 belongs to the GPU fast path and is measured there.
@@ -20,6 +24,7 @@ belongs to the GPU fast path and is measured there.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -30,9 +35,14 @@ _PREFILL_ROWS = 64
 _MAX_SPLITS = 16
 _PAGES_PER_SPLIT = 32  # split a decode context only where each split still walks this many pages
 _TARGET_PROGRAMS = 128  # about one per SM of an H100 (132)
+SDPA_MIN_TOKENS = 1024  # whole prompts this long go to torch's SDPA (flash); shorter ones stay in one launch
+_NEVER = 2**31 - 1
 
 
 class TritonBackend:
+    def __init__(self, sdpa_min_tokens: int = SDPA_MIN_TOKENS) -> None:
+        self.sdpa_min_tokens = sdpa_min_tokens
+
     def forward(
         self,
         query: torch.Tensor,  # [T, Hq, D], RoPE applied
@@ -43,13 +53,33 @@ class TritonBackend:
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
         write_kv(cache, key, value, meta)
-        return paged_attention(query, cache, meta, scale)
+        dense = dense_prompt_spans(meta, self.sdpa_min_tokens)
+        out = paged_attention(query, cache, meta, scale, dense_from=self.sdpa_min_tokens if dense else _NEVER)
+        for start, end in dense:
+            out[start:end] = causal_sdpa(query[start:end], key[start:end], value[start:end], scale)
+        return out
+
+
+def dense_prompt_spans(meta: AttentionMetadata, min_tokens: int) -> list[tuple[int, int]]:
+    """Token spans of the chunks that are whole prompts (no cached prefix) of at least ``min_tokens`` tokens."""
+    starts, ends = meta.query_start_loc[:-1], meta.query_start_loc[1:]
+    return [(start, end) for start, end, context in zip(starts, ends, meta.context_lens)
+            if end - start == context and context >= min_tokens]
+
+
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """[S, Hq, D] queries over their own [S, Hkv, D] keys and values, causally: [S, Hq, D]."""
+    out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                                         value.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)  # [1, Hq, S, D] -> [S, Hq, D]
 
 
 def paged_attention(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
-                    num_splits: int | None = None) -> torch.Tensor:
+                    num_splits: int | None = None, dense_from: int = _NEVER) -> torch.Tensor:
     """Every query token attends causally over its chunk's context, read from ``cache`` ([T, Hq, D] out).
-    ``num_splits`` (decode-only steps): pages per context split across programs; None picks it."""
+    ``num_splits`` (decode-only steps): pages per context split across programs; None picks it.
+    ``dense_from``: chunks that are whole prompts of at least this many tokens are skipped (their rows of the
+    output are left for the caller)."""
     query = query if query.stride(-1) == 1 else query.contiguous()
     max_query_len = meta.max_query_len
     if max_query_len == 1:
@@ -61,7 +91,7 @@ def paged_attention(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMet
     block_q = 1 if max_query_len == 1 else max(1, _PREFILL_ROWS // group)
     grid = (meta.num_chunks, triton.cdiv(max_query_len, block_q), cache.key.shape[2])
     _paged_attention_kernel[grid](
-        out, query, cache.key, cache.value, *meta.device_tables, scale, *_strides(query, out, cache, meta),
+        out, query, cache.key, cache.value, *meta.device_tables, scale, dense_from, *_strides(query, out, cache, meta),
         BLOCK_Q=block_q, ROWS=max(_MIN_ROWS, triton.next_power_of_2(block_q * group)),
         **_shape_constants(query, cache),
     )
@@ -149,7 +179,7 @@ def _attend_pages(
 
 @triton.jit
 def _paged_attention_kernel(
-    out_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, query_start_ptr, context_lens_ptr, scale,
+    out_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, query_start_ptr, context_lens_ptr, scale, dense_from,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -158,8 +188,9 @@ def _paged_attention_kernel(
     chunk, tile, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     query_begin = tl.load(query_start_ptr + chunk)
     query_len = tl.load(query_start_ptr + chunk + 1) - query_begin
-    if tile * BLOCK_Q < query_len:
-        context_len = tl.load(context_lens_ptr + chunk)
+    context_len = tl.load(context_lens_ptr + chunk)
+    not_by_sdpa = (query_len < context_len) | (query_len < dense_from)  # long whole prompts are the caller's
+    if (tile * BLOCK_Q < query_len) & not_by_sdpa:
         rows = tl.arange(0, ROWS)
         token = tile * BLOCK_Q + rows // GROUP  # the row's query, within the chunk
         head = kv_head * GROUP + rows % GROUP
