@@ -1,8 +1,9 @@
 """Compile every Triton kernel launch the engine makes, for an H100 (sm_90), on a machine without a GPU.
 
 Triton's interpreter, which runs the kernels in the CPU test suite, accepts programs that the GPU compiler
-rejects: a ``tl.dot`` under 16 rows, a constexpr re-assigned in a loop, a mismatched loop-carried type, more
-shared memory than the SM has. So this runs the model's own forward (eager steps, and the padded static decode
+rejects: a loop-carried value whose type changes (tried: a page counter that becomes int64 only on a decode
+graph's int64 lengths) fails to compile, and more shared memory than an SM has fails at launch (read here from
+the compiled kernel's metadata). So this runs the model's own forward (eager steps, and the padded static decode
 steps a CUDA graph replays) with each kernel swapped for a recorder, then compiles every distinct recorded launch
 ahead of time with ``triton.compile`` for target ``cuda:90``; ptxas ships in the triton wheel, so the whole
 pipeline (TTIR, TTGIR, LLVM IR, PTX, cubin) runs here.

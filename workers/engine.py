@@ -291,11 +291,11 @@ class LLMEngine:
         return bool(self._requests or self._aborted)
 
     def step(self) -> list[RequestOutput]:
+        stepped = time.perf_counter()
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
-        stepped = time.perf_counter()
         self._move_blocks_in(plan)
         began = time.perf_counter()
         logits = self.runner.execute(plan.chunks)
