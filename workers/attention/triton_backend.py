@@ -3,13 +3,13 @@ a decode token, any mix), reading K/V straight from the block-major cache throug
 
 Grid: (chunk, query tile, KV head). A program takes ``BLOCK_Q`` consecutive query tokens of one chunk and the
 ``GROUP`` query heads that share one KV head, as ``ROWS`` = BLOCK_Q x GROUP rows (padded to a power of two), so
-each K/V page is loaded once for the whole group (GQA). It walks the chunk's block table one page
-(``block_size`` tokens) at a time up to the tile's last causal position, with an online softmax (running max
-and sum, fp32 accumulator). Slots past the context are masked on load, so a page's unused tail is never read
-into the sums (whatever it holds, NaN included).
+each K/V page is loaded once for the whole group (GQA). It walks the chunk's context ``TILE_N`` keys (several
+pages, each key's block looked up in the block table) at a time up to the tile's last causal position, with an
+online softmax (running max and sum, fp32 accumulator). Slots past the context are masked on load, so a page's
+unused tail is never read into the sums (whatever it holds, NaN included).
 
 Decode steps with long contexts and few programs (batch x KV heads below the GPU's width) split each context's
-pages across ``num_splits`` programs (split-K): each writes its partial max, sum and accumulator, and a second
+key tiles across ``num_splits`` programs (split-K): each writes its partial max, sum and accumulator, and a second
 kernel combines them, so a batch-1 decode over 32k tokens uses the whole GPU rather than 8 of its SMs.
 
 A whole prompt (no cached prefix) of at least ``sdpa_min_tokens`` tokens is attended by torch's
@@ -35,6 +35,7 @@ _PREFILL_ROWS = 64
 _MAX_SPLITS = 16
 _PAGES_PER_SPLIT = 32  # split a decode context only where each split still walks this many pages
 _TARGET_PROGRAMS = 128  # about one per SM of an H100 (132)
+_KEYS_PER_TILE = 64  # keys per inner-loop iteration (4 pages of 16): fewer, larger steps over a long context
 SDPA_MIN_TOKENS = 1024  # whole prompts this long go to torch's SDPA (flash); shorter ones stay in one launch
 _NEVER = 2**31 - 1
 
@@ -136,32 +137,36 @@ def _strides(query: torch.Tensor, out: torch.Tensor, cache: LayerKVCache, meta: 
 def _shape_constants(query: torch.Tensor, cache: LayerKVCache) -> dict:
     head_dim = query.shape[2]
     return {"GROUP": query.shape[1] // cache.key.shape[2], "HEAD_DIM": head_dim,
-            "BLOCK_D": triton.next_power_of_2(head_dim), "PAGE": cache.key.shape[1],
+            "BLOCK_D": triton.next_power_of_2(head_dim), "PAGE": cache.key.shape[1], "TILE_N": _KEYS_PER_TILE,
             "IEEE": query.dtype == torch.float32}  # fp32: exact products, not TF32
 
 
 @triton.jit
-def _attend_pages(
-    q, query_pos, acc, row_max, row_sum, first_page, end_page, context_len, table_row_ptr, k_ptr, v_ptr, kv_head,
+def _attend_keys(
+    q, query_pos, acc, row_max, row_sum, key_begin, key_end, table_row_ptr, k_ptr, v_ptr, kv_head,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims, dim_ok,
-    PAGE: tl.constexpr, IEEE: tl.constexpr,
+    PAGE: tl.constexpr, TILE_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Fold pages [first_page, end_page) of one context into the rows' online softmax: (acc, max, sum)."""
-    slots = tl.arange(0, PAGE)
-    page = first_page
-    while page < end_page:  # a while, not range(): Triton's interpreter cannot range over a loaded bound
-        block = tl.load(table_row_ptr + page).to(tl.int64)
-        key_pos = page * PAGE + slots  # [PAGE]
-        kv_mask = (key_pos < context_len)[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + block * stride_kb + slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :],
-                    mask=kv_mask, other=0.0)  # [PAGE, BLOCK_D]
-        v = tl.load(v_ptr + block * stride_vb + slots[:, None] * stride_vs + kv_head * stride_vh + dims[None, :],
-                    mask=kv_mask, other=0.0)
+    """Fold keys [key_begin, key_end) of one context into the rows' online softmax: (acc, max, sum). ``TILE_N``
+    keys at a time (several pages: each key's block is looked up in the block table), so a long context takes
+    few iterations and each dot product is ``ROWS x TILE_N``."""
+    offsets = tl.arange(0, TILE_N)
+    start = key_begin
+    while start < key_end:  # a while, not range(): Triton's interpreter cannot range over a loaded bound
+        key_pos = start + offsets  # [TILE_N]
+        valid = key_pos < key_end
+        block = tl.load(table_row_ptr + key_pos // PAGE, mask=valid, other=0).to(tl.int64)  # [TILE_N]
+        slot = key_pos % PAGE
+        kv_mask = valid[:, None] & dim_ok[None, :]
+        k = tl.load(k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
+                    + dims[None, :], mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
+        v = tl.load(v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+                    + dims[None, :], mask=kv_mask, other=0.0)
         if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, PAGE]
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, TILE_N]
         else:
             scores = tl.dot(q, tl.trans(k)) * scale
-        visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos < context_len)[None, :]
+        visible = (key_pos[None, :] <= query_pos[:, None]) & valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that saw no key yet
@@ -173,7 +178,7 @@ def _attend_pages(
         else:
             acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v)
         row_max = new_max
-        page += 1
+        start += TILE_N
     return acc, row_max, row_sum
 
 
@@ -183,7 +188,7 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
-    ROWS: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, PAGE: tl.constexpr, TILE_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     chunk, tile, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     query_begin = tl.load(query_start_ptr + chunk)
@@ -201,11 +206,11 @@ def _paged_attention_kernel(
         q = tl.load(q_ptr + (query_begin + token)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
         keys_end = tl.minimum(context_len - query_len + (tile + 1) * BLOCK_Q, context_len)  # exclusive
-        acc, row_max, row_sum = _attend_pages(
+        acc, row_max, row_sum = _attend_keys(
             q, query_pos, tl.zeros([ROWS, BLOCK_D], tl.float32), tl.full([ROWS], float("-inf"), tl.float32),
-            tl.zeros([ROWS], tl.float32), 0, tl.cdiv(keys_end, PAGE), context_len,
-            block_table_ptr + chunk * stride_table, k_ptr, v_ptr, kv_head,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims, dim_ok, PAGE, IEEE)
+            tl.zeros([ROWS], tl.float32), 0, keys_end, block_table_ptr + chunk * stride_table, k_ptr, v_ptr,
+            kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims, dim_ok, PAGE,
+            TILE_N, IEEE)
         result = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(out_ptr + (query_begin + token)[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                  result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
@@ -217,7 +222,7 @@ def _split_decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_table,
     NUM_HEADS: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PAGE: tl.constexpr, TILE_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One decode token's GROUP heads over this split's share of the pages; partial state out (unnormalised)."""
     chunk, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -230,16 +235,14 @@ def _split_decode_kernel(
     dim_ok = dims < HEAD_DIM
     q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
-    num_pages = tl.cdiv(context_len, PAGE)
-    pages_per_split = tl.cdiv(num_pages, SPLITS)
-    first_page = split * pages_per_split
-    end_page = tl.minimum(first_page + pages_per_split, num_pages)
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len, TILE_N), SPLITS)  # splits walk whole key tiles
+    key_begin = split * tiles_per_split * TILE_N
     query_pos = tl.zeros([ROWS], tl.int32) + context_len - 1
-    acc, row_max, row_sum = _attend_pages(
+    acc, row_max, row_sum = _attend_keys(
         q, query_pos, tl.zeros([ROWS, BLOCK_D], tl.float32), tl.full([ROWS], float("-inf"), tl.float32),
-        tl.zeros([ROWS], tl.float32), first_page, end_page, context_len, block_table_ptr + chunk * stride_table,
-        k_ptr, v_ptr, kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims,
-        dim_ok, PAGE, IEEE)
+        tl.zeros([ROWS], tl.float32), key_begin, tl.minimum(key_begin + tiles_per_split * TILE_N, context_len),
+        block_table_ptr + chunk * stride_table, k_ptr, v_ptr, kv_head, stride_kb, stride_ks, stride_kh, stride_vb,
+        stride_vs, stride_vh, scale, dims, dim_ok, PAGE, TILE_N, IEEE)
     state = (chunk * NUM_HEADS + head) * SPLITS + split  # [ROWS] index into [B, Hq, SPLITS]
     tl.store(max_ptr + state, row_max, mask=row_ok)
     tl.store(sum_ptr + state, row_sum, mask=row_ok)
