@@ -155,10 +155,14 @@ def print_decode(rows: dict[int, dict]) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch, r in rows.items():
         theirs = r.get("transformers_tok_s")
-        speedup = f"{r['engine_tok_s'] / theirs:.1f}x" if theirs else "-"
+        speedup = _cell(theirs and r["engine_tok_s"] / theirs, ".1f") + ("x" if theirs else "")
         print(f"| {batch} | {r['engine_tok_s']:,.0f} | {r['engine_decode_tok_s']:,.0f} | {r['step_ms']:.2f} | "
-              f"{f'{theirs:,.1f}' if theirs else '-'} | {speedup} | {r['bandwidth_utilisation']:.2f} | "
-              f"{r['host_share']:.2f} |")
+              f"{_cell(theirs, ',.1f')} | {speedup} | {r['bandwidth_utilisation']:.2f} | {r['host_share']:.2f} |")
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """A table cell for a value that a skipped part (``--skip transformers``) leaves out: "-" then."""
+    return format(value, spec) if value else "-"
 
 
 def ttft_rows(args: argparse.Namespace, lengths: list[int], skip: set[str]) -> dict[int, dict]:
@@ -180,9 +184,8 @@ def ttft_rows(args: argparse.Namespace, lengths: list[int], skip: set[str]) -> d
     print("|---:|---:|---:|---:|---:|")
     for n, r in rows.items():
         theirs = r.get("transformers_ms")
-        ratio = f"{r['engine_ms'] / theirs:.2f}" if theirs else "-"
-        print(f"| {n:,} | {r['engine_ms']:,.1f} | {r['engine_chunked_ms']:,.1f} | "
-              f"{f'{theirs:,.1f}' if theirs else '-'} | {ratio} |")
+        print(f"| {n:,} | {r['engine_ms']:,.1f} | {r['engine_chunked_ms']:,.1f} | {_cell(theirs, ',.1f')} | "
+              f"{_cell(theirs and r['engine_ms'] / theirs, '.2f')} |")
     return rows
 
 

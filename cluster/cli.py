@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -240,8 +241,6 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     """One report, or with ``--watch`` a fresh one every so many seconds until Ctrl-C (exit 0 then)."""
-    import time
-
     client = connect(args)
     try:
         while True:
@@ -256,8 +255,6 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def _print_status(client, args: argparse.Namespace) -> int:
-    import time
-
     import grpc
 
     from cluster.status_view import render_status, status_report

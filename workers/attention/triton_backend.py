@@ -63,6 +63,8 @@ class TritonBackend:
 
 def dense_prompt_spans(meta: AttentionMetadata, min_tokens: int) -> list[tuple[int, int]]:
     """Token spans of the chunks that are whole prompts (no cached prefix) of at least ``min_tokens`` tokens."""
+    if meta.max_query_len < min_tokens:  # every decode step and most others: no per-chunk walk in every layer
+        return []
     starts, ends = meta.query_start_loc[:-1], meta.query_start_loc[1:]
     return [(start, end) for start, end, context in zip(starts, ends, meta.context_lens)
             if end - start == context and context >= min_tokens]
