@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention-backend", default="triton")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--batch-sizes", default="1,32,128")
+    parser.add_argument("--transformers-batch-sizes", help="the batch sizes generate runs at (default: all of them)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--ttft-lens", default="8192,32768")
@@ -57,7 +58,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer size of the bandwidth copies")
     parser.add_argument("--skip", default="", help="parts to leave out: decode,ttft,overhead,transformers")
     add_output_args(parser)
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    theirs = args.transformers_batch_sizes
+    args.transformers_batch_sizes = [int(b) for b in theirs.split(",")] if theirs else args.batch_sizes
+    if not set(args.transformers_batch_sizes) <= set(args.batch_sizes):
+        parser.error(f"--transformers-batch-sizes {theirs}: each must be one of --batch-sizes")
+    return args
 
 
 def make_engine(args: argparse.Namespace, kvstore: KVStoreConfig = NO_TIERS, max_tokens: int = 8192) -> LLMEngine:
@@ -200,11 +207,10 @@ def main() -> None:
           f"pinned host-to-device {bandwidth['h2d_pinned_GBps']:,.1f} GB/s", flush=True)
     results: dict = {"bandwidth": bandwidth}
     if "decode" not in skip:
-        rows = results["decode"] = engine_decode(args, [int(b) for b in args.batch_sizes.split(",")],
-                                                 bandwidth["d2d_GBps"])
+        rows = results["decode"] = engine_decode(args, args.batch_sizes, bandwidth["d2d_GBps"])
         if "transformers" not in skip:
             model = load_transformers(args)
-            for batch in progress(list(rows), "transformers batches"):
+            for batch in progress(args.transformers_batch_sizes, "transformers batches"):
                 rows[batch]["transformers_tok_s"] = transformers_generate(model, args, batch)
             del model
         print_decode(rows)

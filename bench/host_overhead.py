@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_output_args, bar_panels, progress, write_json  # noqa: E402
+from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
@@ -56,24 +57,35 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--decode-graphs", action="store_true", help="build inputs as CUDA graphs read them")
     parser.add_argument("--model", default="small", help="whose config and tokenizer (its weights go unused)")
+    parser.add_argument("--tiers-redis-url", help="instead: a whole run's host work with every tier on (GPU prefix "
+                        "cache, CPU tier, Redis write-behind to this loopback Redis) against every tier off")
     add_output_args(parser)
     return parser.parse_args()
+
+
+def stubbed_engine(model: str, batch: int, max_len: int, kvstore: KVStoreConfig | None = None) -> LLMEngine:
+    config = EngineConfig(model=model, device="cpu", max_model_len=max_len,
+                          cache=CacheConfig(num_blocks=batch * -(-max_len // 16) + 8),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=batch * max_len, max_num_seqs=batch))
+    engine = LLMEngine.from_config(config, kvstore, progress=False)
+    engine.runner.model = StubModel(engine.model_config.vocab_size)
+    return engine
+
+
+def add_requests(engine: LLMEngine, batch: int, context: int, steps: int, seed: int) -> None:
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    for index in range(batch):
+        engine.add_request(f"{seed}-{index}", [rng.randrange(3, 250) for _ in range(context)], params)
 
 
 def measure(model: str, batch: int, context: int, steps: int, decode_graphs: bool) -> float:
     """Seconds of host work per decode step of ``batch`` sequences of ``context`` tokens."""
     max_len = context + steps + 16
-    config = EngineConfig(model=model, device="cpu", max_model_len=max_len,
-                          cache=CacheConfig(num_blocks=batch * -(-max_len // 16) + 8),
-                          scheduler=SchedulerConfig(max_num_batched_tokens=batch * context, max_num_seqs=batch))
-    engine = LLMEngine.from_config(config, progress=False)
-    engine.runner.model = StubModel(engine.model_config.vocab_size)
+    engine = stubbed_engine(model, batch, max_len)
     if decode_graphs:
         engine.runner.enable_decode_graphs(batch, max_len, with_logits=True, capture=False)
-    rng = random.Random(batch * context)
-    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
-    for index in range(batch):
-        engine.add_request(str(index), [rng.randrange(3, 250) for _ in range(context)], params)
+    add_requests(engine, batch, context, steps, seed=batch * context)
     for _ in range(3):  # the prefill step, then two decode steps that plan storing its blocks
         engine.step()
     began = time.perf_counter()
@@ -82,10 +94,64 @@ def measure(model: str, batch: int, context: int, steps: int, decode_graphs: boo
     return (time.perf_counter() - began) / steps
 
 
+def measure_tiers(model: str, batch: int, context: int, steps: int, redis_url: str) -> dict[str, float]:
+    """Host seconds of a whole run (prefill to the last token; random prompts, so nothing is reused) with every
+    tier off and on, wall time and the step loop's own CPU time (what it costs where the writer thread and
+    redis-server have cores of their own; on 2 cores they take the loop's). The third of three runs: by then
+    the GPU pool evicts into a CPU tier of one run's blocks that is already full, so its memory is touched
+    once, as a long-running worker's is, not first here."""
+    max_len = context + steps + 16
+    result, kvstore = {}, KVStoreConfig(prefix_caching=False)
+    for label in ("off", "on"):
+        engine = stubbed_engine(model, batch, max_len, kvstore)
+        one_run = CpuTierConfig(capacity=str(engine.cache_shape.num_blocks * engine.cache_shape.bytes_per_block))
+        kvstore = KVStoreConfig(cpu=one_run, redis=RedisConfig(url=redis_url))  # for the "on" engine
+        for run in range(3):
+            written_before = drain_writes(engine)  # each run starts with an empty write queue
+            add_requests(engine, batch, context, steps, seed=1000 * run + batch)
+            began, began_cpu = time.perf_counter(), time.thread_time()
+            while engine.has_unfinished():
+                engine.step()
+            result[label] = time.perf_counter() - began
+            result[f"{label}_step_thread_cpu"] = time.thread_time() - began_cpu
+        if label == "on":
+            result["stored_blocks"] = drain_writes(engine) - written_before
+        engine.close()
+    return result
+
+
+def drain_writes(engine: LLMEngine) -> int:
+    """Wait for the Redis writes queued so far; the blocks written since the engine started."""
+    if engine.tiers is None:
+        return 0
+    engine.tiers.writer.flush(timeout_s=60)
+    return engine.kv_store_stats()["redis"]["stored_blocks"]
+
+
+def main_tiers(args: argparse.Namespace, batches: list[int], contexts: list[int]) -> None:
+    print(f"\nengine host work of a whole run (model stubbed), every tier off vs on, {args.model}'s config, "
+          f"{args.decode_steps} decode steps, torch {torch.__version__}\n")
+    print("| batch | context | blocks written | tiers off, ms | tiers on, ms | step loop CPU, off ms | on ms "
+          "| added step-loop CPU µs per block |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for batch, context in progress([(b, c) for c in contexts for b in batches], "cases"):
+        r = measure_tiers(args.model, batch, context, args.decode_steps, args.tiers_redis_url)
+        added = r["on_step_thread_cpu"] - r["off_step_thread_cpu"]
+        rows.append({"batch": batch, "context": context, **r})
+        print(f"| {batch} | {context} | {r['stored_blocks']:,.0f} | {1e3 * r['off']:,.1f} | {1e3 * r['on']:,.1f} | "
+              f"{1e3 * r['off_step_thread_cpu']:,.1f} | {1e3 * r['on_step_thread_cpu']:,.1f} | "
+              f"{1e6 * added / max(1, r['stored_blocks']):,.0f} |", flush=True)
+    write_json(args.json_out, "host_overhead_tiers", args, rows)
+
+
 def main() -> None:
     args = parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
+    if args.tiers_redis_url:
+        main_tiers(args, batches, contexts)
+        return
     graphs = "decode-graph inputs" if args.decode_graphs else "eager inputs"
     print(f"\nengine host work per decode step (model stubbed), {graphs}, {args.model}'s tokenizer, "
           f"torch {torch.__version__}\n")

@@ -58,8 +58,9 @@ def encode(unit: BlockUnit, payload: bytes | memoryview) -> bytes:
     if len(payload) != unit.payload_size:
         raise ValueError(f"payload is {len(payload)} bytes, the unit's shape needs {unit.payload_size}")
     fields = _header_fields(unit, len(payload))
-    checksum = xxhash.xxh3_64_intdigest(fields + bytes(payload))
-    return b"".join((fields, _CHECKSUM.pack(checksum), payload))
+    hasher = xxhash.xxh3_64(fields)
+    hasher.update(payload)  # the payload is read in place: the join below is its one copy
+    return b"".join((fields, _CHECKSUM.pack(hasher.intdigest()), payload))
 
 
 def decode(value: bytes, expected: BlockUnit) -> memoryview:

@@ -2,14 +2,13 @@
 
 Every call has a socket timeout, a bounded number of retries with exponential backoff, and goes through a
 circuit breaker; a call that fails (or is refused by an open breaker) returns a miss (``None``) and is
-counted. Writes go through ``WriteBehind``, a bounded queue drained by one thread in pipelined batches; a
-full queue drops blocks and counts them. Values are opaque bytes here (``kvstore.codec`` gives them meaning).
+counted. Writes from the engine go through ``kvstore.write_behind``. Values are opaque bytes here
+(``kvstore.codec`` gives them meaning).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -201,72 +200,3 @@ def _connect(config: RedisConfig) -> redis.Redis | RedisCluster:
     if config.cluster:
         return RedisCluster.from_url(config.url, **options)
     return redis.Redis.from_url(config.url, max_connections=config.max_connections, **options)
-
-
-class WriteBehind:
-    """A bounded queue of (key, value) writes, drained in pipelined batches by one daemon thread."""
-
-    def __init__(self, store: RedisStore, max_items: int, batch_items: int, batch_bytes: int = 8 * 2**20) -> None:
-        self.store = store
-        self.batch_items = batch_items
-        self.batch_bytes = batch_bytes
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=max_items)
-        self.dropped = 0
-        self.written = 0
-        self.failed = 0
-        self.bytes_written = 0
-        self._thread = threading.Thread(target=self._drain, name="kvtier-redis-write-behind", daemon=True)
-        self._thread.start()
-
-    def submit(self, items: Sequence[tuple[str, bytes]]) -> int:
-        """Queue what fits; returns how many were dropped because the queue was full."""
-        dropped = 0
-        for item in items:
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                dropped += 1
-        self.dropped += dropped
-        return dropped
-
-    def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything queued so far is written (or has failed); False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return self._queue.unfinished_tasks == 0
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        self.flush(timeout_s)
-        self._queue.put(None)
-        self._thread.join(timeout_s)
-
-    def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                self._queue.task_done()
-                return
-            batch = [item]
-            size = len(item[1])
-            while len(batch) < self.batch_items and size < self.batch_bytes:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)  # finish this batch, then stop
-                    self._queue.task_done()
-                    break
-                batch.append(more)
-                size += len(more[1])
-            self._write(batch)
-
-    def _write(self, batch: list[tuple[str, bytes]]) -> None:
-        if self.store.put_many(batch):
-            self.written += len(batch)
-            self.bytes_written += sum(len(value) for _, value in batch)
-        else:
-            self.failed += len(batch)
-        for _ in batch:
-            self._queue.task_done()

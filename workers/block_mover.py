@@ -1,7 +1,8 @@
 """The KV copies every rank makes in lockstep when blocks move between tiers.
 
 Rank 0 decides (``workers.kv_tiers``); a ``TierOps`` says, in this order:
-1. ``gather_blocks``: copy these GPU blocks, all KV heads, to rank 0 (to be written to Redis);
+1. ``gather_blocks``: copy these GPU blocks, all KV heads, to rank 0 (to be written to Redis; with one rank,
+   on the side stream like the copies below, read by the Redis writer's thread once they are done);
 2. ``spills``: copy GPU block -> this rank's CPU slot (its own heads);
 3. ``cpu_loads``: copy this rank's CPU slot -> GPU block;
 4. ``full_loads``: rank 0 broadcasts these blocks with every KV head; each rank keeps its own heads.
@@ -29,6 +30,20 @@ import torch.distributed as dist
 from kvstore.copy_runs import coalesce
 from workers.parallel import ParallelContext, Span
 from workers.uploads import upload
+
+
+@dataclass(frozen=True)
+class GatheredBlocks:
+    """Blocks copied out of the GPU cache for Redis: [n, L, 2, bs, Hkv_all, D] on the host (pinned on CUDA).
+    The copies may still be running on the side stream: read ``blocks`` only after ``wait`` (any thread)."""
+
+    blocks: torch.Tensor | None  # None on ranks other than 0
+    copied: torch.cuda.Event | None = None  # recorded after the copies; None: they are done already
+
+    def wait(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.blocks
 
 
 @dataclass(frozen=True)
@@ -82,11 +97,15 @@ class BlockMover:
         self.time_loads = time_loads and self.stream is not None  # on the CPU the host clock times them
         self._load_timings: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # oldest first
 
-    def apply(self, ops: TierOps, full_payload: list[torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Run ``ops`` on this rank; rank 0 gets the gathered blocks [n, L, 2, bs, Hkv, D] (host) back.
+    def apply(self, ops: TierOps, full_payload: list[torch.Tensor] | None = None) -> GatheredBlocks | None:
+        """Run ``ops`` on this rank; rank 0 gets the gathered blocks back (possibly still in flight).
         ``full_payload`` (rank 0): one block [L, 2, bs, Hkv_all, D] per full load, pinned on CUDA."""
-        gathered = self._gather(ops.gather_blocks) if ops.gather_blocks else None
+        gathered = None
+        if ops.gather_blocks and self.parallel.world_size > 1:
+            gathered = GatheredBlocks(self._gather_from_ranks(ops.gather_blocks))
         with self._transfers():
+            if ops.gather_blocks and self.parallel.world_size == 1:
+                gathered = self._gather_local(ops.gather_blocks)
             _copy_blocks(self.kv_cache, self.host, ops.spills)
             with self._timed(bool(ops.cpu_loads or ops.full_loads)):
                 _copy_blocks(self.host, self.kv_cache, ops.cpu_loads)
@@ -138,11 +157,20 @@ class BlockMover:
         mine = full[:, :, :, :, self.kv_heads.start : self.kv_heads.stop].to(cache.device)
         cache.index_copy_(0, upload(block_ids, cache.device), mine)
 
-    def _gather(self, block_ids: list[int]) -> torch.Tensor | None:
-        local = self.kv_cache.index_select(0, upload(block_ids, self.kv_cache.device))
-        if self.parallel.world_size == 1:
-            return local.cpu()
-        local = local.to(self.collective_device)
+    def _gather_local(self, block_ids: list[int]) -> GatheredBlocks:
+        """Copies of the blocks into host memory, queued on the side stream (pinned, asynchronous on CUDA)."""
+        host = torch.empty((len(block_ids), *self.kv_cache.shape[1:]), dtype=self.kv_cache.dtype,
+                           pin_memory=self.stream is not None)
+        _copy_blocks(self.kv_cache, host, [(block, index) for index, block in enumerate(block_ids)])
+        if self.stream is None:
+            return GatheredBlocks(host)
+        copied = torch.cuda.Event()
+        copied.record(self.stream)
+        return GatheredBlocks(host, copied)
+
+    def _gather_from_ranks(self, block_ids: list[int]) -> torch.Tensor | None:
+        """Every rank's heads of the blocks, joined on rank 0 (None elsewhere); the collective waits for them."""
+        local = self.kv_cache.index_select(0, upload(block_ids, self.kv_cache.device)).to(self.collective_device)
         parts = [torch.empty_like(local) for _ in range(self.parallel.world_size)] if self.parallel.rank == 0 else None
         dist.gather(local, parts, dst=0)
         if parts is None:

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,16 +27,17 @@ from kvstore.config import KVStoreConfig, parse_size
 from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
 from kvstore.redis_keys import BlockLoad, PrefixRef, block_key, flush_pattern, manifest_key
-from kvstore.redis_store import RedisStore, WriteBehind
+from kvstore.redis_store import RedisStore
 from kvstore.stats import KVStoreStats
 from kvstore.tier_policy import LRUTierPolicy
-from workers.block_mover import TierOps
+from kvstore.write_behind import WriteBehind
+from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
 
 log = logging.getLogger(__name__)
 _REDIS_BATCH_BLOCKS = 32  # blocks per MGET round: the first tells whether a prefix is there at all
 _KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
-ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "torch.Tensor | None"]
+ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "GatheredBlocks | None"]
 LoadClock = Callable[[bool], "list[float]"]  # BlockMover.settled_load_seconds: GPU-timed loads (CUDA)
 
 
@@ -229,8 +230,10 @@ class KVTiers:
         moves = _Moves()
         if self.writer is not None:  # (no Redis: nothing to sort out)
             fresh = [(h, block, prefix) for h, block, prefix in stores if h not in self._known_in_redis]
-            moves.stored = [(h, prefix) for h, _, prefix in fresh]
-            moves.ops.gather_blocks.extend(block for _, block, _ in fresh)
+            room = self.writer.room()  # the leading blocks that fit the write queue; the rest are dropped
+            self.stats["redis"].dropped_writes += max(0, len(fresh) - room)
+            moves.stored = [(h, prefix) for h, _, prefix in fresh[:room]]
+            moves.ops.gather_blocks.extend(block for _, block, _ in fresh[:room])
         if self.cpu is not None and evicted:
             block_of = dict(evicted)
             planned = self.cpu.prepare_store([h for h, _ in evicted])
@@ -271,7 +274,7 @@ class KVTiers:
             if count:
                 self.stats[tier].transfer_seconds += seconds * count / sum(counts)
 
-    def _complete(self, moves: _Moves, gathered: torch.Tensor | None) -> None:
+    def _complete(self, moves: _Moves, gathered: GatheredBlocks | None) -> None:
         if moves.spilled:
             self.cpu.complete_store(moves.spilled, ok=True)
             self.stats["cpu"].stored_blocks += len(moves.spilled)
@@ -285,19 +288,21 @@ class KVTiers:
         if moves.stored:
             self._write(moves.stored, gathered)
 
-    def _write(self, blocks: list[tuple[bytes, PrefixRef]], gathered: torch.Tensor) -> None:
-        """Queue each block's units, then its manifest (one ordered stream: a manifest follows its units)."""
-        items = []
-        for (block_hash, prefix), block in zip(blocks, gathered):  # block: [L, 2, bs, Hkv, D]
-            for heads in self.unit_ranges:
-                unit = block[:, :, :, heads[0] : heads[1]].contiguous()
-                raw = memoryview(unit.view(-1).view(torch.uint8).numpy())
-                encoded = codec.encode(self.unit_of(block_hash, heads), raw)
-                items.append((self._unit_key(block_hash, heads, prefix), encoded))
-            manifest = codec.encode_manifest(bytes.fromhex(self.fingerprint), block_hash, self.unit_ranges)
-            items.append((manifest_key(self.fingerprint, prefix, block_hash), manifest))
+    def _write(self, blocks: list[tuple[bytes, PrefixRef]], gathered: GatheredBlocks) -> None:
+        """Queue the blocks for the writer's thread, which encodes each one's units, then its manifest, once the
+        copies off the GPU are done (one ordered stream: a manifest follows its units)."""
+        def encoded_blocks() -> Iterator[list[tuple[str, bytes]]]:
+            host = gathered.wait()  # [n, L, 2, bs, Hkv, D]
+            for (block_hash, prefix), block in zip(blocks, host):
+                items = [(self._unit_key(block_hash, heads, prefix), codec.encode(self.unit_of(block_hash, heads),
+                                                                               _unit_bytes(block, heads)))
+                         for heads in self.unit_ranges]
+                manifest = codec.encode_manifest(bytes.fromhex(self.fingerprint), block_hash, self.unit_ranges)
+                yield [*items, (manifest_key(self.fingerprint, prefix, block_hash), manifest)]
+
+        for block_hash, _ in blocks:
             self._remember_in_redis(block_hash)
-        self.stats["redis"].dropped_writes += self.writer.submit(items)
+        self.stats["redis"].dropped_writes += self.writer.submit(encoded_blocks, len(blocks))
         self.events.record("redis", True, [block_hash for block_hash, _ in blocks])
 
     # --- flush, stats, close -------------------------------------------------------------------------------
@@ -359,6 +364,12 @@ class KVTiers:
             self.stats[tier].hit_blocks += tiers.count(tier)
         if len(tiers) < len(block_hashes):
             self.stats["redis" if self.redis is not None else "cpu"].miss_blocks += len(block_hashes) - len(tiers)
+
+
+def _unit_bytes(block: torch.Tensor, heads: tuple[int, int]) -> memoryview:
+    """The raw bytes of ``block``'s KV heads ``[start, end)`` (block [L, 2, bs, Hkv, D]); no copy for all heads."""
+    unit = block[:, :, :, heads[0] : heads[1]].contiguous()
+    return memoryview(unit.view(-1).view(torch.uint8).numpy())
 
 
 def _tensor_view(payload: memoryview, shape: KVCacheShape, heads: tuple[int, int]) -> torch.Tensor:

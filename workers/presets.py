@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when generation changes, so cached directories are not reused
+GENERATOR_VERSION = 2  # bump when generation changes, so cached directories are not reused
 BYTE_VOCAB = 256
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 BOS_ID, EOS_ID, PAD_ID = BYTE_VOCAB, BYTE_VOCAB + 1, BYTE_VOCAB + 2
@@ -131,12 +132,24 @@ def hf_config(spec: PresetSpec) -> dict:
     }
 
 
-def random_weights(spec: PresetSpec) -> dict:
-    """Normal(0, init_std) matrices and unit norms, drawn in a fixed order from one seeded generator."""
+def random_weights(spec: PresetSpec, threads: int | None = None) -> dict:
+    """Normal(0, init_std) matrices and unit norms. Each tensor is drawn from its own generator, seeded by the
+    preset's seed and the tensor's name, so the weights do not depend on the order of drawing or on how many
+    threads draw them; the threads share the work (an 8B shape is 8e9 normal draws)."""
     import torch
 
-    generator = torch.Generator().manual_seed(spec.seed)
     dtype = getattr(torch, spec.dtype)
+    shapes = weight_shapes(spec)
+
+    def draw(name: str):
+        return _draw(shapes[name], spec.init_std, tensor_seed(spec.seed, name)).to(dtype)
+
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        return dict(zip(shapes, pool.map(draw, shapes)))
+
+
+def weight_shapes(spec: PresetSpec) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor's name and shape, in checkpoint order."""
     head_dim = spec.hidden_size // spec.num_heads
     shapes = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size)}
     for i in range(spec.num_layers):
@@ -153,15 +166,21 @@ def random_weights(spec: PresetSpec) -> dict:
     shapes["model.norm.weight"] = (spec.hidden_size,)
     if not spec.tie_word_embeddings:
         shapes["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
-    return {name: _draw(shape, spec.init_std, generator).to(dtype) for name, shape in shapes.items()}
+    return shapes
 
 
-def _draw(shape: tuple[int, ...], std: float, generator):
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one tensor: SHA-256 over the preset's seed and the tensor's name."""
+    digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _draw(shape: tuple[int, ...], std: float, seed: int):
     import torch
 
     if len(shape) == 1:
         return torch.ones(shape)
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
+    return torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
 
 
 def byte_level_tokenizer() -> Tokenizer:
@@ -191,3 +210,24 @@ def _bytes_to_unicode() -> list[str]:
             chars[byte] = chr(256 + extra)
             extra += 1
     return [chars[byte] for byte in range(256)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workers.presets NAME...``: generate presets ahead of their first use; prints each directory."""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m workers.presets", description=main.__doc__)
+    parser.add_argument("names", nargs="+", choices=sorted(PRESETS), metavar="NAME", help=", ".join(PRESETS))
+    args = parser.parse_args(argv)
+    for name in args.names:
+        began = time.perf_counter()
+        path = ensure_preset(name)
+        print(f"{name}: {path} ({time.perf_counter() - began:.1f} s)", file=sys.stderr, flush=True)
+        print(path, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

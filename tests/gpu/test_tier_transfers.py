@@ -22,13 +22,17 @@ def test_spills_and_loads_do_not_synchronise_the_host():
     cache = numbered_cache(64, "cuda")
     mover = mover_for(cache, num_cpu_slots=64)
     staged = [torch.full(DIMS, 5.0, pin_memory=True) for _ in range(4)]
-    ops = TierOps(spills=[(b, b) for b in range(32)], cpu_loads=[(s, 32 + s) for s in range(8)],
-                  full_loads=[60, 61, 62, 63])
+    ops = TierOps(gather_blocks=[33, 50, 51, 52], spills=[(b, b) for b in range(32)],
+                  cpu_loads=[(s, 32 + s) for s in range(8)], full_loads=[60, 61, 62, 63])
+    gathered = []
+
     def move_then_compute():
-        mover.apply(ops, staged)
+        gathered.append(mover.apply(ops, staged))
         cache.add_(0)  # compute-stream work after the moves waits for them on the GPU, not on the host
 
     no_host_sync(move_then_compute)
+    assert block_values(gathered[0].wait()) == [33, 50, 51, 52]  # block 33 as it was before the load into it
+    assert gathered[0].blocks.is_pinned()
     torch.cuda.synchronize()
     assert block_values(mover.host)[:32] == list(range(32))
     assert block_values(cache)[32:40] == list(range(8)) and block_values(cache)[60:] == [5.0] * 4

@@ -88,3 +88,23 @@ def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_pat
     assert 0 < row["host_share"] <= 1
     assert result["overhead"]["tiers on"] > 0 and result["overhead"]["tiers off"] > 0
     assert "| batch | engine tok/s |" in done.stdout and "| prompt tokens |" in done.stdout
+
+
+def test_host_work_with_every_tier_on_is_measured_against_every_tier_off(tmp_path):
+    """bench/host_overhead.py --tiers-redis-url: whole runs, model stubbed, with the blocks really written."""
+    redis = RedisServer(tmp_path / "redis").start()
+    out = tmp_path / "tiers.json"
+    flags = ["--tiers-redis-url", redis.url, "--batch-sizes", "2", "--contexts", "64", "--decode-steps", "16",
+             "--json-out", str(out)]
+    try:
+        done = subprocess.run([sys.executable, str(BENCH / "host_overhead.py"), *flags], capture_output=True,
+                              text=True, timeout=300)
+        keys = redis.client().keys("kvtier:*")
+    finally:
+        redis.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["on"] > 0 and row["off"] > 0
+    assert row["stored_blocks"] == 2 * (64 + 16) // 16  # the last run's full blocks, every one written
+    assert len(keys) == 3 * 2 * row["stored_blocks"]  # three runs of random prompts: a unit and a manifest each
+    assert row["on_step_thread_cpu"] > 0 and "| batch | context | blocks written |" in done.stdout

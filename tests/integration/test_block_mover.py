@@ -48,5 +48,13 @@ def test_spills_and_loads_copy_exact_blocks_in_order():
 
 def test_gathered_blocks_come_back_with_every_head():
     cache = numbered_cache(5)
-    gathered = mover_for(cache, 0).apply(TierOps(gather_blocks=[4, 1]))
-    assert block_values(gathered) == [4, 1] and gathered.shape == (2, *DIMS)
+    gathered = mover_for(cache, 0).apply(TierOps(gather_blocks=[4, 1, 2, 3])).wait()
+    assert block_values(gathered) == [4, 1, 2, 3] and gathered.shape == (4, *DIMS)  # a single block, then a run
+
+
+def test_a_block_is_gathered_as_it_was_before_a_load_into_it_in_the_same_ops():
+    cache = numbered_cache(6)
+    mover = mover_for(cache, num_cpu_slots=2)
+    mover.host.fill_(-1)
+    gathered = mover.apply(TierOps(gather_blocks=[3, 5], cpu_loads=[(0, 3)]))
+    assert block_values(gathered.wait()) == [3, 5] and block_values(cache)[3] == -1
