@@ -33,6 +33,11 @@ def progress(items: Iterable, description: str, total: int | None = None):
     return tqdm(items, desc=description, total=total, file=sys.stderr, disable=None, leave=False)
 
 
+def report(line: str) -> None:
+    """One measurement on stdout as soon as it is taken, so a run cut short still shows what it measured."""
+    print(f"- {line}", flush=True)
+
+
 def write_json(path: str | None, benchmark: str, args: argparse.Namespace, rows: list[dict]) -> None:
     if path:
         settings = {key: value for key, value in vars(args).items() if key not in ("plot", "json_out", "child")}

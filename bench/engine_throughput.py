@@ -48,8 +48,10 @@ class BatchTimes(NamedTuple):
     decode_host_share: float  # of the decode steps' time, the part not spent waiting for sampled tokens
 
 
-def run_batch(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, tag: str) -> BatchTimes:
-    rng = random.Random(batch)
+def run_batch(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, tag: str,
+              seed: int | None = None) -> BatchTimes:
+    """``batch`` random prompts (drawn from ``seed``, default the batch size) through prefill and decode."""
+    rng = random.Random(batch if seed is None else seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)
     ids = [f"{tag}-{i}" for i in range(batch)]

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import (add_engine_args, add_output_args, bar_panels, measure_bandwidths, progress,  # noqa: E402
-                    write_json)
+                    report, write_json)
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # noqa: E402
@@ -81,6 +81,7 @@ def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]
     prefix, questions = prompts(prefix_len, uncached.model_config.vocab_size, args.question_len)
     ttft(uncached, prefix[:256] + questions[0])  # warm-up
     results = {"recompute": ttft(uncached, prefix + questions[0])[0]}
+    report(f"{prefix_len:,}-token prefix, recompute: {1e3 * results['recompute']:,.0f} ms")
     del uncached
     kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity=str(2 * blocks * 2**20)),
                             redis=redis_config(args))
@@ -89,12 +90,14 @@ def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]
     ttft(engine, prefix + questions[0])
     results["gpu hit"], cached = ttft(engine, prefix + questions[1])
     assert cached >= prefix_len - 16, cached
+    report(f"{prefix_len:,}-token prefix, GPU hit: {1e3 * results['gpu hit']:,.0f} ms")
     other, _ = prompts(prefix_len + 1, engine.model_config.vocab_size, args.question_len)
     ttft(engine, other + questions[0])  # evicts the prefix from the GPU pool into the CPU tier
     results["cpu hit"], cached = ttft(engine, prefix + questions[2])
     assert cached >= prefix_len - 16, cached
     stats = engine.kv_store_stats()
     results["cpu GB/s"] = stats["cpu"]["bytes_out"] / stats["cpu"]["transfer_seconds"] / 1e9
+    report(f"{prefix_len:,}-token prefix, CPU hit: {1e3 * results['cpu hit']:,.0f} ms, {results['cpu GB/s']:.2f} GB/s")
     engine.close()  # every block is in Redis before the other process reads
     results.update(json.loads(subprocess.run(
         [sys.executable, __file__, "--child", str(prefix_len), *sys.argv[1:]], check=True, capture_output=True,

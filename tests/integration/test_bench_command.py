@@ -70,7 +70,7 @@ def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_pat
     redis = RedisServer(tmp_path / "redis").start()
     out = tmp_path / "against.json"
     flags = ["--model", "tiny", "--dtype", "float32", "--device", "cpu", "--attention-backend", "torch",
-             "--batch-sizes", "1,2", "--prompt-len", "16", "--decode-tokens", "4", "--ttft-lens", "64",
+             "--batch-sizes", "1,2", "--prompt-len", "48", "--decode-tokens", "4", "--ttft-lens", "64",
              "--ttft-chunk", "32", "--overhead-batch", "2", "--kv-cache-memory", "32MiB", "--bandwidth-mib", "16",
              "--redis-url", redis.url, "--json-out", str(out)]
     try:
@@ -87,6 +87,7 @@ def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_pat
     assert ttft["engine_ms"] > 0 and ttft["engine_chunked_ms"] > 0 and ttft["transformers_ms"] > 0
     assert 0 < row["host_share"] <= 1
     assert result["overhead"]["tiers on"] > 0 and result["overhead"]["tiers off"] > 0
+    assert result["overhead"]["reused_blocks"] == 0  # random prompts: the tiers-on runs must not hit a cache
     assert "| batch | engine tok/s |" in done.stdout and "| prompt tokens |" in done.stdout
 
 
