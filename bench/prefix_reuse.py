@@ -112,10 +112,10 @@ def measure_redis_in_child(args: argparse.Namespace) -> None:
     engine = engine_for(args, kvstore, (prefix_len + args.question_len) // 16 + 16)
     prefix, questions = prompts(prefix_len, engine.model_config.vocab_size, args.question_len)
     ttft(engine, questions[0] + questions[1])  # warm-up, no shared prefix
-    seconds, cached = ttft(engine, prefix + questions[3])
-    assert cached >= prefix_len - 16, cached
+    seconds, cached = ttft(engine, prefix + questions[3])  # the cost model may stop a fetch slower than recompute
     stats = engine.kv_store_stats()["redis"]
-    print(json.dumps({"redis hit": seconds, "redis GB/s": stats["bytes_out"] / stats["transfer_seconds"] / 1e9}))
+    print(json.dumps({"redis hit": seconds, "redis GB/s": stats["bytes_out"] / stats["transfer_seconds"] / 1e9,
+                      "redis tokens": cached, "redis fetch stopped": stats["skipped_fetches"] > 0}))
 
 
 def main() -> None:
@@ -128,13 +128,15 @@ def main() -> None:
         bandwidth = measure_bandwidths("cuda")
         print(f"pinned host-to-device {bandwidth['h2d_pinned_GBps']:.1f} GB/s, device copy "
               f"{bandwidth['d2d_GBps']:,.0f} GB/s (read + written), measured now\n")
-    print("| prefix tokens | recompute ms | GPU hit ms | CPU hit ms | Redis hit (other process) ms | CPU->GPU GB/s "
-          "| Redis->GPU GB/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| prefix tokens | recompute ms | GPU hit ms | CPU hit ms | Redis hit (other process) ms | tokens from Redis "
+          "| CPU->GPU GB/s | Redis->GPU GB/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for prefix_len in progress([int(n) for n in args.prefix_lens.split(",")], "prefix lengths"):
         r = rows[prefix_len] = measure_local(args, prefix_len)
+        stopped = " (the cost model stopped the fetch)" if r["redis fetch stopped"] else ""
         print(f"| {prefix_len:,} | {r['recompute'] * 1e3:,.0f} | {r['gpu hit'] * 1e3:,.0f} | {r['cpu hit'] * 1e3:,.0f}"
-              f" | {r['redis hit'] * 1e3:,.0f} | {r['cpu GB/s']:.2f} | {r['redis GB/s']:.2f} |", flush=True)
+              f" | {r['redis hit'] * 1e3:,.0f} | {r['redis tokens']:,}{stopped} | {r['cpu GB/s']:.2f} "
+              f"| {r['redis GB/s']:.2f} |", flush=True)
     write_json(args.json_out, "prefix", args, [{"prefix_tokens": n, **r} for n, r in rows.items()])
     modes = ["recompute", "gpu hit", "cpu hit", "redis hit"]
     series = {f"{n:,}-token prefix": [r[mode] * 1e3 for mode in modes] for n, r in sorted(rows.items())}

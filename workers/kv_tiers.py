@@ -130,12 +130,15 @@ class KVTiers:
             self.stats[tier].hit_blocks -= tiers.count(tier)
 
     def _fetch_from_redis(self, block_hashes: list[bytes], prefix: PrefixRef) -> int:
-        """Stage the longest verified run of ``block_hashes`` found in Redis; returns its length."""
-        if not self.cost_model.should_fetch("redis", len(block_hashes), self.block_bytes, self.shape.block_size):
-            self.stats["redis"].skipped_fetches += 1
-            return 0
+        """Stage the longest verified run of ``block_hashes`` found in Redis; returns its length. Before each
+        round of ``_REDIS_BATCH_BLOCKS`` the cost model decides again for the blocks left, so what the first
+        round measured (a fresh process has no rate yet) stops a fetch slower than recomputing the rest."""
         found = 0
         for start in range(0, len(block_hashes), _REDIS_BATCH_BLOCKS):
+            left = len(block_hashes) - start
+            if not self.cost_model.should_fetch("redis", left, self.block_bytes, self.shape.block_size):
+                self.stats["redis"].skipped_fetches += 1
+                break
             batch = block_hashes[start : start + _REDIS_BATCH_BLOCKS]
             began = time.perf_counter()
             verified = self._fetch_batch(batch, prefix)
