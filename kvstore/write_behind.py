@@ -8,7 +8,7 @@ the GPU, cost the caller nothing. Invariants:
 - items go out in the order the jobs yield them, on one connection at a time, so a manifest is never
   written before the units it lists;
 - a block counts as written only when every one of its items was.
-Pure Python: the items are opaque bytes (``kvstore.codec`` gives them meaning).
+No torch and no model: the items are opaque bytes (``kvstore.codec`` gives them meaning).
 """
 
 from __future__ import annotations
