@@ -123,7 +123,7 @@ def main() -> None:
     if args.child:
         measure_redis_in_child(args)
         return
-    rows = {}
+    rows, bandwidth = {}, {}
     if torch.cuda.is_available():
         bandwidth = measure_bandwidths("cuda")
         print(f"pinned host-to-device {bandwidth['h2d_pinned_GBps']:.1f} GB/s, device copy "
@@ -137,7 +137,7 @@ def main() -> None:
         print(f"| {prefix_len:,} | {r['recompute'] * 1e3:,.0f} | {r['gpu hit'] * 1e3:,.0f} | {r['cpu hit'] * 1e3:,.0f}"
               f" | {r['redis hit'] * 1e3:,.0f} | {r['redis tokens']:,}{stopped} | {r['cpu GB/s']:.2f} "
               f"| {r['redis GB/s']:.2f} |", flush=True)
-    write_json(args.json_out, "prefix", args, [{"prefix_tokens": n, **r} for n, r in rows.items()])
+    write_json(args.json_out, "prefix", args, [{"prefix_tokens": n, **r, **bandwidth} for n, r in rows.items()])
     modes = ["recompute", "gpu hit", "cpu hit", "redis hit"]
     series = {f"{n:,}-token prefix": [r[mode] * 1e3 for mode in modes] for n, r in sorted(rows.items())}
     bar_panels(args.plot, f"kvtier prefix reuse: {args.model}, question {args.question_len} tokens",

@@ -49,7 +49,8 @@ class RedisConfig:
     # a large read split into this many MGETs on as many connections at once; 1 was fastest on a 2-core host
     # (docs/benchmarks.md), hosts with cores to spare may gain
     read_parallelism: int = 1
-    write_queue_blocks: int = 4096  # write-behind queue; blocks beyond it are dropped (and counted)
+    write_queue_blocks: int = 4096  # write-behind queue; blocks beyond it are dropped (and counted); a queued
+    # block waits in host memory (pinned with CUDA) until written: at most this many blocks' bytes
     write_batch_blocks: int = 64  # blocks per pipelined write ...
     write_batch_bytes: str = "8MiB"  # ... and at most this many bytes
 

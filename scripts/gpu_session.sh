@@ -16,7 +16,9 @@
 # so the call ends inside its limit with every finished step's output in $OUT (a file per step, summary.txt
 # with each step's exit code and seconds). A step with too little time left is listed as skipped, not started.
 # The built-in random-weight models a step needs are generated in the background from the start, on the CPU,
-# while the tests use the GPU. DRY_RUN=1 prints the plan and runs nothing (tests/integration check it).
+# while the tests use the GPU. Last, bench/acceptance.py judges issue 6's points from the steps' JSON (kept in
+# /tmp/kvtier-json) and appends its table to summary.txt. DRY_RUN=1 prints the plan and runs nothing
+# (tests/integration/test_gpu_session_plan.py checks it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvtier-gpu}
@@ -25,10 +27,11 @@ DEADLINE_S=${DEADLINE_S:-540}
 MIN_STEP_S=${MIN_STEP_S:-45}
 DRY_RUN=${DRY_RUN:-}
 export PYTHONUNBUFFERED=1 KVTIER_CACHE_DIR=${KVTIER_CACHE_DIR:-/tmp/kvtier-cache}
-mkdir -p "$OUT"
+mkdir -p "$OUT" /tmp/kvtier-json
 began=$SECONDS
 
 redis=redis://127.0.0.1:6399/0
+json=/tmp/kvtier-json  # the benchmarks' full numbers stay there; bench/acceptance.py reads them at the end
 fast=(python3 bench/against_transformers.py --dtype bfloat16 --redis-url $redis)
 prefix=(python3 bench/prefix_reuse.py --dtype bfloat16 --attention-backend triton --redis-url $redis --plot "")
 bench=(python3 bench/engine_throughput.py --model llama3-1b-shape --dtype bfloat16 --prompt-len 512
@@ -86,11 +89,13 @@ for s in $STEPS; do
     case $s in
     tests) step tests 200 - python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider tests/gpu \
                tests/integration/test_triton_attention.py ;;
-    fast1b) start_redis; step fast1b 200 llama3-1b-shape "${fast[@]}" --model llama3-1b-shape ;;
+    fast1b) start_redis; step fast1b 200 llama3-1b-shape "${fast[@]}" --model llama3-1b-shape \
+                --json-out $json/fast1b.json ;;
     fast8b) start_redis; step fast8b 300 llama3-8b-shape "${fast[@]}" --model llama3-8b-shape \
-                --kv-cache-memory 20GiB --transformers-batch-sizes 1,128 ;;
+                --kv-cache-memory 20GiB --transformers-batch-sizes 1,128 --json-out $json/fast8b.json ;;
     prefix8b) start_redis; step prefix8b 300 llama3-8b-shape "${prefix[@]}" --model llama3-8b-shape \
-                  --prefix-lens 16384,32768 --question-len 256 --read-parallelism 4 ;;
+                  --prefix-lens 16384,32768 --question-len 256 --read-parallelism 4 \
+                  --json-out $json/prefix8b.json ;;
     engine) step engine-torch 170 llama3-1b-shape "${bench[@]}" --attention-backend torch
             step engine-triton 170 llama3-1b-shape "${bench[@]}" --attention-backend triton ;;
     prefix) start_redis; step prefix 300 llama3-1b-shape "${prefix[@]}" --model llama3-1b-shape \
@@ -100,5 +105,7 @@ for s in $STEPS; do
 done
 [ -n "$DRY_RUN" ] && exit 0
 pkill -P "$models_pid" 2> /dev/null; kill "$models_pid" 2> /dev/null  # a model no step got to
+python3 bench/acceptance.py --fast1b $json/fast1b.json --fast8b $json/fast8b.json --prefix8b $json/prefix8b.json \
+    2>&1 | tee -a "$OUT/summary.txt"
 echo "== done after $((SECONDS - began))s" | tee -a "$OUT/summary.txt"
 tail -n 25 "$OUT"/*.txt

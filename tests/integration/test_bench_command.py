@@ -90,6 +90,11 @@ def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_pat
     assert result["overhead"]["tiers on"] > 0 and result["overhead"]["tiers off"] > 0
     assert result["overhead"]["reused_blocks"] == 0  # random prompts: the tiers-on runs must not hit a cache
     assert "| batch | engine tok/s |" in done.stdout and "| prompt tokens |" in done.stdout
+    judged = subprocess.run([sys.executable, str(BENCH / "acceptance.py"), "--fast1b", str(out)], capture_output=True,
+                            text=True, timeout=60)
+    assert judged.returncode == 0, judged.stderr
+    assert "| 1B bandwidth utilisation, batch 1 | >= 0.5 | 0." in judged.stdout  # measured, toy-sized, judged
+    assert "| 1B decode speed-up over transformers, batch 128 | >= 10x | not measured | - |" in judged.stdout
 
 
 def test_host_work_with_every_tier_on_is_measured_against_every_tier_off(tmp_path):
