@@ -35,6 +35,9 @@ class FetchCostModel:
         if num_bytes > 0 and seconds > 0:
             self.bytes_per_s.setdefault(tier, _Average()).add(num_bytes / seconds)
 
+    def has_rate(self, tier: str) -> bool:
+        return self.bytes_per_s.get(tier, _Average()).value is not None
+
     def should_fetch(self, tier: str, num_blocks: int, block_bytes: int, block_tokens: int) -> bool:
         bandwidth = self.bytes_per_s.get(tier, _Average()).value
         prefill_rate = self.prefill_tokens_per_s.value

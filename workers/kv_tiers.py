@@ -36,6 +36,7 @@ from workers.kv_cache import KVCacheShape
 
 log = logging.getLogger(__name__)
 _REDIS_BATCH_BLOCKS = 32  # blocks per MGET round: the first tells whether a prefix is there at all
+_REDIS_PROBE_BLOCKS = 8  # the first round's blocks while Redis's rate is unknown: it measures the rate
 _KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
 ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "GatheredBlocks | None"]
 LoadClock = Callable[[bool], "list[float]"]  # BlockMover.settled_load_seconds: GPU-timed loads (CUDA)
@@ -131,15 +132,16 @@ class KVTiers:
 
     def _fetch_from_redis(self, block_hashes: list[bytes], prefix: PrefixRef) -> int:
         """Stage the longest verified run of ``block_hashes`` found in Redis; returns its length. Before each
-        round of ``_REDIS_BATCH_BLOCKS`` the cost model decides again for the blocks left, so what the first
-        round measured (a fresh process has no rate yet) stops a fetch slower than recomputing the rest."""
+        round the cost model decides again for the blocks left, so what the first round measured stops a fetch
+        slower than recomputing the rest; with no Redis rate yet (a fresh process) that round is a short probe."""
         found = 0
-        for start in range(0, len(block_hashes), _REDIS_BATCH_BLOCKS):
-            left = len(block_hashes) - start
+        while found < len(block_hashes):
+            left = len(block_hashes) - found
             if not self.cost_model.should_fetch("redis", left, self.block_bytes, self.shape.block_size):
                 self.stats["redis"].skipped_fetches += 1
                 break
-            batch = block_hashes[start : start + _REDIS_BATCH_BLOCKS]
+            size = _REDIS_BATCH_BLOCKS if self.cost_model.has_rate("redis") else _REDIS_PROBE_BLOCKS
+            batch = block_hashes[found : found + size]
             began = time.perf_counter()
             verified = self._fetch_batch(batch, prefix)
             seconds = time.perf_counter() - began

@@ -234,8 +234,8 @@ def test_the_cost_model_skips_a_fetch_slower_than_recomputing(redis_server):
 
 
 def test_a_fresh_reader_stops_fetching_once_its_first_round_shows_recomputing_is_faster(redis_server):
-    """No Redis rate is known in a fresh process, so the first round (32 blocks) is fetched; what it measured
-    then stops the rest of the fetch, which is recomputed: the same tokens, 32 blocks from Redis."""
+    """No Redis rate is known in a fresh process, so a first, short round (8 blocks) is fetched; what it measured
+    then stops the rest of the fetch, which is recomputed: the same tokens, 8 blocks from Redis."""
     prompt = tokens(63, 45 * BLOCK)
     writer = make_engine(redis_only(redis_server.url))
     expected = writer.generate([prompt], GREEDY)[0].token_ids
@@ -243,5 +243,5 @@ def test_a_fresh_reader_stops_fetching_once_its_first_round_shows_recomputing_is
     reader = make_engine(redis_only(redis_server.url))
     reader.cost_model.observe_prefill(tokens=10**12, seconds=1.0)  # recomputing looks nearly free
     (done,) = reader.generate([prompt], GREEDY)
-    assert done.token_ids == expected and done.usage.cached_tokens.redis == 32 * BLOCK
+    assert done.token_ids == expected and done.usage.cached_tokens.redis == 8 * BLOCK
     assert reader.kv_store_stats()["redis"]["skipped_fetches"] == 1

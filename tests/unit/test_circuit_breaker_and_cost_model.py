@@ -63,3 +63,12 @@ def test_keys_put_a_prefix_in_one_cluster_slot_and_scope_flushes():
     assert not fnmatch.fnmatchcase(first, flush_pattern("cd" * 32))
     unsalted = block_key(fingerprint, PrefixRef(None, b"\x11" * 32), b"\x11" * 32, (0, 8))
     assert not fnmatch.fnmatchcase(unsalted, flush_pattern(fingerprint, "acme", any_salt=False))
+
+
+def test_a_tier_has_a_rate_once_a_fetch_moved_bytes():
+    model = FetchCostModel()
+    assert not model.has_rate("redis")
+    model.observe_fetch("redis", num_bytes=0, seconds=1.0)  # a miss measures nothing
+    assert not model.has_rate("redis")
+    model.observe_fetch("redis", num_bytes=10**6, seconds=1.0)
+    assert model.has_rate("redis") and not model.has_rate("cpu")
