@@ -35,11 +35,16 @@ class FetchCostModel:
         if num_bytes > 0 and seconds > 0:
             self.bytes_per_s.setdefault(tier, _Average()).add(num_bytes / seconds)
 
+    def rate(self, tier: str) -> float | None:
+        """The tier's measured bytes/s; None until a fetch from it moved bytes."""
+        average = self.bytes_per_s.get(tier)
+        return average.value if average is not None else None
+
     def has_rate(self, tier: str) -> bool:
-        return self.bytes_per_s.get(tier, _Average()).value is not None
+        return self.rate(tier) is not None
 
     def should_fetch(self, tier: str, num_blocks: int, block_bytes: int, block_tokens: int) -> bool:
-        bandwidth = self.bytes_per_s.get(tier, _Average()).value
+        bandwidth = self.rate(tier)
         prefill_rate = self.prefill_tokens_per_s.value
         if not self.enabled or bandwidth is None or prefill_rate is None or num_blocks == 0:
             return True

@@ -16,10 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 ALL_STEPS = "tests fast1b fast8b prefix8b engine prefix"
 
 
-def plan(steps: str | None = None) -> list[tuple[str, int, list[str]]]:
+def dry_run(steps: str | None) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", **({"STEPS": steps} if steps else {})}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh")], capture_output=True, text=True,
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh")], capture_output=True, text=True,
                           env=env, timeout=30)
+
+
+def plan(steps: str | None = None) -> list[tuple[str, int, list[str]]]:
+    done = dry_run(steps)
     assert done.returncode == 0, done.stderr
     lines = [shlex.split(line) for line in done.stdout.splitlines()]
     return [(name, int(cap), argv) for name, cap, *argv in lines]
@@ -52,6 +56,5 @@ def test_every_step_names_what_exists_and_flags_its_benchmark_accepts(name, cap,
 
 
 def test_an_unknown_step_is_refused():
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_session.sh")], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "STEPS": "tests nonsense"}, timeout=30)
+    done = dry_run("tests nonsense")
     assert done.returncode == 2 and "unknown step 'nonsense'" in done.stderr
