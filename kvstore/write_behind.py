@@ -13,6 +13,7 @@ No torch and no model: the items are opaque bytes (``kvstore.codec`` gives them 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -41,6 +42,8 @@ class WriteBehind:
         self.bytes_written = 0
         self._thread = threading.Thread(target=self._drain, name="kvtier-redis-write-behind", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # a process that exits unclosed still writes what is queued, then stops the
+        # thread: left running, it would encode torch tensors while the interpreter tears down (seen: SIGABRT)
 
     def room(self) -> int:
         """Blocks a job may hold now and still be queued."""
@@ -67,6 +70,7 @@ class WriteBehind:
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Write what is queued (for at most ``timeout_s``: a 32k-token prefix of an 8B model is 4 GiB), then stop."""
+        atexit.unregister(self.close)
         if not self.flush(timeout_s):
             log.warning("closing with %d blocks not yet written to Redis after %.0f s", self._queued_blocks,
                         timeout_s)

@@ -3,7 +3,10 @@ a job that does not fit is dropped whole, and only blocks whose every item was w
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 from kvstore.config import RedisConfig
 from kvstore.redis_store import RedisStore
@@ -84,3 +87,23 @@ def test_batches_hold_whole_blocks_within_the_limits():
     assert [len(b) for b in _batches(blocks, max_blocks=8, max_bytes=400)] == [2, 2, 1]
     assert [len(b) for b in _batches(blocks, max_blocks=8, max_bytes=10)] == [1, 1, 1, 1, 1]  # one block always goes
     assert list(_batches([], 2, 10)) == []
+
+
+def test_a_process_that_exits_without_closing_still_writes_what_it_queued(redis_server):
+    """The writer is a daemon thread; left running at exit it was killed mid-job (with torch in the job: SIGABRT).
+    An exit hook closes it: the queued job finishes, the process exits 0."""
+    program = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from kvstore.config import RedisConfig
+from kvstore.redis_store import RedisStore
+from kvstore.write_behind import WriteBehind
+writer = WriteBehind(RedisStore(RedisConfig(url={redis_server.url!r})), max_blocks=4, batch_blocks=4)
+def slow_job():
+    time.sleep(0.5)  # still running when the main thread ends
+    yield [("kvtier:t:exit:m", b"written at exit")]
+writer.submit(slow_job, 1)
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert redis_server.client().get("kvtier:t:exit:m") == b"written at exit"
