@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     add_engine_args(parser, default_model="small")
     parser.add_argument("--prefix-lens", default="2048,4096")
     parser.add_argument("--read-parallelism", type=int, default=1, help="kvstore.redis.read_parallelism")
+    parser.add_argument("--staging-memory", default="5GiB", help="kvstore.redis.staging_memory of the process "
+                        "that reads from Redis (pinned at its start with CUDA; 5GiB holds a 32k-token prefix "
+                        "of the 8B shape)")
     parser.add_argument("--question-len", type=int, default=64, help="new tokens after the prefix")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     add_output_args(parser, default_plot="docs/prefix_reuse.png")
@@ -46,10 +49,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def redis_config(args: argparse.Namespace) -> RedisConfig:
+def redis_config(args: argparse.Namespace, staging_memory: str = "0") -> RedisConfig:
     """--read-parallelism MGETs at once, each on its own connection (one more stays for the writer)."""
     connections = max(RedisConfig().max_connections, args.read_parallelism + 1)
-    return RedisConfig(url=args.redis_url, read_parallelism=args.read_parallelism, max_connections=connections)
+    return RedisConfig(url=args.redis_url, read_parallelism=args.read_parallelism, max_connections=connections,
+                       staging_memory=staging_memory)
 
 
 def engine_for(args: argparse.Namespace, kvstore: KVStoreConfig, num_blocks: int) -> LLMEngine:
@@ -108,7 +112,7 @@ def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]
 
 def measure_redis_in_child(args: argparse.Namespace) -> None:
     prefix_len = int(args.child)
-    kvstore = KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=redis_config(args))
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=redis_config(args, args.staging_memory))
     engine = engine_for(args, kvstore, (prefix_len + args.question_len) // 16 + 16)
     prefix, questions = prompts(prefix_len, engine.model_config.vocab_size, args.question_len)
     ttft(engine, questions[0] + questions[1])  # warm-up, no shared prefix

@@ -63,24 +63,30 @@ def encode(unit: BlockUnit, payload: bytes | memoryview) -> bytes:
     return b"".join((fields, _CHECKSUM.pack(hasher.intdigest()), payload))
 
 
-def decode(value: bytes, expected: BlockUnit) -> memoryview:
+def decode(value: bytes | memoryview, expected: BlockUnit) -> memoryview:
     """The payload of ``value`` if it is exactly ``expected``; raises ``CorruptValue`` naming what is wrong."""
     if len(value) < HEADER_SIZE:
         raise CorruptValue(f"value of {len(value)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    fields = value[: _FIELDS.size]
+    payload = memoryview(value)[HEADER_SIZE:]
+    verify(value[:HEADER_SIZE], payload, expected)
+    return payload
+
+
+def verify(header: bytes | memoryview, payload: memoryview, expected: BlockUnit) -> None:
+    """Raise ``CorruptValue`` unless ``header`` then ``payload`` (a value read in two parts: the payload straight
+    into its staged block) are exactly ``expected``. The checksum reads the payload in place."""
+    fields = bytes(header[: _FIELDS.size])
     if fields[:4] != MAGIC:
         raise CorruptValue("bad magic")
     if fields != _header_fields(expected, expected.payload_size):
         raise CorruptValue("header does not match the block asked for (version, model, hash, dtype or shape)")
-    payload = memoryview(value)[HEADER_SIZE:]
-    if len(payload) != expected.payload_size:
-        raise CorruptValue(f"payload is {len(payload)} bytes, expected {expected.payload_size}")
-    (checksum,) = _CHECKSUM.unpack_from(value, _FIELDS.size)
+    if payload.nbytes != expected.payload_size:
+        raise CorruptValue(f"payload is {payload.nbytes} bytes, expected {expected.payload_size}")
+    (checksum,) = _CHECKSUM.unpack_from(header, _FIELDS.size)
     hasher = xxhash.xxh3_64(fields)
-    hasher.update(payload)
+    hasher.update(payload)  # xxhash releases the GIL: readers on several connections verify in parallel
     if hasher.intdigest() != checksum:
         raise CorruptValue("checksum mismatch")
-    return payload
 
 
 # --- manifests: which head-range units make up one stored block --------------------------------------------

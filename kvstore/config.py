@@ -53,6 +53,9 @@ class RedisConfig:
     # block waits in host memory (pinned with CUDA) until written: at most this many blocks' bytes
     write_batch_blocks: int = 64  # blocks per pipelined write ...
     write_batch_bytes: str = "8MiB"  # ... and at most this many bytes
+    # host memory (pinned, with CUDA) taken at start for blocks read from Redis until they are loaded to the
+    # GPU, so a read never waits for the memory to be pinned; larger reads pin the rest as they go
+    staging_memory: str = "1GiB"
 
     def __post_init__(self) -> None:
         if self.url is not None and not re.match(r"^rediss?://", self.url):
@@ -67,10 +70,11 @@ class RedisConfig:
                 raise ValueError(f"{name}: must be >= 1")
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise ValueError("max_retries: and retry_backoff_s must be >= 0")
-        try:
-            parse_size(self.write_batch_bytes)
-        except ValueError as error:
-            raise ValueError(f"write_batch_bytes: {error}") from None
+        for name in ("write_batch_bytes", "staging_memory"):
+            try:
+                parse_size(getattr(self, name))
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
         if self.ttl_s is not None and self.ttl_s < 1:
             raise ValueError(f"ttl_s: must be >= 1 second, got {self.ttl_s}")
 

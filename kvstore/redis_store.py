@@ -9,6 +9,7 @@ counted. Writes from the engine go through ``kvstore.write_behind``. Values are 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,9 +21,11 @@ from typing import TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.connection import ConnectionPool
 from redis.exceptions import ClusterDownError
 from redis.retry import Retry
 
+from kvstore import resp
 from kvstore.circuit_breaker import CircuitBreaker
 from kvstore.config import RedisConfig
 
@@ -67,17 +70,70 @@ class RedisStore:
     def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """Values in key order (None where absent); None for all when Redis cannot be reached in time. A large
         read is split into ``read_parallelism`` MGETs run at once (this thread reads the first)."""
-        slices = _slices(list(keys), self.config.read_parallelism)
-        if len(slices) <= 1:
-            return self._mget(slices[0]) if slices else []
-        others = [self._readers.submit(self._mget, part) for part in slices[1:]]
-        parts = [self._mget(slices[0]), *(future.result() for future in others)]
-        if any(part is None for part in parts):
+        parts = self._in_slices(list(keys), lambda part, _first: self._mget(part))
+        if parts is None:
             return None
         return [value for part in parts for value in part]
 
+    def read_into(self, keys: Sequence[str], sink: resp.ValueSink) -> bool:
+        """MGET ``keys`` with each value streamed from the socket into ``sink`` (``kvstore.resp``), key ``i`` as
+        index ``i``, in ``read_parallelism`` slices at once (each slice's values arrive in order, on its own
+        thread); False when Redis cannot be reached in time (the sink may have seen some of the values)."""
+        return self._in_slices(list(keys), lambda part, first: self._call(
+            lambda: self._mget_into(part, sink, first))) is not None
+
+    def _in_slices(self, keys: list[str], read: Callable[[list[str], int], T | None]) -> list[T] | None:
+        """``read(slice, index of its first key)`` for each slice, the first on this thread; None if any failed."""
+        slices = _slices(keys, self.config.read_parallelism)
+        starts = [0]
+        for part in slices[:-1]:
+            starts.append(starts[-1] + len(part))
+        others = [self._readers.submit(read, part, start) for part, start in zip(slices[1:], starts[1:])]
+        parts = [read(slices[0], 0)] if slices else []
+        parts += [future.result() for future in others]
+        return None if any(part is None for part in parts) else parts
+
     def _mget(self, keys: list[str]) -> list[bytes | None] | None:
         return self._call(lambda: self.client.mget(keys))
+
+    def _mget_into(self, keys: list[str], sink: resp.ValueSink, first: int) -> bool:
+        """One MGET on a pooled connection, its reply read by ``kvstore.resp`` (redis-py sent the command)."""
+        pool = self._pool_for(keys[0])
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([resp.encode_command("MGET", *keys)])
+            stream = resp.ReplyStream(_socket_of(connection))
+            stream.read_mget_into(len(keys), sink, first)
+            if stream.pending:
+                raise resp.ProtocolError(f"{stream.pending} bytes past the end of an MGET reply")
+        except resp.RespError as error:
+            if isinstance(self.client, RedisCluster) and str(error).startswith(("MOVED", "ASK")):
+                return self._feed_from_mget(keys, sink, first)  # redis-py follows the redirect
+            raise redis.ResponseError(str(error)) from error
+        except BaseException:
+            connection.disconnect()  # whatever is left of the reply must not reach the next command
+            raise
+        finally:
+            pool.release(connection)
+        return True
+
+    def _feed_from_mget(self, keys: list[str], sink: resp.ValueSink, first: int) -> bool:
+        for index, value in enumerate(self.client.mget(keys), first):
+            if value is None:
+                sink.received(index, None)
+                continue
+            views = sink.buffers(index, len(value)) or [memoryview(bytearray(len(value)))]
+            offset = 0
+            for view in views:
+                view.cast("B")[:] = value[offset : offset + view.nbytes]
+                offset += view.nbytes
+            sink.received(index, views)
+        return True
+
+    def _pool_for(self, key: str) -> ConnectionPool:
+        if isinstance(self.client, RedisCluster):
+            return self.client.get_node_from_key(key).redis_connection.connection_pool
+        return self.client.connection_pool
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> bool:
         def write() -> bool:
@@ -174,6 +230,15 @@ def _slices(keys: list[str], parts: int, min_keys: int = _MIN_SLICE_KEYS) -> lis
     count = max(1, min(parts, len(keys) // min_keys))
     size = max(1, -(-len(keys) // count))
     return [keys[start : start + size] for start in range(0, len(keys), size)]
+
+
+def _socket_of(connection) -> socket.socket:
+    """The connected socket of a redis-py connection (redis-py offers no public accessor; it has been ``_sock``
+    for years, and the integration tests read through it against a real redis-server)."""
+    sock = getattr(connection, "_sock", None)
+    if sock is None:
+        raise resp.ProtocolError("redis-py connection has no socket (its internals changed?)")
+    return sock
 
 
 def _memory_of(info: dict) -> tuple[int, int]:

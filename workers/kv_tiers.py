@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from kvstore.tier_policy import LRUTierPolicy
 from kvstore.write_behind import WriteBehind
 from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
+from workers.redis_staging import StagedUnits, UnitRead
 
 log = logging.getLogger(__name__)
 _REDIS_BATCH_BLOCKS = 32  # blocks per MGET round: the first tells whether a prefix is there at all
@@ -96,6 +96,21 @@ class KVTiers:
         self._dtype_name = str(full_shape.dtype).removeprefix("torch.")
         if self.cpu:
             log.info("CPU tier: %d blocks, %.2f GiB", num_cpu_slots, num_cpu_slots * self.block_bytes / 2**30)
+        if self.redis is not None and pin_staging:
+            self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes)
+
+    def _reserve_staging(self, count: int) -> None:
+        """Pin ``count`` staging blocks once and free them: torch's caching host allocator keeps pinned memory it
+        has handed out, so the Redis reads that stage up to that many blocks get it back without waiting for
+        cudaHostAlloc (a fresh process's first long read would otherwise pin every block it reads)."""
+        began = time.perf_counter()
+        blocks = [self._staging_block() for _ in range(count)]
+        del blocks
+        log.info("Redis staging: %d blocks pinned, %.2f GiB, in %.2f s", count, count * self.block_bytes / 2**30,
+                 time.perf_counter() - began)
+
+    def _staging_block(self) -> torch.Tensor:
+        return torch.empty(self.shape.dims[1:], dtype=self.shape.dtype, pin_memory=self._pin_staging)
 
     def _make_writer(self, config: KVStoreConfig) -> WriteBehind:
         redis_config = config.redis
@@ -154,23 +169,43 @@ class KVTiers:
 
     def _fetch_batch(self, hashes: list[bytes], prefix: PrefixRef) -> int:
         """Manifests, then units, for up to a batch of blocks; stages the leading verified run."""
-        manifests = self._get([manifest_key(self.fingerprint, prefix, h) for h in hashes])
+        layouts = self._layouts(hashes, prefix)
+        units = [UnitRead(index, heads, self.unit_of(hashes[index], heads))
+                 for index, ranges in enumerate(layouts) for heads in ranges]
+        blocks = [self._staging_block() for _ in layouts]  # [L, 2, bs, Hkv, D]: whole units land straight in them
+        staged = StagedUnits(units, blocks)
+        if units and not self.redis.read_into([self._unit_key(hashes[u.block], u.heads, prefix) for u in units],
+                                              staged):
+            self.stats["redis"].errors += 1
+            return 0
+        verified = self._leading_verified(staged, hashes, prefix)
+        for block_hash, block in zip(hashes[:verified], blocks):
+            self._staged[block_hash] = block
+            self._remember_in_redis(block_hash)
+        return verified
+
+    def _layouts(self, hashes: list[bytes], prefix: PrefixRef) -> list[list[tuple[int, int]]]:
+        """The head ranges of each leading block whose manifest is there and sound."""
         layouts = []
-        for block_hash, value in zip(hashes, manifests):
+        for block_hash, value in zip(hashes, self._get([manifest_key(self.fingerprint, prefix, h) for h in hashes])):
             ranges = self._decode_manifest(block_hash, value, prefix)
             if ranges is None:
                 break
             layouts.append(ranges)
-        keys = [self._unit_key(h, r, prefix) for h, ranges in zip(hashes, layouts) for r in ranges]
-        values = iter(self._get(keys))
-        for index, (block_hash, ranges) in enumerate(zip(hashes, layouts)):
-            # [L, 2, bs, Hkv, D]: each unit is copied once, into its heads
-            block = torch.empty(self.shape.dims[1:], dtype=self.shape.dtype, pin_memory=self._pin_staging)
-            if not all(self._decode_unit_into(block, block_hash, r, next(values), prefix) for r in ranges):
-                return index
-            self._staged[block_hash] = block
-            self._remember_in_redis(block_hash)
-        return len(layouts)
+        return layouts
+
+    def _leading_verified(self, staged: StagedUnits, hashes: list[bytes], prefix: PrefixRef) -> int:
+        """Blocks before the first with a unit missing or corrupt (its manifest, and a corrupt unit, deleted)."""
+        for index, (unit, outcome) in enumerate(zip(staged.units, staged.outcome)):
+            if outcome == "ok":
+                staged.assemble(index)
+                continue
+            block_hash = hashes[unit.block]
+            if isinstance(outcome, codec.CorruptValue):
+                self._discard(self._unit_key(block_hash, unit.heads, prefix), outcome)
+            self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])  # the block is a miss now
+            return unit.block
+        return len(staged.blocks)
 
     def _get(self, keys: list[str]) -> list[bytes | None]:
         values = self.redis.get_many(keys) if keys else []
@@ -187,21 +222,6 @@ class KVTiers:
         except codec.CorruptValue as error:
             self._discard(manifest_key(self.fingerprint, prefix, block_hash), error)
             return None
-
-    def _decode_unit_into(self, block: torch.Tensor, block_hash: bytes, heads: tuple[int, int], value: bytes | None,
-                          prefix: PrefixRef) -> bool:
-        """Verify one unit and copy it into ``block``'s heads; False (the block is a miss) if missing or corrupt."""
-        if value is None:  # a slice is missing (evicted, deleted): the block is a miss
-            self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])
-            return False
-        try:
-            payload = codec.decode(value, self.unit_of(block_hash, heads))
-        except codec.CorruptValue as error:
-            self._discard(self._unit_key(block_hash, heads, prefix), error)
-            self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])
-            return False
-        block[:, :, :, heads[0] : heads[1]].copy_(_tensor_view(payload, self.shape, heads))
-        return True
 
     def _discard(self, key: str, error: Exception) -> None:
         log.warning("redis value %s is corrupt (%s): deleted, will recompute", key, error)
@@ -375,12 +395,3 @@ def _unit_bytes(block: torch.Tensor, heads: tuple[int, int]) -> memoryview:
     """The raw bytes of ``block``'s KV heads ``[start, end)`` (block [L, 2, bs, Hkv, D]); no copy for all heads."""
     unit = block[:, :, :, heads[0] : heads[1]].contiguous()
     return memoryview(unit.view(-1).view(torch.uint8).numpy())
-
-
-def _tensor_view(payload: memoryview, shape: KVCacheShape, heads: tuple[int, int]) -> torch.Tensor:
-    """A unit's bytes seen as [L, 2, bs, heads, D], without a copy: read it only while the reply is alive."""
-    with warnings.catch_warnings():  # the buffer is read-only; it is only copied from
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(payload, dtype=torch.uint8)
-    dims = (shape.num_layers, 2, shape.block_size, heads[1] - heads[0], shape.head_dim)
-    return raw.view(shape.dtype).view(dims)

@@ -59,3 +59,33 @@ def test_an_engine_on_cuda_reuses_a_spilled_prefix_and_times_its_load_on_the_gpu
     assert done.token_ids == expected and cached.cpu > 0 and cached.total >= 144
     cpu = engine.kv_store_stats()["cpu"]
     assert cpu["bytes_out"] > 0 and cpu["transfer_seconds"] > 0
+
+
+def test_a_redis_hit_lands_in_staging_memory_pinned_at_start(redis_server):
+    """The reader's staging blocks were pinned when it started: its Redis hit calls cudaHostAlloc no more (the
+    caching host allocator's own count), and the prefix comes back with the tokens of a run without caches."""
+    from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
+    from workers.engine import LLMEngine
+    from workers.engine_config import CacheConfig, EngineConfig
+    from workers.sampling_params import SamplingParams
+
+    prefix, question = [5 + i % 200 for i in range(160)], [9, 8, 7]  # 10 full blocks; the tail fills none
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    config = EngineConfig(device="cuda", cache=CacheConfig(num_blocks=32))
+    expected = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False).generate(
+        [prefix + question], params)[0].token_ids
+
+    def redis_engine(staging: str) -> LLMEngine:
+        redis = RedisConfig(url=redis_server.url, staging_memory=staging)
+        return LLMEngine.from_config(config, KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=redis),
+                                     progress=False)
+
+    writer = redis_engine("0")
+    writer.generate([prefix + [1]], params)
+    writer.close()  # every block written
+    reader = redis_engine("1MiB")  # 32 of the tiny model's 32 KiB blocks
+    reader.generate([[3, 4, 5]], params)  # the step loop's own pinned buffers, if any, exist from here on
+    allocations = torch.cuda.host_memory_stats()["num_host_alloc"]
+    (done,) = reader.generate([prefix + question], params)
+    assert done.usage.cached_tokens.redis == 160 and done.token_ids == expected
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == allocations

@@ -1,7 +1,12 @@
 """Parallel reads of the Redis transport against a real redis-server: the same values in key order as one MGET,
-absent keys as None, and a dead Redis a miss for the whole read."""
+absent keys as None, and a dead Redis a miss for the whole read; reads streamed into the caller's buffers
+(``read_into``) give the same bytes in either protocol and leave the connections in step."""
 
 from __future__ import annotations
+
+import time
+
+import pytest
 
 from kvstore.config import RedisConfig
 from kvstore.redis_store import RedisStore, _slices
@@ -31,3 +36,53 @@ def test_small_reads_stay_whole_and_large_ones_split_evenly():
     assert [len(part) for part in _slices(keys[:33], 4)] == [9, 9, 9, 6]
     assert [len(part) for part in _slices(keys[:12], 4)] == [12]  # under 2 x 8 keys: one MGET
     assert _slices([], 4) == []
+
+
+class CollectingSink:
+    """Receives each value into a buffer of its own (in two parts, as a staged block and its header would)."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, bytes | None] = {}
+
+    def buffers(self, index: int, length: int) -> list[memoryview]:
+        return [memoryview(bytearray(min(length, 5))), memoryview(bytearray(length - min(length, 5)))]
+
+    def received(self, index: int, value: list[memoryview] | None) -> None:
+        self.values[index] = None if value is None else b"".join(bytes(part) for part in value)
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_streamed_reads_give_the_values_and_leave_connections_in_step(tmp_path, protocol):
+    server = RedisServer(tmp_path).start()
+    keys = [f"kvtier:test:{i}" for i in range(100)]
+    values = {key: key.encode() * (37 * i) for i, key in enumerate(keys) if i % 3}  # some absent, one empty
+    store = RedisStore(RedisConfig(url=f"{server.url}?protocol={protocol}", read_parallelism=4, max_connections=8))
+    try:
+        assert store.put_many(list(values.items()))
+        for _ in range(3):  # the same pooled connections again and again
+            sink = CollectingSink()
+            assert store.read_into(keys, sink)
+            assert sink.values == {i: values.get(key) for i, key in enumerate(keys)}
+            assert store.get_many(keys[:2]) == [None, values[keys[1]]]  # redis-py's parser after ours
+        server.kill()
+        assert not store.read_into(keys, CollectingSink()) and store.errors > 0
+    finally:
+        store.close()
+
+
+def test_a_streamed_read_from_a_paused_redis_gives_up_within_its_timeouts(tmp_path):
+    server = RedisServer(tmp_path).start()
+    config = RedisConfig(url=server.url, socket_timeout_s=0.2, max_retries=1, retry_backoff_s=0.05)
+    store = RedisStore(config)
+    try:
+        assert store.put_many([("kvtier:test:a", b"a" * 100_000)])
+        server.pause()
+        began = time.monotonic()
+        assert not store.read_into(["kvtier:test:a"], CollectingSink())
+        elapsed = time.monotonic() - began
+        server.resume()
+        sink = CollectingSink()
+        assert store.read_into(["kvtier:test:a"], sink) and sink.values == {0: b"a" * 100_000}  # back in step
+    finally:
+        store.close()
+    assert elapsed < 2 * 0.2 + 0.05 + 0.5  # two attempts' timeouts and one backoff, plus slack

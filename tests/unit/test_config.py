@@ -31,6 +31,7 @@ def test_yaml_and_overrides_merge_with_overrides_winning(tmp_path):
         ({"routr": {}}, "routr: unknown key"),
         ({"router": {"policy": "random"}}, "router.policy: 'random' is unknown"),
         ({"workers": {"count": 0}}, "workers.count: must be >= 1"),
+        ({"kvstore": {"redis": {"staging_memory": "big"}}}, "kvstore.redis.staging_memory: 'big' is not a size"),
     ],
 )
 def test_errors_name_the_key_path(data, message):
