@@ -115,3 +115,21 @@ def test_host_work_with_every_tier_on_is_measured_against_every_tier_off(tmp_pat
     assert row["stored_blocks"] == 2 * (64 + 16) // 16  # the last run's full blocks, every one written
     assert len(keys) == 3 * 2 * row["stored_blocks"]  # three runs of random prompts: a unit and a manifest each
     assert row["on_step_thread_cpu"] > 0 and "| batch | context | blocks written |" in done.stdout
+
+
+def test_redis_reads_are_measured_both_ways_and_leave_no_keys(tmp_path):
+    """bench/redis_read.py at toy sizes: a row per connection count, each way's rate and CPU, its keys deleted."""
+    redis = RedisServer(tmp_path / "redis").start()
+    flags = ["--redis-url", redis.url, "--value-size", "64KiB", "--values", "24", "--connections", "1,3",
+             "--repeats", "1"]
+    try:
+        done = subprocess.run([sys.executable, str(BENCH / "redis_read.py"), *flags], capture_output=True,
+                              text=True, timeout=120)
+        keys = redis.client().keys("*")
+    finally:
+        redis.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [cells[0].strip() for cells in rows[1:]] == ["1", "3"]
+    assert all(float(cell) > 0 for cells in rows[1:] for cell in cells)
+    assert keys == []
