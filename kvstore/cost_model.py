@@ -1,8 +1,11 @@
 """Fetch or recompute? A per-tier decision from measured rates. Pure Python.
 
-The model keeps exponentially weighted averages of the prefill rate (tokens/s, from engine steps) and of each
-tier's effective transfer rate (bytes/s over whole calls, so per-call latency is folded in). Fetching n blocks
-costs ``n * block_bytes / rate``; recomputing them costs ``n * block_tokens / prefill_rate``. With no
+The model keeps exponentially weighted averages of the prefill rate and of each tier's effective transfer
+rate (bytes/s over whole calls, so per-call latency is folded in). Fetching n blocks costs
+``n * block_bytes / rate``. Recomputing them depends on where they sit: a token at position p attends to p + 1
+keys, so the blocks at 30k-32k of a prompt cost far more than its first ones. With the model's ``PrefillWork``
+the prefill rate is measured in FLOP/s over whole steps (their tokens at their positions) and recomputing
+blocks costs their FLOPs over that rate; without it, ``n * block_tokens`` over the measured tokens/s. With no
 measurement yet, fetching is assumed to win (the first fetches measure the tier).
 """
 
@@ -21,15 +24,34 @@ class _Average:
         self.value = sample if self.value is None else (1 - _WEIGHT) * self.value + _WEIGHT * sample
 
 
+@dataclass(frozen=True)
+class PrefillWork:
+    """The FLOPs of computing prompt tokens: each token multiplies by the layers' weights once (``per_token``)
+    and attends to every key up to its own position (``per_attended`` for each query-key pair)."""
+
+    per_token: float  # 2 x the weights of every layer (the LM head runs for sampled tokens only)
+    per_attended: float  # 4 x layers x query heads x head_dim: Q.K and the weighted V, per query-key pair
+
+    def flops(self, start: int, num_tokens: int) -> float:
+        """Tokens ``[start, start + num_tokens)`` of one sequence, those before ``start`` already cached."""
+        attended = num_tokens * start + num_tokens * (num_tokens + 1) // 2
+        return self.per_token * num_tokens + self.per_attended * attended
+
+
 @dataclass
 class FetchCostModel:
     enabled: bool = True
+    work: PrefillWork | None = None  # None: recomputing costs the same per token wherever it sits
     prefill_tokens_per_s: _Average = field(default_factory=_Average)
+    prefill_flops_per_s: _Average = field(default_factory=_Average)
     bytes_per_s: dict[str, _Average] = field(default_factory=dict)
 
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
+    def observe_prefill(self, tokens: int, seconds: float, flops: float = 0.0) -> None:
+        """A step that computed ``tokens`` (``flops`` by ``work``, when the caller has it) in ``seconds``."""
         if tokens > 0 and seconds > 0:
             self.prefill_tokens_per_s.add(tokens / seconds)
+        if flops > 0 and seconds > 0:
+            self.prefill_flops_per_s.add(flops / seconds)
 
     def observe_fetch(self, tier: str, num_bytes: int, seconds: float) -> None:
         if num_bytes > 0 and seconds > 0:
@@ -43,15 +65,25 @@ class FetchCostModel:
     def has_rate(self, tier: str) -> bool:
         return self.rate(tier) is not None
 
-    def should_fetch(self, tier: str, num_blocks: int, block_bytes: int, block_tokens: int) -> bool:
+    def should_fetch(self, tier: str, num_blocks: int, block_bytes: int, block_tokens: int,
+                     start_token: int = 0) -> bool:
+        """Whether loading ``num_blocks`` blocks from ``tier`` beats recomputing them; the first of them starts
+        at token ``start_token`` of its sequence."""
         bandwidth = self.rate(tier)
-        prefill_rate = self.prefill_tokens_per_s.value
-        if not self.enabled or bandwidth is None or prefill_rate is None or num_blocks == 0:
+        recompute_s = self.recompute_seconds(start_token, num_blocks * block_tokens)
+        if not self.enabled or bandwidth is None or recompute_s is None or num_blocks == 0:
             return True
-        fetch_s = num_blocks * block_bytes / bandwidth
-        recompute_s = num_blocks * block_tokens / prefill_rate
-        return fetch_s <= recompute_s
+        return num_blocks * block_bytes / bandwidth <= recompute_s
+
+    def recompute_seconds(self, start: int, num_tokens: int) -> float | None:
+        """Predicted time to compute tokens ``[start, start + num_tokens)``; None until a prefill was measured."""
+        if self.work is not None and self.prefill_flops_per_s.value:
+            return self.work.flops(start, num_tokens) / self.prefill_flops_per_s.value
+        if self.prefill_tokens_per_s.value:
+            return num_tokens / self.prefill_tokens_per_s.value
+        return None
 
     def snapshot(self) -> dict[str, float | None]:
         rates = {f"{tier}_bytes_per_s": avg.value for tier, avg in self.bytes_per_s.items()}
-        return {"prefill_tokens_per_s": self.prefill_tokens_per_s.value, **rates}
+        return {"prefill_tokens_per_s": self.prefill_tokens_per_s.value,
+                "prefill_flops_per_s": self.prefill_flops_per_s.value, **rates}

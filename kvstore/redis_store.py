@@ -67,6 +67,24 @@ class RedisStore:
         parallel = config.read_parallelism
         self._readers = ThreadPoolExecutor(parallel - 1, "kvtier-redis-read") if parallel > 1 else None
 
+    def open_read_connections(self) -> bool:
+        """Connect the ``read_parallelism`` connections a large read uses, so that the first read (which the cost
+        model times to decide whether Redis beats recomputing) does not pay for connecting them. False, logged,
+        when Redis cannot be reached now: reads connect when it can."""
+        if isinstance(self.client, RedisCluster):
+            return True  # one pool per node; each connects on its first read
+        pool, held = self.client.connection_pool, []
+        try:
+            for _ in range(self.config.read_parallelism):
+                held.append(pool.get_connection())  # held at once, so the pool opens that many
+        except _UNAVAILABLE as error:
+            log.warning("redis is not reachable yet (%s): reads will connect when it is", error)
+            return False
+        finally:
+            for connection in held:
+                pool.release(connection)
+        return True
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """Values in key order (None where absent); None for all when Redis cannot be reached in time. A large
         read is split into ``read_parallelism`` MGETs run at once (this thread reads the first)."""

@@ -155,7 +155,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, config.scheduler.max_num_seqs,
                                   self.limits.max_model_len, broadcaster=tp_group)
         self.kv_stats = KVStoreStats()
-        self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model)
+        self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model, work=self.model_config.prefill_work())
         self.tiers = self._set_up_tiers(kv_cache)
         self._pending_stores: list = []
         self.scheduler = Scheduler(
@@ -342,7 +342,9 @@ class LLMEngine:
         self.stats.computed_tokens += plan.num_tokens
         prefill_tokens = sum(chunk.num_tokens for chunk in plan.chunks if chunk.num_tokens > 1)
         if prefill_tokens >= plan.num_tokens // 2:  # a step that is mostly prefill measures the prefill rate
-            self.cost_model.observe_prefill(plan.num_tokens, seconds)
+            work = self.cost_model.work
+            flops = sum(work.flops(chunk.start, chunk.num_tokens) for chunk in plan.chunks) if work else 0.0
+            self.cost_model.observe_prefill(plan.num_tokens, seconds, flops)
 
     def flush_cache(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
         """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), Redis for this model

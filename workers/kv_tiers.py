@@ -36,7 +36,7 @@ from workers.redis_staging import StagedUnits, UnitRead
 
 log = logging.getLogger(__name__)
 _REDIS_BATCH_BLOCKS = 32  # blocks per MGET round: the first tells whether a prefix is there at all
-_REDIS_PROBE_BLOCKS = 8  # the first round's blocks while Redis's rate is unknown: it measures the rate
+_REDIS_PROBE_BLOCKS = 8  # the first round's blocks per reader while Redis's rate is unknown: it measures it
 _KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
 ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "GatheredBlocks | None"]
 LoadClock = Callable[[bool], "list[float]"]  # BlockMover.settled_load_seconds: GPU-timed loads (CUDA)
@@ -96,8 +96,10 @@ class KVTiers:
         self._dtype_name = str(full_shape.dtype).removeprefix("torch.")
         if self.cpu:
             log.info("CPU tier: %d blocks, %.2f GiB", num_cpu_slots, num_cpu_slots * self.block_bytes / 2**30)
-        if self.redis is not None and pin_staging:
-            self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes)
+        if self.redis is not None:
+            self.redis.open_read_connections()
+            if pin_staging:
+                self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes)
 
     def _reserve_staging(self, count: int) -> None:
         """Pin ``count`` staging blocks once and free them: torch's caching host allocator keeps pinned memory it
@@ -119,8 +121,9 @@ class KVTiers:
 
     # --- lookup --------------------------------------------------------------------------------------------
 
-    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef) -> list[str]:
-        """The tier of each leading hash found below the GPU (["cpu", "cpu", "redis", ...]); pins and stages them."""
+    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int = 0) -> list[str]:
+        """The tier of each leading hash found below the GPU (["cpu", "cpu", "redis", ...]); pins and stages them.
+        ``block_hashes[0]`` is block ``first_block`` of its sequence (the blocks before it are on the GPU)."""
         tiers: list[str] = []
         if self.cpu is not None:
             hits = block_hashes[: self.cpu.lookup(block_hashes)]
@@ -128,7 +131,7 @@ class KVTiers:
             tiers += ["cpu"] * len(hits)
         rest = block_hashes[len(tiers) :]
         if self.redis is not None and rest:
-            tiers += ["redis"] * self._fetch_from_redis(rest, prefix)
+            tiers += ["redis"] * self._fetch_from_redis(rest, prefix, first_block + len(tiers))
         self._count_lookup(block_hashes, tiers)
         return tiers
 
@@ -145,17 +148,19 @@ class KVTiers:
         for tier in ("cpu", "redis"):  # the lookup counted these as hits
             self.stats[tier].hit_blocks -= tiers.count(tier)
 
-    def _fetch_from_redis(self, block_hashes: list[bytes], prefix: PrefixRef) -> int:
+    def _fetch_from_redis(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int) -> int:
         """Stage the longest verified run of ``block_hashes`` found in Redis; returns its length. Before each
         round the cost model decides again for the blocks left, so what the first round measured stops a fetch
         slower than recomputing the rest; with no Redis rate yet (a fresh process) that round is a short probe."""
         found = 0
         while found < len(block_hashes):
             left = len(block_hashes) - found
-            if not self.cost_model.should_fetch("redis", left, self.block_bytes, self.shape.block_size):
+            block_size = self.shape.block_size
+            if not self.cost_model.should_fetch("redis", left, self.block_bytes, block_size,
+                                                start_token=(first_block + found) * block_size):
                 self.stats["redis"].skipped_fetches += 1
                 break
-            size = _REDIS_BATCH_BLOCKS if self.cost_model.has_rate("redis") else _REDIS_PROBE_BLOCKS
+            size = self._round_blocks()
             batch = block_hashes[found : found + size]
             began = time.perf_counter()
             verified = self._fetch_batch(batch, prefix)
@@ -166,6 +171,14 @@ class KVTiers:
             if verified < len(batch):
                 break
         return found
+
+    def _round_blocks(self) -> int:
+        """Blocks per Redis round: enough for every parallel reader to get its share (``kvstore.redis_store``
+        splits no slice below 8 keys), so that the probe too measures the rate of a parallel read."""
+        parallel = self.redis.config.read_parallelism
+        if not self.cost_model.has_rate("redis"):
+            return _REDIS_PROBE_BLOCKS * parallel
+        return max(_REDIS_BATCH_BLOCKS, _REDIS_PROBE_BLOCKS * parallel)
 
     def _fetch_batch(self, hashes: list[bytes], prefix: PrefixRef) -> int:
         """Manifests, then units, for up to a batch of blocks; stages the leading verified run."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvstore.cost_model import PrefillWork
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -59,6 +61,13 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def prefill_work(self) -> PrefillWork:
+        """The FLOPs of a prompt token and of one query-key pair in this shape (``kvstore.cost_model``)."""
+        attention = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return PrefillWork(per_token=2.0 * self.num_layers * (attention + mlp),
+                           per_attended=4.0 * self.num_layers * self.q_size)
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:

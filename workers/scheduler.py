@@ -46,7 +46,7 @@ class ScheduledChunk:
 class LowerTiers(Protocol):
     """The tiers below the GPU, as the scheduler sees them (``workers.kv_tiers.KVTiers``)."""
 
-    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef) -> list[str]: ...
+    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int = 0) -> list[str]: ...
 
     def cancel(self, block_hashes: list[bytes], tiers: list[str]) -> None: ...
 
@@ -193,7 +193,7 @@ class Scheduler:
         gpu_blocks = self.block_pool.match_prefix(hashes)
         self.block_pool.share(gpu_blocks)
         rest = hashes[len(gpu_blocks) :]
-        tiers = self.lower_tiers.lookup(rest, seq.prefix_ref) if rest and self.lower_tiers else []
+        tiers = self.lower_tiers.lookup(rest, seq.prefix_ref, len(gpu_blocks)) if rest and self.lower_tiers else []
         if tiers and not self.block_pool.can_allocate(len(tiers)):
             self.lower_tiers.cancel(rest[: len(tiers)], tiers)
             tiers = []

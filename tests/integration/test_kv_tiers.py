@@ -226,22 +226,46 @@ def test_the_cost_model_skips_a_fetch_slower_than_recomputing(redis_server):
     expected = writer.generate([prompt], GREEDY)[0].token_ids
     writer.close()
     reader = make_engine(redis_only(redis_server.url))
-    reader.cost_model.observe_prefill(tokens=10**9, seconds=1.0)  # recomputing looks nearly free ...
+    reader.cost_model.observe_prefill(tokens=10**9, seconds=1.0, flops=1e30)  # recomputing looks nearly free ...
     reader.cost_model.observe_fetch("redis", num_bytes=1000, seconds=1.0)  # ... and Redis looks slow
     (done,) = reader.generate([prompt], GREEDY)
     assert done.token_ids == expected and done.usage.cached_tokens.redis == 0
     assert reader.kv_store_stats()["redis"]["skipped_fetches"] == 1
 
 
-def test_a_fresh_reader_stops_fetching_once_its_first_round_shows_recomputing_is_faster(redis_server):
-    """No Redis rate is known in a fresh process, so a first, short round (8 blocks) is fetched; what it measured
-    then stops the rest of the fetch, which is recomputed: the same tokens, 8 blocks from Redis."""
+@pytest.mark.parametrize("readers", [1, 3])
+def test_a_fresh_reader_stops_fetching_once_its_first_round_shows_recomputing_is_faster(redis_server, readers):
+    """No Redis rate is known in a fresh process, so a first, short round (8 blocks per parallel reader) is
+    fetched; what it measured then stops the rest of the fetch, which is recomputed: the same tokens."""
     prompt = tokens(63, 45 * BLOCK)
     writer = make_engine(redis_only(redis_server.url))
     expected = writer.generate([prompt], GREEDY)[0].token_ids
     writer.close()
-    reader = make_engine(redis_only(redis_server.url))
-    reader.cost_model.observe_prefill(tokens=10**12, seconds=1.0)  # recomputing looks nearly free
+    reader = make_engine(redis_only(redis_server.url, read_parallelism=readers))
+    reader.cost_model.observe_prefill(tokens=10**12, seconds=1.0, flops=1e30)  # recomputing looks nearly free
     (done,) = reader.generate([prompt], GREEDY)
-    assert done.token_ids == expected and done.usage.cached_tokens.redis == 8 * BLOCK
+    assert done.token_ids == expected and done.usage.cached_tokens.redis == 8 * readers * BLOCK
     assert reader.kv_store_stats()["redis"]["skipped_fetches"] == 1
+
+
+def test_the_cost_model_prices_a_fetch_at_the_position_its_blocks_sit(redis_server):
+    """Steps report their FLOPs (tokens at their positions) to the cost model, and a Redis lookup after GPU hits
+    asks about the blocks where they start: block 4 of the prompt is token 64."""
+    prompt = tokens(64, 10 * BLOCK + 3)
+    writer = make_engine(redis_only(redis_server.url))
+    writer.generate([prompt], GREEDY)
+    writer.close()
+    reader = make_engine(redis_only(redis_server.url))
+    reader.generate([prompt[: 4 * BLOCK + 1]], GREEDY)  # its first 4 blocks now in the GPU pool (and Redis)
+    assert reader.cost_model.prefill_flops_per_s.value > 0
+    asked = []
+    should_fetch = reader.cost_model.should_fetch
+
+    def recording(tier, num_blocks, block_bytes, block_tokens, start_token=0):
+        asked.append((tier, num_blocks, start_token))
+        return should_fetch(tier, num_blocks, block_bytes, block_tokens, start_token)
+
+    reader.cost_model.should_fetch = recording
+    (done,) = reader.generate([prompt], GREEDY)
+    assert asked[0] == ("redis", 6, 4 * BLOCK)
+    assert done.usage.cached_tokens.gpu == 4 * BLOCK and done.usage.cached_tokens.redis == 6 * BLOCK

@@ -86,3 +86,18 @@ def test_a_streamed_read_from_a_paused_redis_gives_up_within_its_timeouts(tmp_pa
     finally:
         store.close()
     assert elapsed < 2 * 0.2 + 0.05 + 0.5  # two attempts' timeouts and one backoff, plus slack
+
+
+def test_the_read_connections_are_open_before_the_first_read(tmp_path):
+    server = RedisServer(tmp_path).start()
+    observer = server.client()
+    before = len(observer.client_list())
+    store = RedisStore(RedisConfig(url=server.url, read_parallelism=3))
+    try:
+        assert store.open_read_connections()
+        opened = len(observer.client_list()) - before
+        server.kill()
+        assert not store.open_read_connections()  # a warning, not an error
+    finally:
+        store.close()
+    assert opened == 3

@@ -1,5 +1,5 @@
 from kvstore.circuit_breaker import CircuitBreaker
-from kvstore.cost_model import FetchCostModel
+from kvstore.cost_model import FetchCostModel, PrefillWork
 from kvstore.redis_keys import PrefixRef, block_key, flush_pattern
 
 
@@ -45,6 +45,32 @@ def test_cost_model_fetches_until_it_has_measurements_then_compares():
     assert not model.should_fetch("redis", 10, block_bytes=1_000_000, block_tokens=16)
     assert model.should_fetch("redis", 10, block_bytes=100_000, block_tokens=16)  # 0.2 ms per block
     assert FetchCostModel(enabled=False).should_fetch("redis", 10, 10**9, 1)
+
+
+def test_prefill_work_counts_each_token_once_and_each_query_key_pair():
+    work = PrefillWork(per_token=10.0, per_attended=1.0)
+    assert work.flops(0, 4) == 40 + (1 + 2 + 3 + 4)  # token p attends to p + 1 keys
+    assert work.flops(4, 2) == 20 + (5 + 6)  # after 4 cached tokens
+    assert work.flops(0, 6) == work.flops(0, 4) + work.flops(4, 2)
+
+
+def test_blocks_deep_in_a_prompt_cost_more_to_recompute_so_a_fetch_of_them_can_win():
+    work = PrefillWork(per_token=1000.0, per_attended=1.0)
+    model = FetchCostModel(work=work)
+    model.observe_prefill(tokens=100, seconds=1.0, flops=1e6)  # 1 MFLOP/s, measured on any mix of positions
+    model.observe_fetch("redis", num_bytes=1_000_000, seconds=1.0)  # 1 MB/s
+    # 4 blocks of 16 tokens, 100 kB each: fetching takes 0.4 s wherever they are
+    assert model.recompute_seconds(0, 64) == (64_000 + 64 * 65 // 2) / 1e6  # 0.066 s: recompute
+    assert not model.should_fetch("redis", 4, block_bytes=100_000, block_tokens=16, start_token=0)
+    assert model.recompute_seconds(10_000, 64) == (64_000 + 64 * 10_000 + 64 * 65 // 2) / 1e6  # 0.706 s: fetch
+    assert model.should_fetch("redis", 4, block_bytes=100_000, block_tokens=16, start_token=10_000)
+
+
+def test_without_the_models_work_recomputing_costs_the_same_per_token_anywhere():
+    model = FetchCostModel()
+    model.observe_prefill(tokens=1000, seconds=1.0, flops=5e9)
+    assert model.recompute_seconds(0, 64) == model.recompute_seconds(30_000, 64) == 0.064
+    assert FetchCostModel(work=PrefillWork(1.0, 1.0)).recompute_seconds(0, 64) is None  # nothing measured yet
 
 
 def test_keys_put_a_prefix_in_one_cluster_slot_and_scope_flushes():

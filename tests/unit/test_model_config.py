@@ -40,3 +40,12 @@ def test_qwen2_has_qkv_bias_and_eos_comes_from_generation_config():
 def test_unsupported_configs_name_the_key(change, message):
     with pytest.raises(ModelConfigError, match=message):
         parse_model_config({**BASE, **change})
+
+
+def test_prefill_work_of_the_llama3_8b_shape():
+    config = parse_model_config(dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8))
+    work = config.prefill_work()
+    assert work.per_token == 2 * 32 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336)  # 6.98e9 weights
+    assert work.per_token == 13_958_643_712
+    assert work.per_attended == 4 * 32 * 4096
