@@ -66,6 +66,10 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- if and (eq $v.redis.mode "external") $v.redis.auth.username }}{{ $_ := set $redis "username" $v.redis.auth.username }}{{ end -}}
 {{- if and (eq $v.redis.mode "external") $v.redis.external.caSecretName }}{{ $_ := set $redis "ca_file" "/etc/kvtier/redis-ca/ca.crt" }}{{ end -}}
 {{- if $v.redis.ttlSeconds }}{{ $_ := set $redis "ttl_s" ($v.redis.ttlSeconds | int) }}{{ end -}}
+{{- $readers := $v.redis.readParallelism | int -}}
+{{- $_ := set $redis "read_parallelism" $readers -}}
+{{- $_ := set $redis "max_connections" (max 8 (add1 $readers)) -}}
+{{- $_ := set $redis "staging_memory" $v.redis.stagingMemory -}}
 {{- end -}}
 {{- $kvstore := dict "prefix_caching" $v.engine.prefixCaching "cost_model" $v.engine.costModel "cpu" (dict "enabled" $v.workers.cpuTier.enabled "capacity" $v.workers.cpuTier.capacity) "redis" $redis -}}
 {{- $workers := dict "count" ($v.workers.replicas | int) "num_cpus" 1 "num_gpus" ($v.workers.tensorParallelSize | int) "host" "node_ip" "max_restarts" -1 -}}
