@@ -9,6 +9,8 @@ For each prefix length: a question after the prefix is answered (one token) with
 - found in its CPU tier (the GPU copy was evicted by another prefix and spilled there),
 - found in Redis, written by this process and read by a separate process with empty GPU and CPU tiers.
 Load bandwidths are bytes moved / time spent moving them. A PNG plot goes to --plot, the rows as JSON to --json-out.
+Each hit is timed on an engine with nothing else to do: the Redis writes of the requests before it (each prefix
+is written as it is computed) have finished first.
 """
 
 from __future__ import annotations
@@ -39,9 +41,8 @@ def parse_args() -> argparse.Namespace:
     add_engine_args(parser, default_model="small")
     parser.add_argument("--prefix-lens", default="2048,4096")
     parser.add_argument("--read-parallelism", type=int, default=1, help="kvstore.redis.read_parallelism")
-    parser.add_argument("--staging-memory", default="5GiB", help="kvstore.redis.staging_memory of the process "
-                        "that reads from Redis (pinned at its start with CUDA; 5GiB holds a 32k-token prefix "
-                        "of the 8B shape)")
+    parser.add_argument("--staging-memory", default="5GiB", help="kvstore.redis.staging_memory (pinned at the "
+                        "start with CUDA; 5GiB holds a 32k-token prefix of the 8B shape)")
     parser.add_argument("--question-len", type=int, default=64, help="new tokens after the prefix")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     add_output_args(parser, default_plot="docs/prefix_reuse.png")
@@ -49,7 +50,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def redis_config(args: argparse.Namespace, staging_memory: str = "0") -> RedisConfig:
+def redis_config(args: argparse.Namespace, staging_memory: str) -> RedisConfig:
     """--read-parallelism MGETs at once, each on its own connection (one more stays for the writer)."""
     connections = max(RedisConfig().max_connections, args.read_parallelism + 1)
     return RedisConfig(url=args.redis_url, read_parallelism=args.read_parallelism, max_connections=connections,
@@ -66,7 +67,9 @@ def engine_for(args: argparse.Namespace, kvstore: KVStoreConfig, num_blocks: int
 
 
 def ttft(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
-    """(seconds to the first token, prompt tokens that came from a cache)."""
+    """(seconds to the first token, prompt tokens that came from a cache), once earlier Redis writes are done."""
+    if engine.tiers is not None and engine.tiers.writer is not None:
+        assert engine.tiers.writer.flush(timeout_s=120), "earlier Redis writes did not finish in 2 minutes"
     began = time.perf_counter()
     (done,) = engine.generate([prompt], ONE_TOKEN)
     return time.perf_counter() - began, done.usage.cached_tokens.total
@@ -88,7 +91,7 @@ def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]
     report(f"{prefix_len:,}-token prefix, recompute: {1e3 * results['recompute']:,.0f} ms")
     del uncached
     kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity=str(2 * blocks * 2**20)),
-                            redis=redis_config(args))
+                            redis=redis_config(args, args.staging_memory))
     engine = engine_for(args, kvstore, blocks)  # room for one prefix: a second one evicts the first
     engine.flush_cache()
     ttft(engine, prefix + questions[0])

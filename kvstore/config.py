@@ -53,8 +53,9 @@ class RedisConfig:
     # block waits in host memory (pinned with CUDA) until written: at most this many blocks' bytes
     write_batch_blocks: int = 64  # blocks per pipelined write ...
     write_batch_bytes: str = "8MiB"  # ... and at most this many bytes
-    # host memory (pinned, with CUDA) taken at start for blocks read from Redis until they are loaded to the
-    # GPU, so a read never waits for the memory to be pinned; larger reads pin the rest as they go
+    # host memory (pinned, with CUDA) taken at start for blocks between the GPU and Redis: copied off the GPU
+    # until written, read from Redis until loaded; so neither waits for memory to be pinned (beyond it, more
+    # is pinned as needed)
     staging_memory: str = "1GiB"
 
     def __post_init__(self) -> None:

@@ -34,13 +34,13 @@ from workers.uploads import upload
 
 @dataclass(frozen=True)
 class GatheredBlocks:
-    """Blocks copied out of the GPU cache for Redis: [n, L, 2, bs, Hkv_all, D] on the host (pinned on CUDA).
-    The copies may still be running on the side stream: read ``blocks`` only after ``wait`` (any thread)."""
+    """Blocks copied out of the GPU cache for Redis: n blocks [L, 2, bs, Hkv_all, D] on the host (pinned on
+    CUDA). The copies may still be running on the side stream: read ``blocks`` only after ``wait`` (any thread)."""
 
-    blocks: torch.Tensor | None  # None on ranks other than 0
+    blocks: list[torch.Tensor] | torch.Tensor | None  # a list or one [n, ...] tensor; None on ranks other than 0
     copied: torch.cuda.Event | None = None  # recorded after the copies; None: they are done already
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> list[torch.Tensor] | torch.Tensor:
         if self.copied is not None:
             self.copied.synchronize()
         return self.blocks
@@ -158,10 +158,15 @@ class BlockMover:
         cache.index_copy_(0, upload(block_ids, cache.device), mine)
 
     def _gather_local(self, block_ids: list[int]) -> GatheredBlocks:
-        """Copies of the blocks into host memory, queued on the side stream (pinned, asynchronous on CUDA)."""
-        host = torch.empty((len(block_ids), *self.kv_cache.shape[1:]), dtype=self.kv_cache.dtype,
-                           pin_memory=self.stream is not None)
-        _copy_blocks(self.kv_cache, host, [(block, index) for index, block in enumerate(block_ids)])
+        """Copies of the blocks into host memory, queued on the side stream (pinned, asynchronous on CUDA). Each
+        block gets a host block of its own: one size for torch's caching host allocator, which then serves every
+        gather, large or small, from the blocks ``KVTiers`` pinned at start (one [n, ...] tensor would be a new
+        size, pinned inside the step: a 2 GiB gather would wait for cudaHostAlloc)."""
+        pinned = self.stream is not None
+        host = [torch.empty(self.kv_cache.shape[1:], dtype=self.kv_cache.dtype, pin_memory=pinned)
+                for _ in block_ids]
+        for block_id, target in zip(block_ids, host):
+            target.copy_(self.kv_cache[block_id], non_blocking=True)
         if self.stream is None:
             return GatheredBlocks(host)
         copied = torch.cuda.Event()

@@ -102,13 +102,13 @@ class KVTiers:
                 self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes)
 
     def _reserve_staging(self, count: int) -> None:
-        """Pin ``count`` staging blocks once and free them: torch's caching host allocator keeps pinned memory it
-        has handed out, so the Redis reads that stage up to that many blocks get it back without waiting for
-        cudaHostAlloc (a fresh process's first long read would otherwise pin every block it reads)."""
+        """Pin ``count`` host blocks once and free them: torch's caching host allocator keeps pinned memory it has
+        handed out, by size, so the host blocks of gathers for Redis (``BlockMover``) and of Redis reads get it
+        back, up to that many at once, without waiting for cudaHostAlloc inside a step."""
         began = time.perf_counter()
         blocks = [self._staging_block() for _ in range(count)]
         del blocks
-        log.info("Redis staging: %d blocks pinned, %.2f GiB, in %.2f s", count, count * self.block_bytes / 2**30,
+        log.info("Redis staging: %d host blocks pinned, %.2f GiB, in %.2f s", count, count * self.block_bytes / 2**30,
                  time.perf_counter() - began)
 
     def _staging_block(self) -> torch.Tensor:
@@ -330,7 +330,7 @@ class KVTiers:
         """Queue the blocks for the writer's thread, which encodes each one's units, then its manifest, once the
         copies off the GPU are done (one ordered stream: a manifest follows its units)."""
         def encoded_blocks() -> Iterator[list[tuple[str, bytes]]]:
-            host = gathered.wait()  # [n, L, 2, bs, Hkv, D]
+            host = gathered.wait()  # n blocks [L, 2, bs, Hkv, D]
             for (block_hash, prefix), block in zip(blocks, host):
                 items = [(self._unit_key(block_hash, heads, prefix), codec.encode(self.unit_of(block_hash, heads),
                                                                                _unit_bytes(block, heads)))

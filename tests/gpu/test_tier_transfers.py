@@ -32,7 +32,7 @@ def test_spills_and_loads_do_not_synchronise_the_host():
 
     no_host_sync(move_then_compute)
     assert block_values(gathered[0].wait()) == [33, 50, 51, 52]  # block 33 as it was before the load into it
-    assert gathered[0].blocks.is_pinned()
+    assert all(block.is_pinned() for block in gathered[0].blocks)
     torch.cuda.synchronize()
     assert block_values(mover.host)[:32] == list(range(32))
     assert block_values(cache)[32:40] == list(range(8)) and block_values(cache)[60:] == [5.0] * 4

@@ -22,9 +22,9 @@ def mover_for(cache: torch.Tensor, num_cpu_slots: int) -> BlockMover:
     return BlockMover(cache, num_cpu_slots, Span(0, 2), 2, ParallelContext(), cache.device)
 
 
-def block_values(tensor: torch.Tensor) -> list[float]:
-    """Each block's value (every element of a block is the same)."""
-    flat = tensor.flatten(1).cpu()
+def block_values(blocks: torch.Tensor | list[torch.Tensor]) -> list[float]:
+    """Each block's value (every element of a block is the same); ``blocks`` [n, ...] or a list of blocks."""
+    flat = (torch.stack(blocks) if isinstance(blocks, list) else blocks).flatten(1).cpu()
     assert torch.equal(flat.min(dim=1).values, flat.max(dim=1).values)
     return flat[:, 0].tolist()
 
@@ -49,7 +49,7 @@ def test_spills_and_loads_copy_exact_blocks_in_order():
 def test_gathered_blocks_come_back_with_every_head():
     cache = numbered_cache(5)
     gathered = mover_for(cache, 0).apply(TierOps(gather_blocks=[4, 1, 2, 3])).wait()
-    assert block_values(gathered) == [4, 1, 2, 3] and gathered.shape == (4, *DIMS)  # a single block, then a run
+    assert block_values(gathered) == [4, 1, 2, 3] and [block.shape for block in gathered] == [DIMS] * 4
 
 
 def test_a_block_is_gathered_as_it_was_before_a_load_into_it_in_the_same_ops():
