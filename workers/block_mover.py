@@ -10,11 +10,13 @@ With one rank all of it is local. With several, rank 0 first sends the ops (``wo
 
 Copies between the GPU cache and the CPU slots (and, with one rank, from Redis's staged blocks) go straight
 from block to block, consecutive blocks as one copy (``kvstore.copy_runs``), with no gathered temporary. On
-CUDA they run on a side stream from and to pinned memory: the host does not wait for them; the side stream
-waits for the compute stream (the blocks hold what earlier steps wrote) and the compute stream waits for the
-side stream before the next forward (which reads what was loaded and overwrites what was spilled). One stream
-keeps the copies in order: a spill from a block runs before a load into it, a spill into a slot after a load
-from it.
+CUDA they run from and to pinned memory on two side streams, one per direction (gathers and spills device
+to host, loads host to device, on separate copy engines): the host does not wait for them; both wait for the
+compute stream (the blocks hold what earlier steps wrote) and the compute stream waits for both before the
+next forward (which reads what was loaded and overwrites what was spilled). Within one ``apply`` a load into a
+block waits for the event of the copy that read that block off the GPU (its gather, or its piece of the
+spills), so loads into evicted blocks run beside the spills of later pieces. Across steps the compute stream
+orders them: a spill into a slot runs after an earlier load from it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import torch.distributed as dist
 from kvstore.copy_runs import coalesce
 from workers.parallel import ParallelContext, Span
 from workers.uploads import upload
+
+_SPILL_PIECE_BLOCKS = 64  # spills per piece: a load into a spilled block waits for its piece, not for them all
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,8 @@ class BlockMover:
         on_cuda = kv_cache.device.type == "cuda"
         dims = (num_cpu_slots, *kv_cache.shape[1:])
         self.host = torch.empty(dims, dtype=kv_cache.dtype, pin_memory=on_cuda) if num_cpu_slots else None
-        self.stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None
+        self.stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None  # device to host: gathers, spills
+        self.load_stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None  # host to device: loads
         self.time_loads = time_loads and self.stream is not None  # on the CPU the host clock times them
         self._load_timings: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # oldest first
 
@@ -103,31 +108,72 @@ class BlockMover:
         gathered = None
         if ops.gather_blocks and self.parallel.world_size > 1:
             gathered = GatheredBlocks(self._gather_from_ranks(ops.gather_blocks))
+        reads = _ReadsInFlight()
         with self._transfers():
             if ops.gather_blocks and self.parallel.world_size == 1:
                 gathered = self._gather_local(ops.gather_blocks)
-            _copy_blocks(self.kv_cache, self.host, ops.spills)
-            with self._timed(bool(ops.cpu_loads or ops.full_loads)):
-                _copy_blocks(self.host, self.kv_cache, ops.cpu_loads)
-                if ops.full_loads and self.parallel.world_size == 1:  # each staged block is a whole cache block
-                    for block_id, block in zip(ops.full_loads, full_payload):
-                        self.kv_cache[block_id].copy_(block, non_blocking=True)
-                elif ops.full_loads:
-                    self._load_broadcast(ops.full_loads, full_payload)
+                reads.add(ops.gather_blocks, gathered.copied)
+            self._spill(ops.spills, reads)
+            with self._on_load_stream(), self._timed(bool(ops.cpu_loads or ops.full_loads)):
+                self._load(ops, full_payload, reads)
         return gathered
+
+    def _spill(self, spills: list[tuple[int, int]], reads: _ReadsInFlight) -> None:
+        """Copy GPU blocks into CPU slots, in pieces, each marked by an event (CUDA): a load into a spilled block
+        waits for its own piece only, so loads (host to device) run beside later pieces (device to host), each
+        direction on a copy engine of its own."""
+        for start in range(0, len(spills), _SPILL_PIECE_BLOCKS):
+            piece = spills[start : start + _SPILL_PIECE_BLOCKS]
+            _copy_blocks(self.kv_cache, self.host, piece)
+            reads.add([block for block, _ in piece], self._event_on(self.stream))
+
+    def _load(self, ops: TierOps, full_payload: list[torch.Tensor] | None, reads: _ReadsInFlight) -> None:
+        """CPU slots and staged Redis blocks into GPU blocks, each once the copies off its block have read it:
+        the loads into the blocks of one spill piece wait for that piece, not for every piece."""
+        if ops.full_loads and self.parallel.world_size > 1:  # a collective: after every copy off its blocks
+            last_read = reads.last_reading(ops.full_loads)
+            if last_read is not None:
+                self.load_stream.wait_event(last_read)
+            self._load_broadcast(ops.full_loads, full_payload)
+        staged = dict(zip(ops.full_loads, full_payload or [])) if self.parallel.world_size == 1 else {}
+        targets = [block for _, block in ops.cpu_loads] + list(staged)
+        for event, blocks in reads.in_read_order(targets):
+            if event is not None:
+                self.load_stream.wait_event(event)
+            _copy_blocks(self.host, self.kv_cache, [(slot, block) for slot, block in ops.cpu_loads if block in blocks])
+            for block in staged.keys() & blocks:  # each staged block is a whole cache block
+                self.kv_cache[block].copy_(staged[block], non_blocking=True)
+
+    @staticmethod
+    def _event_on(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        if stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
 
     @contextmanager
     def _transfers(self) -> Iterator[None]:
-        """Copies enqueued inside run on the side stream (CUDA), ordered after and before the compute stream's
+        """Copies enqueued inside run on the side streams (CUDA), ordered after and before the compute stream's
         work; on the CPU they run here and now."""
         if self.stream is None:
             yield
             return
         compute = torch.cuda.current_stream(self.kv_cache.device)
         self.stream.wait_stream(compute)
+        self.load_stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
             yield
         compute.wait_stream(self.stream)
+        compute.wait_stream(self.load_stream)
+
+    @contextmanager
+    def _on_load_stream(self) -> Iterator[None]:
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.load_stream):
+            yield
 
     @contextmanager
     def _timed(self, loads: bool) -> Iterator[None]:
@@ -136,9 +182,9 @@ class BlockMover:
             yield
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(self.stream)
+        start.record(self.load_stream)
         yield
-        end.record(self.stream)
+        end.record(self.load_stream)
         self._load_timings.append((start, end))
 
     def settled_load_seconds(self, wait: bool) -> list[float]:
@@ -167,11 +213,7 @@ class BlockMover:
                 for _ in block_ids]
         for block_id, target in zip(block_ids, host):
             target.copy_(self.kv_cache[block_id], non_blocking=True)
-        if self.stream is None:
-            return GatheredBlocks(host)
-        copied = torch.cuda.Event()
-        copied.record(self.stream)
-        return GatheredBlocks(host, copied)
+        return GatheredBlocks(host, self._event_on(self.stream))
 
     def _gather_from_ranks(self, block_ids: list[int]) -> torch.Tensor | None:
         """Every rank's heads of the blocks, joined on rank 0 (None elsewhere); the collective waits for them."""
@@ -196,6 +238,33 @@ class BlockMover:
             tensor = torch.empty(dims, dtype=self.kv_cache.dtype, device=self.collective_device)
         dist.broadcast(tensor, src=0)
         return tensor
+
+
+@dataclass
+class _ReadsInFlight:
+    """The copies off GPU blocks one ``apply`` enqueued (CUDA): once ``events[i]`` fired, the blocks of piece i
+    were read, and a load may overwrite them. Empty on the CPU, where copies are done when enqueued."""
+
+    events: list[torch.cuda.Event] = field(default_factory=list)
+    piece_of: dict[int, int] = field(default_factory=dict)  # GPU block -> index into events
+
+    def add(self, blocks: list[int], event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            self.piece_of.update((block, len(self.events)) for block in blocks)
+            self.events.append(event)
+
+    def last_reading(self, blocks: list[int]) -> torch.cuda.Event | None:
+        """The event after which every copy off ``blocks`` has run (the pieces run in order on one stream)."""
+        pieces = [self.piece_of[block] for block in blocks if block in self.piece_of]
+        return self.events[max(pieces)] if pieces else None
+
+    def in_read_order(self, blocks: list[int]) -> list[tuple[torch.cuda.Event | None, set[int]]]:
+        """``blocks`` grouped by the piece that reads them, in piece order, each with the event to wait for;
+        blocks no copy reads come first, with nothing to wait for."""
+        groups: dict[int, set[int]] = {}
+        for block in blocks:
+            groups.setdefault(self.piece_of.get(block, -1), set()).add(block)
+        return [(self.events[piece] if piece >= 0 else None, groups[piece]) for piece in sorted(groups)]
 
 
 def _copy_blocks(source: torch.Tensor, target: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

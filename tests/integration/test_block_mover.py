@@ -58,3 +58,20 @@ def test_a_block_is_gathered_as_it_was_before_a_load_into_it_in_the_same_ops():
     mover.host.fill_(-1)
     gathered = mover.apply(TierOps(gather_blocks=[3, 5], cpu_loads=[(0, 3)]))
     assert block_values(gathered.wait()) == [3, 5] and block_values(cache)[3] == -1
+
+
+def test_loads_wait_for_the_piece_that_read_their_block_and_no_other():
+    """The grouping behind loads beside spills (events stand in as plain markers here; on CUDA they are CUDA
+    events, tests/gpu/test_tier_transfers.py)."""
+    from workers.block_mover import _ReadsInFlight
+
+    reads = _ReadsInFlight()
+    gather, first, second = object(), object(), object()
+    reads.add([7], gather)
+    reads.add([1, 2], first)
+    reads.add([3, 7], second)  # block 7 read again, later
+    assert reads.in_read_order([9, 2, 3, 1, 8]) == [(None, {8, 9}), (first, {1, 2}), (second, {3})]
+    assert reads.in_read_order([7]) == [(second, {7})]
+    assert reads.last_reading([1, 9]) is first and reads.last_reading([9]) is None
+    reads.add([4], None)  # on the CPU a copy is done when enqueued: nothing to wait for
+    assert reads.in_read_order([4]) == [(None, {4})]
