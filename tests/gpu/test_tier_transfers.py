@@ -38,6 +38,20 @@ def test_spills_and_loads_do_not_synchronise_the_host():
     assert block_values(cache)[32:40] == list(range(8)) and block_values(cache)[60:] == [5.0] * 4
 
 
+def test_loads_into_blocks_being_spilled_wait_for_the_piece_that_read_them():
+    """Three spill pieces (64 + 64 + 2 blocks) on the device-to-host stream, and loads into those very blocks on
+    the host-to-device stream: every block is spilled as it was, then holds what was loaded."""
+    cache = numbered_cache(130, "cuda")
+    mover = mover_for(cache, num_cpu_slots=260)
+    mover.host[130:].copy_(torch.arange(1000, 1130, dtype=torch.float32).view(-1, 1, 1, 1, 1, 1).expand(-1, *DIMS))
+    ops = TierOps(spills=[(block, block) for block in range(130)],
+                  cpu_loads=[(130 + block, block) for block in reversed(range(130))])
+    mover.apply(ops)
+    torch.cuda.synchronize()
+    assert block_values(mover.host[:130]) == list(range(130))
+    assert block_values(cache) == list(range(1000, 1130))
+
+
 def test_an_engine_on_cuda_reuses_a_spilled_prefix_and_times_its_load_on_the_gpu():
     """A prefix evicted to the CPU tier comes back with the same tokens; its load time comes from CUDA events
     (the copies are asynchronous), so the stats give a load rate."""
