@@ -97,19 +97,24 @@ def test_the_comparison_with_transformers_measures_every_part_on_the_cpu(tmp_pat
     assert "| 1B decode speed-up over transformers, batch 128 | >= 10x | not measured | - |" in judged.stdout
 
 
-def test_host_work_with_every_tier_on_is_measured_against_every_tier_off(tmp_path):
-    """bench/host_overhead.py --tiers-redis-url: whole runs, model stubbed, with the blocks really written."""
+def run_with_redis(tmp_path, script: str, url_flag: str, flags: list[str], pattern: str):
+    """Run bench/``script`` against a redis-server of its own; (the finished process, the keys it left)."""
     redis = RedisServer(tmp_path / "redis").start()
-    out = tmp_path / "tiers.json"
-    flags = ["--tiers-redis-url", redis.url, "--batch-sizes", "2", "--contexts", "64", "--decode-steps", "16",
-             "--json-out", str(out)]
     try:
-        done = subprocess.run([sys.executable, str(BENCH / "host_overhead.py"), *flags], capture_output=True,
-                              text=True, timeout=300)
-        keys = redis.client().keys("kvtier:*")
+        done = subprocess.run([sys.executable, str(BENCH / script), url_flag, redis.url, *flags],
+                              capture_output=True, text=True, timeout=300)
+        keys = redis.client().keys(pattern)
     finally:
         redis.stop()
     assert done.returncode == 0, done.stderr[-3000:]
+    return done, keys
+
+
+def test_host_work_with_every_tier_on_is_measured_against_every_tier_off(tmp_path):
+    """bench/host_overhead.py --tiers-redis-url: whole runs, model stubbed, with the blocks really written."""
+    out = tmp_path / "tiers.json"
+    flags = ["--batch-sizes", "2", "--contexts", "64", "--decode-steps", "16", "--json-out", str(out)]
+    done, keys = run_with_redis(tmp_path, "host_overhead.py", "--tiers-redis-url", flags, "kvtier:*")
     (row,) = json.loads(out.read_text())["rows"]
     assert row["on"] > 0 and row["off"] > 0
     assert row["stored_blocks"] == 2 * (64 + 16) // 16  # the last run's full blocks, every one written
@@ -119,16 +124,8 @@ def test_host_work_with_every_tier_on_is_measured_against_every_tier_off(tmp_pat
 
 def test_redis_reads_are_measured_both_ways_and_leave_no_keys(tmp_path):
     """bench/redis_read.py at toy sizes: a row per connection count, each way's rate and CPU, its keys deleted."""
-    redis = RedisServer(tmp_path / "redis").start()
-    flags = ["--redis-url", redis.url, "--value-size", "64KiB", "--values", "24", "--connections", "1,3",
-             "--repeats", "1"]
-    try:
-        done = subprocess.run([sys.executable, str(BENCH / "redis_read.py"), *flags], capture_output=True,
-                              text=True, timeout=120)
-        keys = redis.client().keys("*")
-    finally:
-        redis.stop()
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags = ["--value-size", "64KiB", "--values", "24", "--connections", "1,3", "--repeats", "1"]
+    done, keys = run_with_redis(tmp_path, "redis_read.py", "--redis-url", flags, "*")
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [cells[0].strip() for cells in rows[1:]] == ["1", "3"]
     assert all(float(cell) > 0 for cells in rows[1:] for cell in cells)
