@@ -24,6 +24,7 @@ from kvstore.redis_store import RedisHealth
 from kvstore.stats import KVStoreStats
 from workers.attention import make_backend
 from workers.engine_config import EngineConfig, EngineConfigError
+from workers.forward_timer import ForwardTimer
 from workers.block_mover import BlockMover, writer_head_ranges
 from workers.decode_graphs import decode_graph_batch
 from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
@@ -155,6 +156,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_cache, cache_shape.block_size, device, config.scheduler.max_num_seqs,
                                   self.limits.max_model_len, broadcaster=tp_group)
         self.kv_stats = KVStoreStats()
+        self._forward_timer = ForwardTimer(device)
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model, work=self.model_config.prefill_work())
         self.tiers = self._set_up_tiers(kv_cache)
         self._pending_stores: list = []
@@ -297,11 +299,12 @@ class LLMEngine:
         if not plan.chunks:
             return outputs
         self._move_blocks_in(plan)
-        began = time.perf_counter()
+        self._forward_timer.start()
         logits = self.runner.execute(plan.chunks)
+        self._forward_timer.stop()
         sampling = [self._requests[chunk.seq.request_id] for chunk in plan.chunks if chunk.samples]
         tokens = self._sample(logits, sampling)
-        self._observe_step(plan, time.perf_counter() - began)
+        self._observe_step(plan, self._forward_timer.seconds())
         self.scheduler.mark_computed(plan)
         newly_cached = self.scheduler.cache_full_blocks(plan)
         outputs += [self._append_token(state, token) for state, token in zip(sampling, tokens)]
@@ -336,15 +339,17 @@ class LLMEngine:
         pending, self._pending_stores = self._pending_stores, []
         return pending
 
-    def _observe_step(self, plan: SchedulerOutput, seconds: float) -> None:
+    def _observe_step(self, plan: SchedulerOutput, forward_seconds: float | None) -> None:
         self.stats.steps += 1
         self.stats.preemptions += len(plan.preempted)
         self.stats.computed_tokens += plan.num_tokens
         prefill_tokens = sum(chunk.num_tokens for chunk in plan.chunks if chunk.num_tokens > 1)
-        if prefill_tokens >= plan.num_tokens // 2:  # a step that is mostly prefill measures the prefill rate
+        # a step that is mostly prefill measures the prefill rate, by its forward's time alone (not the copies
+        # of tier moves the forward waited for on the GPU: workers.forward_timer)
+        if forward_seconds is not None and prefill_tokens >= plan.num_tokens // 2:
             work = self.cost_model.work
             flops = sum(work.flops(chunk.start, chunk.num_tokens) for chunk in plan.chunks) if work else 0.0
-            self.cost_model.observe_prefill(plan.num_tokens, seconds, flops)
+            self.cost_model.observe_prefill(plan.num_tokens, forward_seconds, flops)
 
     def flush_cache(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
         """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), Redis for this model
