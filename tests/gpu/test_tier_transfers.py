@@ -76,8 +76,9 @@ def test_an_engine_on_cuda_reuses_a_spilled_prefix_and_times_its_load_on_the_gpu
 
 
 def test_a_redis_hit_lands_in_staging_memory_pinned_at_start(redis_server):
-    """The reader's staging blocks were pinned when it started: its Redis hit calls cudaHostAlloc no more (the
-    caching host allocator's own count), and the prefix comes back with the tokens of a run without caches."""
+    """The reader's staging blocks were pinned when it started: its Redis hit does not call cudaHostAlloc for
+    them (the caching host allocator's own count), and the prefix comes back with the tokens of a run without
+    caches."""
     from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
     from workers.engine import LLMEngine
     from workers.engine_config import CacheConfig, EngineConfig
@@ -102,4 +103,5 @@ def test_a_redis_hit_lands_in_staging_memory_pinned_at_start(redis_server):
     allocations = torch.cuda.host_memory_stats()["num_host_alloc"]
     (done,) = reader.generate([prefix + question], params)
     assert done.usage.cached_tokens.redis == 160 and done.token_ids == expected
-    assert torch.cuda.host_memory_stats()["num_host_alloc"] == allocations
+    # each of the 10 staged blocks pinned anew would add 10; the step's small input buffers may add a size or two
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] - allocations < 10
