@@ -5,14 +5,16 @@
 # after `bash ../shared/hooks/device-bundle.sh` and `bash scripts/device_extras.sh` here. The machine stays warm
 # 30 s after a call: a second call (STEPS=what was skipped) must follow at once or it pays another start.
 #
-# Steps run in STEPS order, by default the order of their value:
+# Steps run in STEPS order, by default the order of their value (the two short steps that finish issues 2 and 3
+# first; issue 6 needs more than one call's time in any case):
 #   tests     the gpu tests and the Triton kernel tests, compiled (the numbers mean nothing until these pass)
+#   engine    engine throughput of the 1B shape, bf16, torch attention (issue 2's H100 table)
+#   prefix    prefix reuse of the 1B shape at 16k, torch attention, CPU->GPU against pinned upload (issue 3's)
 #   redisread Redis -> host read rate on this host, redis-py's MGET against the streamed one, 1-8 connections
 #   fast1b    issue 6's table for the Llama-3.2-1B shape, bf16: bench/against_transformers.py
 #   fast8b    the same for the Llama-3-8B shape
 #   prefix8b  prefix reuse of the 8B shape at 16k and 32k, a 256-token question, Redis on loopback
-#   engine    engine throughput of the 1B shape with each attention backend (not in the default)
-#   prefix    prefix reuse of the 1B shape at 4k and 16k (not in the default)
+#   engine-triton  engine throughput of the 1B shape with the Triton backend (not in the default)
 # Each step gets at most its own cap and what is left before DEADLINE_S (seconds from the start, default 540),
 # so the call ends inside its limit with every finished step's output in $OUT (a file per step, summary.txt
 # with each step's exit code and seconds). A step with too little time left is listed as skipped, not started.
@@ -23,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvtier-gpu}
-STEPS=${STEPS:-"tests redisread fast1b fast8b prefix8b"}
+STEPS=${STEPS:-"tests engine prefix redisread fast1b fast8b prefix8b"}
 DEADLINE_S=${DEADLINE_S:-540}
 MIN_STEP_S=${MIN_STEP_S:-45}
 DRY_RUN=${DRY_RUN:-}
@@ -36,7 +38,7 @@ json=/tmp/kvtier-json  # the benchmarks' full numbers stay there; bench/acceptan
 fast=(python3 bench/against_transformers.py --dtype bfloat16 --redis-url $redis)
 prefix=(python3 bench/prefix_reuse.py --dtype bfloat16 --attention-backend triton --redis-url $redis --plot "")
 bench=(python3 bench/engine_throughput.py --model llama3-1b-shape --dtype bfloat16 --prompt-len 512
-       --decode-tokens 256 --batch-sizes 1,32,128 --plot "")
+       --decode-tokens 256 --batch-sizes 1,8,32 --plot "")  # issue 2's batch sizes
 
 step() {  # name, cap in seconds, the preset it loads (or -), command...: run it for at most min(cap, time left)
     local name=$1 cap=$2 model=$3; shift 3
@@ -68,7 +70,7 @@ models_for() {  # the presets the steps will load, in the order they need them
     local wanted=()
     for s in $STEPS; do
         case $s in
-        fast1b|engine|prefix) wanted+=(llama3-1b-shape) ;;
+        engine|engine-triton|prefix|fast1b) wanted+=(llama3-1b-shape) ;;
         fast8b|prefix8b) wanted+=(llama3-8b-shape) ;;
         esac
     done
@@ -99,10 +101,10 @@ for s in $STEPS; do
     prefix8b) start_redis; step prefix8b 300 llama3-8b-shape "${prefix[@]}" --model llama3-8b-shape \
                   --prefix-lens 16384,32768 --question-len 256 --read-parallelism 4 \
                   --json-out $json/prefix8b.json ;;
-    engine) step engine-torch 170 llama3-1b-shape "${bench[@]}" --attention-backend torch
-            step engine-triton 170 llama3-1b-shape "${bench[@]}" --attention-backend triton ;;
-    prefix) start_redis; step prefix 300 llama3-1b-shape "${prefix[@]}" --model llama3-1b-shape \
-                --prefix-lens 4096,16384 ;;
+    engine) step engine 120 llama3-1b-shape "${bench[@]}" --attention-backend torch ;;
+    engine-triton) step engine-triton 120 llama3-1b-shape "${bench[@]}" --attention-backend triton ;;
+    prefix) start_redis; step prefix 150 llama3-1b-shape "${prefix[@]}" --model llama3-1b-shape \
+                --attention-backend torch --prefix-lens 16384 --json-out $json/prefix1b.json ;;
     *) echo "gpu_session: unknown step '$s'" >&2; exit 2 ;;
     esac
 done
