@@ -11,6 +11,7 @@ measurement yet, fetching is assumed to win (the first fetches measure the tier)
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 _WEIGHT = 0.2  # of the newest sample in each average
@@ -45,17 +46,21 @@ class FetchCostModel:
     prefill_tokens_per_s: _Average = field(default_factory=_Average)
     prefill_flops_per_s: _Average = field(default_factory=_Average)
     bytes_per_s: dict[str, _Average] = field(default_factory=dict)
+    # the step loop and the Redis prefetch thread both feed it
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def observe_prefill(self, tokens: int, seconds: float, flops: float = 0.0) -> None:
         """A step that computed ``tokens`` (``flops`` by ``work``, when the caller has it) in ``seconds``."""
-        if tokens > 0 and seconds > 0:
-            self.prefill_tokens_per_s.add(tokens / seconds)
-        if flops > 0 and seconds > 0:
-            self.prefill_flops_per_s.add(flops / seconds)
+        with self._lock:
+            if tokens > 0 and seconds > 0:
+                self.prefill_tokens_per_s.add(tokens / seconds)
+            if flops > 0 and seconds > 0:
+                self.prefill_flops_per_s.add(flops / seconds)
 
     def observe_fetch(self, tier: str, num_bytes: int, seconds: float) -> None:
         if num_bytes > 0 and seconds > 0:
-            self.bytes_per_s.setdefault(tier, _Average()).add(num_bytes / seconds)
+            with self._lock:
+                self.bytes_per_s.setdefault(tier, _Average()).add(num_bytes / seconds)
 
     def rate(self, tier: str) -> float | None:
         """The tier's measured bytes/s; None until a fetch from it moved bytes."""

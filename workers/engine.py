@@ -279,6 +279,16 @@ class LLMEngine:
         text = TextOutput(self.tokenizer, seq.prompt_token_ids, request.params.stop)
         self._requests[seq.request_id] = _RequestState(seq, text, generator)
         self.scheduler.add(seq)
+        if self.tiers is not None and seq.hasher is not None:
+            self._prefetch(seq)
+
+    def _prefetch(self, seq: Sequence) -> None:
+        """Start reading the prompt's full blocks that the GPU pool lacks from Redis now, in the background, so
+        the read runs beside the steps taken until the request is admitted (``KVTiers.prefetch``)."""
+        hashes = seq.hasher.update(seq.token_ids)[: (seq.num_tokens - 1) // self.cache_shape.block_size]
+        on_gpu = len(self.block_pool.match_prefix(hashes))
+        if on_gpu < len(hashes):
+            self.tiers.prefetch(seq.request_id, hashes[on_gpu:], seq.prefix_ref, on_gpu)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; False if it is unknown or already finished."""

@@ -1,9 +1,12 @@
 """Rank 0's side of the tiers below the GPU: what to look up, spill, load and write, and Redis itself.
 
+- ``prefetch``: when a request arrives, its blocks beyond the GPU's and CPU tier's hits are read from Redis
+  on the prefetch thread (``workers.redis_fetch``); the scheduler keeps the request waiting while that read
+  runs and the step has other work (``prefetching``), so a long read does not stall the running requests.
 - ``lookup``: for the hashes after a request's GPU hits, the longest contiguous run in the CPU tier, then in
-  Redis: each block's manifest, then every unit it lists, each decoded and verified, joined into a block with
-  every KV head. A missing unit or a corrupt value (deleted) ends the run. CPU entries are pinned and Redis
-  blocks staged until the step's moves run.
+  Redis (the prefetch's outcome, or a read now): each block's manifest, then every unit it lists, each
+  verified, joined into a block with every KV head. A missing unit or a corrupt value (deleted) ends the run.
+  CPU entries are pinned and Redis blocks staged until the step's moves run.
 - ``move``: before the step's forward, one ``TierOps`` for all ranks: gather the blocks that became full last
   step (queued for Redis as head-range units, then the manifest), spill what the GPU pool evicted to the CPU
   tier, load this step's CPU and Redis hits. ``apply`` runs the ops on every rank (``BlockMover``).
@@ -17,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -27,16 +31,15 @@ from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
 from kvstore.redis_keys import BlockLoad, PrefixRef, block_key, flush_pattern, manifest_key
 from kvstore.redis_store import RedisStore
-from kvstore.stats import KVStoreStats
+from kvstore.stats import KVStoreStats, TierStats
 from kvstore.tier_policy import LRUTierPolicy
 from kvstore.write_behind import WriteBehind
 from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
-from workers.redis_staging import StagedUnits, UnitRead
+from workers.redis_fetch import FetchOutcome, RedisFetcher
 
 log = logging.getLogger(__name__)
-_REDIS_BATCH_BLOCKS = 32  # blocks per MGET round: the first tells whether a prefix is there at all
-_REDIS_PROBE_BLOCKS = 8  # the first round's blocks per reader while Redis's rate is unknown: it measures it
+_PREFETCH_GRACE_S = 0.002  # how long the scheduler's first look waits for a prefetch: a miss's round trip
 _KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
 ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "GatheredBlocks | None"]
 LoadClock = Callable[[bool], "list[float]"]  # BlockMover.settled_load_seconds: GPU-timed loads (CUDA)
@@ -87,6 +90,12 @@ class KVTiers:
         self._cpu_pins: dict[bytes, int] = {}  # hash -> slot, between lookup and move
         self.redis = RedisStore(config.redis) if config.redis.url else None
         self.writer = self._make_writer(config) if self.redis else None
+        self._fetcher = RedisFetcher(self.redis, fingerprint, full_shape, cost_model, self.unit_of, self._unit_key,
+                                     self._staging_block) if self.redis else None
+        self._prefetcher = ThreadPoolExecutor(1, "kvtier-redis-prefetch") if self.redis else None
+        self._prefetches: dict[str, Future[FetchOutcome]] = {}  # request id -> its read, until looked up
+        self._abandoned: list[Future[FetchOutcome]] = []  # prefetches of requests that ended first
+        self._granted_grace: set[str] = set()  # requests whose prefetch ``prefetching`` waited for once
         self._staged: dict[bytes, torch.Tensor] = {}  # hash -> [L, 2, bs, Hkv, D], between lookup and move
         self._pin_staging = pin_staging
         self._load_clock = load_clock
@@ -121,19 +130,89 @@ class KVTiers:
 
     # --- lookup --------------------------------------------------------------------------------------------
 
-    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int = 0) -> list[str]:
+    def prefetch(self, request_id: str, block_hashes: list[bytes], prefix: PrefixRef, first_block: int) -> None:
+        """A request arrived: start reading from Redis, on the prefetch thread, the blocks of ``block_hashes``
+        (those after its GPU hits, block ``first_block`` first) that follow what the CPU tier holds now. Until
+        the read is done the scheduler leaves the request waiting and runs the others (``prefetching``)."""
+        if self.redis is None:
+            return
+        in_cpu = self.cpu.lookup(block_hashes) if self.cpu is not None else 0
+        if in_cpu < len(block_hashes):
+            self._prefetches[request_id] = self._prefetcher.submit(
+                self._fetcher.fetch, block_hashes[in_cpu:], prefix, first_block + in_cpu)
+
+    def prefetching(self, request_id: str) -> bool:
+        """Whether the request's prefetch is still reading. The first time it is asked, it waits a moment for
+        the prefetch: a prefix that is not in Redis is known in one round trip, and that request need not wait
+        a step for it (the lookup did as much on the step loop before there were prefetches)."""
+        future = self._prefetches.get(request_id)
+        if future is None or future.done():
+            return False
+        if request_id not in self._granted_grace:
+            self._granted_grace.add(request_id)
+            wait([future], timeout=_PREFETCH_GRACE_S)
+        return not future.done()
+
+    def forget(self, request_id: str) -> None:
+        """The request is over before its prefetch was used: what it read is dropped (and counted)."""
+        self._granted_grace.discard(request_id)
+        future = self._prefetches.pop(request_id, None)
+        if future is not None and not future.cancel():
+            self._abandoned.append(future)
+
+    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int = 0,
+               request_id: str | None = None) -> list[str]:
         """The tier of each leading hash found below the GPU (["cpu", "cpu", "redis", ...]); pins and stages them.
-        ``block_hashes[0]`` is block ``first_block`` of its sequence (the blocks before it are on the GPU)."""
+        ``block_hashes[0]`` is block ``first_block`` of its sequence (the blocks before it are on the GPU). The
+        Redis part is the request's prefetch where it has one (waited for, if still reading), else read now."""
+        self._collect_abandoned()
         tiers: list[str] = []
         if self.cpu is not None:
             hits = block_hashes[: self.cpu.lookup(block_hashes)]
             self._cpu_pins.update(zip(hits, self.cpu.prepare_load(hits)))
             tiers += ["cpu"] * len(hits)
         rest = block_hashes[len(tiers) :]
-        if self.redis is not None and rest:
-            tiers += ["redis"] * self._fetch_from_redis(rest, prefix, first_block + len(tiers))
+        prefetched = self._prefetches.pop(request_id, None) if request_id is not None else None
+        self._granted_grace.discard(request_id)
+        if prefetched is not None and not rest:  # the CPU tier holds the rest by now
+            self._abandoned.append(prefetched)
+        elif self.redis is not None and rest:
+            tiers += ["redis"] * self._take(self._redis_read(prefetched, rest, prefix, first_block + len(tiers)), rest)
         self._count_lookup(block_hashes, tiers)
         return tiers
+
+    def _redis_read(self, prefetched: Future[FetchOutcome] | None, rest: list[bytes], prefix: PrefixRef,
+                    first_block: int) -> FetchOutcome:
+        """The prefetch's outcome if it read from where ``rest`` starts; otherwise a read now."""
+        if prefetched is not None:
+            outcome = prefetched.result()
+            if not outcome.staged or rest[0] in outcome.staged:
+                return outcome
+            self._add_stats(outcome.stats)  # the hits before it shrank since (evicted): read from there
+        return self._fetcher.fetch(rest, prefix, first_block)
+
+    def _take(self, outcome: FetchOutcome, wanted: list[bytes]) -> int:
+        """Stage the leading run of ``wanted`` that ``outcome`` read and count what it counted; the rest of what
+        it read is dropped (the GPU or CPU tier came to hold those blocks since the prefetch began)."""
+        self._add_stats(outcome.stats)
+        run = 0
+        while run < len(wanted) and wanted[run] in outcome.staged:
+            self._staged[wanted[run]] = outcome.staged[wanted[run]]
+            self._remember_in_redis(wanted[run])
+            run += 1
+        return run
+
+    def _collect_abandoned(self) -> None:
+        """Count what the prefetches of finished requests read, once they are done; their blocks are dropped."""
+        for future in [f for f in self._abandoned if f.done()]:
+            self._abandoned.remove(future)
+            if future.exception() is None:
+                self._add_stats(future.result().stats)
+
+    def _add_stats(self, counted: TierStats) -> None:
+        redis = self.stats["redis"]
+        for name in ("errors", "corrupt_values", "skipped_fetches", "transfer_seconds"):
+            setattr(redis, name, getattr(redis, name) + getattr(counted, name))
 
     def cancel(self, block_hashes: list[bytes], tiers: list[str]) -> None:
         """Undo ``lookup`` for loads that will not happen (the request could not be admitted)."""
@@ -148,100 +227,6 @@ class KVTiers:
         for tier in ("cpu", "redis"):  # the lookup counted these as hits
             self.stats[tier].hit_blocks -= tiers.count(tier)
 
-    def _fetch_from_redis(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int) -> int:
-        """Stage the longest verified run of ``block_hashes`` found in Redis; returns its length. Before each
-        round the cost model decides again for the blocks left, so what the first round measured stops a fetch
-        slower than recomputing the rest; with no Redis rate yet (a fresh process) that round is a short probe."""
-        found = 0
-        while found < len(block_hashes):
-            left = len(block_hashes) - found
-            block_size = self.shape.block_size
-            if not self.cost_model.should_fetch("redis", left, self.block_bytes, block_size,
-                                                start_token=(first_block + found) * block_size):
-                self.stats["redis"].skipped_fetches += 1
-                break
-            size = self._round_blocks()
-            batch = block_hashes[found : found + size]
-            began = time.perf_counter()
-            verified = self._fetch_batch(batch, prefix)
-            seconds = time.perf_counter() - began
-            self.stats["redis"].transfer_seconds += seconds
-            self.cost_model.observe_fetch("redis", verified * self.block_bytes, seconds)
-            found += verified
-            if verified < len(batch):
-                break
-        return found
-
-    def _round_blocks(self) -> int:
-        """Blocks per Redis round: enough for every parallel reader to get its share (``kvstore.redis_store``
-        splits no slice below 8 keys), so that the probe too measures the rate of a parallel read."""
-        parallel = self.redis.config.read_parallelism
-        if not self.cost_model.has_rate("redis"):
-            return _REDIS_PROBE_BLOCKS * parallel
-        return max(_REDIS_BATCH_BLOCKS, _REDIS_PROBE_BLOCKS * parallel)
-
-    def _fetch_batch(self, hashes: list[bytes], prefix: PrefixRef) -> int:
-        """Manifests, then units, for up to a batch of blocks; stages the leading verified run."""
-        layouts = self._layouts(hashes, prefix)
-        units = [UnitRead(index, heads, self.unit_of(hashes[index], heads))
-                 for index, ranges in enumerate(layouts) for heads in ranges]
-        blocks = [self._staging_block() for _ in layouts]  # [L, 2, bs, Hkv, D]: whole units land straight in them
-        staged = StagedUnits(units, blocks)
-        if units and not self.redis.read_into([self._unit_key(hashes[u.block], u.heads, prefix) for u in units],
-                                              staged):
-            self.stats["redis"].errors += 1
-            return 0
-        verified = self._leading_verified(staged, hashes, prefix)
-        for block_hash, block in zip(hashes[:verified], blocks):
-            self._staged[block_hash] = block
-            self._remember_in_redis(block_hash)
-        return verified
-
-    def _layouts(self, hashes: list[bytes], prefix: PrefixRef) -> list[list[tuple[int, int]]]:
-        """The head ranges of each leading block whose manifest is there and sound."""
-        layouts = []
-        for block_hash, value in zip(hashes, self._get([manifest_key(self.fingerprint, prefix, h) for h in hashes])):
-            ranges = self._decode_manifest(block_hash, value, prefix)
-            if ranges is None:
-                break
-            layouts.append(ranges)
-        return layouts
-
-    def _leading_verified(self, staged: StagedUnits, hashes: list[bytes], prefix: PrefixRef) -> int:
-        """Blocks before the first with a unit missing or corrupt (its manifest, and a corrupt unit, deleted)."""
-        for index, (unit, outcome) in enumerate(zip(staged.units, staged.outcome)):
-            if outcome == "ok":
-                staged.assemble(index)
-                continue
-            block_hash = hashes[unit.block]
-            if isinstance(outcome, codec.CorruptValue):
-                self._discard(self._unit_key(block_hash, unit.heads, prefix), outcome)
-            self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])  # the block is a miss now
-            return unit.block
-        return len(staged.blocks)
-
-    def _get(self, keys: list[str]) -> list[bytes | None]:
-        values = self.redis.get_many(keys) if keys else []
-        if values is None:
-            self.stats["redis"].errors += 1
-            return [None] * len(keys)
-        return values
-
-    def _decode_manifest(self, block_hash: bytes, value: bytes | None, prefix: PrefixRef) -> list | None:
-        if value is None:
-            return None
-        try:
-            return codec.decode_manifest(value, bytes.fromhex(self.fingerprint), block_hash, self.shape.num_kv_heads)
-        except codec.CorruptValue as error:
-            self._discard(manifest_key(self.fingerprint, prefix, block_hash), error)
-            return None
-
-    def _discard(self, key: str, error: Exception) -> None:
-        log.warning("redis value %s is corrupt (%s): deleted, will recompute", key, error)
-        self.stats["redis"].corrupt_values += 1
-        self.stats["redis"].errors += 1
-        self.redis.delete([key])
-
     # --- moves ---------------------------------------------------------------------------------------------
 
     def move(
@@ -251,6 +236,7 @@ class KVTiers:
         stores: list[tuple[bytes, int, PrefixRef]],
     ) -> None:
         """Before a forward: gather ``stores`` for Redis, spill ``evicted`` to the CPU tier, run ``loads``."""
+        self._collect_abandoned()
         self.stats["gpu"].evicted_blocks += len(evicted)
         moves = self._plan(evicted, loads, stores)
         if moves.ops.empty:
@@ -371,6 +357,8 @@ class KVTiers:
         redis_stats.errors = max(redis_stats.errors, self.redis.errors)
 
     def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
         if self.writer is not None:
             self.writer.close()
             self.sync_writer_stats()

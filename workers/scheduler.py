@@ -46,9 +46,14 @@ class ScheduledChunk:
 class LowerTiers(Protocol):
     """The tiers below the GPU, as the scheduler sees them (``workers.kv_tiers.KVTiers``)."""
 
-    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int = 0) -> list[str]: ...
+    def lookup(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int = 0,
+               request_id: str | None = None) -> list[str]: ...
 
     def cancel(self, block_hashes: list[bytes], tiers: list[str]) -> None: ...
+
+    def prefetching(self, request_id: str) -> bool: ...
+
+    def forget(self, request_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class Scheduler:
         budget -= sum(chunk.num_tokens for chunk in chunks)
         loads: list[BlockLoad] = []
         if not preempted:
-            admitted, loads = self._admit_waiting(budget)
+            admitted, loads = self._admit_waiting(budget, busy=bool(chunks))
             chunks += admitted
         return SchedulerOutput(chunks, preempted, loads)
 
@@ -145,6 +150,8 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self._release(seq)
+        if self.lower_tiers is not None:
+            self.lower_tiers.forget(seq.request_id)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
     def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Sequence]]:
@@ -165,11 +172,18 @@ class Scheduler:
             index += 1
         return chunks, preempted
 
-    def _admit_waiting(self, budget: int) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
+    def _admit_waiting(self, budget: int, busy: bool) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
+        """Admit waiting sequences in order while the budget and the pool allow. One whose prefix is still being
+        read from Redis in the background waits, keeping its place, while the step has other work (``busy``
+        or admitted); with none, the lookup waits for the read instead of the loop spinning."""
         chunks: list[ScheduledChunk] = []
         loads: list[BlockLoad] = []
+        reading: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if (busy or chunks) and self._reading_lower_tiers(seq):
+                reading.append(self.waiting.popleft())
+                continue
             match = self._match_prefix(seq) if seq.num_computed_tokens == 0 else _PrefixMatch()
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve(seq, num_tokens):
@@ -182,7 +196,12 @@ class Scheduler:
             loads += match.loads()
             self._count_match(seq, match)
             budget -= num_tokens
+        self.waiting.extendleft(reversed(reading))
         return chunks, loads
+
+    def _reading_lower_tiers(self, seq: Sequence) -> bool:
+        return (seq.num_computed_tokens == 0 and self.lower_tiers is not None
+                and self.lower_tiers.prefetching(seq.request_id))
 
     def _match_prefix(self, seq: Sequence) -> _PrefixMatch:
         """Take the GPU blocks caching ``seq``'s leading blocks and room for what the lower tiers hold (only for
@@ -193,7 +212,9 @@ class Scheduler:
         gpu_blocks = self.block_pool.match_prefix(hashes)
         self.block_pool.share(gpu_blocks)
         rest = hashes[len(gpu_blocks) :]
-        tiers = self.lower_tiers.lookup(rest, seq.prefix_ref, len(gpu_blocks)) if rest and self.lower_tiers else []
+        tiers = []
+        if rest and self.lower_tiers is not None:  # (a prefetch with nothing left to read ends with the request)
+            tiers = self.lower_tiers.lookup(rest, seq.prefix_ref, len(gpu_blocks), seq.request_id)
         if tiers and not self.block_pool.can_allocate(len(tiers)):
             self.lower_tiers.cancel(rest[: len(tiers)], tiers)
             tiers = []

@@ -269,3 +269,55 @@ def test_the_cost_model_prices_a_fetch_at_the_position_its_blocks_sit(redis_serv
     (done,) = reader.generate([prompt], GREEDY)
     assert asked[0] == ("redis", 6, 4 * BLOCK)
     assert done.usage.cached_tokens.gpu == 4 * BLOCK and done.usage.cached_tokens.redis == 6 * BLOCK
+
+
+def test_a_request_reading_its_prefix_from_redis_does_not_hold_up_the_running_ones(redis_server):
+    """The read starts when the request arrives, on the prefetch thread. With Redis paused, the running request
+    keeps decoding while the new one waits its turn; once Redis is back, the new one is served from Redis with
+    the tokens of a run without caches."""
+    prefix, question = tokens(65, 10 * BLOCK), tokens(66, 5)
+    expected = make_engine(KVStoreConfig(prefix_caching=False)).generate([prefix + question], GREEDY)[0].token_ids
+    writer = make_engine(redis_only(redis_server.url))
+    writer.generate([prefix + [1]], GREEDY)
+    writer.close()
+    reader = make_engine(redis_only(redis_server.url, socket_timeout_s=10.0))
+    long_decode = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    reader.add_request("running", tokens(67, 20), long_decode)
+    reader.step()
+    redis_server.pause()
+    try:
+        reader.add_request("reading", prefix + question, GREEDY)
+        for _ in range(20):
+            reader.step()
+        assert reader.tiers.prefetching("reading")  # still waiting on the paused Redis ...
+        running = reader._requests["running"].seq
+        assert running.num_output_tokens >= 20  # ... and the running request decoded a token each step
+    finally:
+        redis_server.resume()
+    generated, usage = [], None
+    while reader.has_unfinished():
+        for out in reader.step():
+            if out.request_id == "reading":
+                generated += out.new_token_ids
+                usage = out.usage if out.finished else usage
+    assert generated == expected and usage.cached_tokens.redis == 10 * BLOCK
+
+
+def test_a_request_aborted_while_its_prefix_is_read_leaves_nothing_staged(redis_server):
+    prefix = tokens(68, 10 * BLOCK)
+    writer = make_engine(redis_only(redis_server.url))
+    writer.generate([prefix + [1]], GREEDY)
+    writer.close()
+    reader = make_engine(redis_only(redis_server.url, socket_timeout_s=10.0))
+    redis_server.pause()
+    try:
+        reader.add_request("gone", prefix + [2], GREEDY)
+        assert reader.abort("gone")
+    finally:
+        redis_server.resume()
+    reader.generate([tokens(69, 40)], GREEDY)  # steps collect the finished prefetch
+    deadline = time.monotonic() + 10
+    while reader.tiers._abandoned and time.monotonic() < deadline:
+        time.sleep(0.05)
+        reader.generate([tokens(70, 3)], GREEDY)
+    assert not reader.tiers._prefetches and not reader.tiers._abandoned and not reader.tiers._staged
