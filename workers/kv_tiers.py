@@ -206,7 +206,10 @@ class KVTiers:
         """Count what the prefetches of finished requests read, once they are done; their blocks are dropped."""
         for future in [f for f in self._abandoned if f.done()]:
             self._abandoned.remove(future)
-            if future.exception() is None:
+            if future.exception() is not None:
+                log.warning("a Redis read for a request that ended first failed: %r", future.exception())
+                self.stats["redis"].errors += 1
+            else:
                 self._add_stats(future.result().stats)
 
     def _add_stats(self, counted: TierStats) -> None:
