@@ -21,6 +21,11 @@ class TierStats:
     corrupt_values: int = 0
     transfer_seconds: float = 0.0  # time spent fetching and loading out of this tier
 
+    def add(self, counted: TierStats) -> None:
+        """Add another tally's counts to these (a Redis read counts on its own thread, then hands them over)."""
+        for name, value in asdict(counted).items():
+            setattr(self, name, getattr(self, name) + value)
+
     @property
     def load_bytes_per_s(self) -> float | None:
         return self.bytes_out / self.transfer_seconds if self.transfer_seconds > 0 else None

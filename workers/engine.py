@@ -285,7 +285,7 @@ class LLMEngine:
     def _prefetch(self, seq: Sequence) -> None:
         """Start reading the prompt's full blocks that the GPU pool lacks from Redis now, in the background, so
         the read runs beside the steps taken until the request is admitted (``KVTiers.prefetch``)."""
-        hashes = seq.hasher.update(seq.token_ids)[: (seq.num_tokens - 1) // self.cache_shape.block_size]
+        hashes = seq.reusable_block_hashes()
         on_gpu = len(self.block_pool.match_prefix(hashes))
         if on_gpu < len(hashes):
             self.tiers.prefetch(seq.request_id, hashes[on_gpu:], seq.prefix_ref, on_gpu)

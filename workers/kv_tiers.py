@@ -31,12 +31,13 @@ from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
 from kvstore.redis_keys import BlockLoad, PrefixRef, block_key, flush_pattern, manifest_key
 from kvstore.redis_store import RedisStore
-from kvstore.stats import KVStoreStats, TierStats
+from kvstore.stats import KVStoreStats
 from kvstore.tier_policy import LRUTierPolicy
 from kvstore.write_behind import WriteBehind
 from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
 from workers.redis_fetch import FetchOutcome, RedisFetcher
+from workers.redis_staging import host_bytes
 
 log = logging.getLogger(__name__)
 _PREFETCH_GRACE_S = 0.002  # how long the scheduler's first look waits for a prefetch: a miss's round trip
@@ -188,13 +189,13 @@ class KVTiers:
             outcome = prefetched.result()
             if not outcome.staged or rest[0] in outcome.staged:
                 return outcome
-            self._add_stats(outcome.stats)  # the hits before it shrank since (evicted): read from there
+            self.stats["redis"].add(outcome.stats)  # the hits before it shrank since (evicted): read from there
         return self._fetcher.fetch(rest, prefix, first_block)
 
     def _take(self, outcome: FetchOutcome, wanted: list[bytes]) -> int:
         """Stage the leading run of ``wanted`` that ``outcome`` read and count what it counted; the rest of what
         it read is dropped (the GPU or CPU tier came to hold those blocks since the prefetch began)."""
-        self._add_stats(outcome.stats)
+        self.stats["redis"].add(outcome.stats)
         run = 0
         while run < len(wanted) and wanted[run] in outcome.staged:
             self._staged[wanted[run]] = outcome.staged[wanted[run]]
@@ -210,12 +211,7 @@ class KVTiers:
                 log.warning("a Redis read for a request that ended first failed: %r", future.exception())
                 self.stats["redis"].errors += 1
             else:
-                self._add_stats(future.result().stats)
-
-    def _add_stats(self, counted: TierStats) -> None:
-        redis = self.stats["redis"]
-        for name in ("errors", "corrupt_values", "skipped_fetches", "transfer_seconds"):
-            setattr(redis, name, getattr(redis, name) + getattr(counted, name))
+                self.stats["redis"].add(future.result().stats)
 
     def cancel(self, block_hashes: list[bytes], tiers: list[str]) -> None:
         """Undo ``lookup`` for loads that will not happen (the request could not be admitted)."""
@@ -397,5 +393,4 @@ class KVTiers:
 
 def _unit_bytes(block: torch.Tensor, heads: tuple[int, int]) -> memoryview:
     """The raw bytes of ``block``'s KV heads ``[start, end)`` (block [L, 2, bs, Hkv, D]); no copy for all heads."""
-    unit = block[:, :, :, heads[0] : heads[1]].contiguous()
-    return memoryview(unit.view(-1).view(torch.uint8).numpy())
+    return host_bytes(block[:, :, :, heads[0] : heads[1]].contiguous())

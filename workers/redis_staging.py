@@ -41,7 +41,7 @@ class StagedUnits:
         if length != codec.HEADER_SIZE + unit.expected.payload_size:
             return None  # a fresh buffer: the length check in ``codec.decode`` names the damage
         header = memoryview(bytearray(codec.HEADER_SIZE))
-        return [header, _bytes_of(self._payload_tensor(index))]
+        return [header, host_bytes(self._payload_tensor(index))]
 
     def received(self, index: int, value: list[memoryview] | None) -> None:
         if value is None:
@@ -76,6 +76,6 @@ class StagedUnits:
             return self._parts[index]
 
 
-def _bytes_of(tensor: torch.Tensor) -> memoryview:
-    """The writable bytes of a contiguous host tensor."""
+def host_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous host tensor, in place (writable: a Redis read lands in them)."""
     return memoryview(tensor.view(-1).view(torch.uint8).numpy())

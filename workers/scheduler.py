@@ -208,7 +208,7 @@ class Scheduler:
         sequences with a hasher: the engine gives them one when prefix caching is on)."""
         if seq.hasher is None:
             return _PrefixMatch()
-        hashes = seq.hasher.update(seq.token_ids)[: (seq.num_tokens - 1) // self.block_size]
+        hashes = seq.reusable_block_hashes()
         gpu_blocks = self.block_pool.match_prefix(hashes)
         self.block_pool.share(gpu_blocks)
         rest = hashes[len(gpu_blocks) :]

@@ -46,6 +46,11 @@ class Sequence:
     def prefix_ref(self) -> PrefixRef:
         return PrefixRef(self.hasher.salt, self.hasher.hashes[0])
 
+    def reusable_block_hashes(self) -> list[bytes]:
+        """Hashes of the full blocks a cache may supply: all but the one holding the last token, which is always
+        computed (its logits give the next token)."""
+        return self.hasher.update(self.token_ids)[: (self.num_tokens - 1) // self.hasher.block_size]
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

@@ -98,3 +98,11 @@ def test_a_tier_has_a_rate_once_a_fetch_moved_bytes():
     assert not model.has_rate("redis")
     model.observe_fetch("redis", num_bytes=10**6, seconds=1.0)
     assert model.has_rate("redis") and not model.has_rate("cpu")
+
+
+def test_a_tally_taken_elsewhere_adds_to_the_tiers_counts():
+    from kvstore.stats import TierStats
+
+    tier = TierStats(hit_blocks=2, errors=1, transfer_seconds=0.5)
+    tier.add(TierStats(errors=2, skipped_fetches=1, transfer_seconds=0.25))
+    assert (tier.hit_blocks, tier.errors, tier.skipped_fetches, tier.transfer_seconds) == (2, 3, 1, 0.75)
