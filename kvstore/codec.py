@@ -55,12 +55,19 @@ def _header_fields(unit: BlockUnit, payload_len: int) -> bytes:
 
 
 def encode(unit: BlockUnit, payload: bytes | memoryview) -> bytes:
-    if len(payload) != unit.payload_size:
-        raise ValueError(f"payload is {len(payload)} bytes, the unit's shape needs {unit.payload_size}")
-    fields = _header_fields(unit, len(payload))
+    """The value as one ``bytes`` (a copy of the payload; ``encode_parts`` makes none)."""
+    return b"".join(encode_parts(unit, payload))
+
+
+def encode_parts(unit: BlockUnit, payload: bytes | memoryview) -> tuple[bytes, memoryview]:
+    """The value as its header and the payload itself, to be sent one after the other (``kvstore.resp``)."""
+    payload = memoryview(payload).cast("B")
+    if payload.nbytes != unit.payload_size:
+        raise ValueError(f"payload is {payload.nbytes} bytes, the unit's shape needs {unit.payload_size}")
+    fields = _header_fields(unit, payload.nbytes)
     hasher = xxhash.xxh3_64(fields)
-    hasher.update(payload)  # the payload is read in place: the join below is its one copy
-    return b"".join((fields, _CHECKSUM.pack(hasher.intdigest()), payload))
+    hasher.update(payload)  # read in place, with the GIL released
+    return fields + _CHECKSUM.pack(hasher.intdigest()), payload
 
 
 def decode(value: bytes | memoryview, expected: BlockUnit) -> memoryview:

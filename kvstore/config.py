@@ -54,8 +54,8 @@ class RedisConfig:
     write_batch_blocks: int = 64  # blocks per pipelined write ...
     write_batch_bytes: str = "8MiB"  # ... and at most this many bytes
     # host memory (pinned, with CUDA) taken at start for blocks between the GPU and Redis: copied off the GPU
-    # until written, read from Redis until loaded; so neither waits for memory to be pinned (beyond it, more
-    # is pinned as needed)
+    # until written (half of it, with one rank, in the gathers' pieces of 64 blocks), read from Redis until
+    # loaded; so neither waits for memory to be pinned (beyond it, more is pinned as needed)
     staging_memory: str = "1GiB"
 
     def __post_init__(self) -> None:

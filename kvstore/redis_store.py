@@ -140,15 +140,45 @@ class RedisStore:
             return self.client.get_node_from_key(key).redis_connection.connection_pool
         return self.client.connection_pool
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> bool:
-        def write() -> bool:
-            pipe = self.client.pipeline(transaction=False)
-            for key, value in items:
-                pipe.set(key, value, ex=self.config.ttl_s)
-            pipe.execute()
-            return True
+    def put_many(self, items: Sequence[tuple[str, resp.Value]]) -> bool:
+        """SET each key to its value (one buffer, or parts sent one after another: a payload is handed to the
+        socket as it is, never joined with its header), pipelined per node, in order; False when Redis cannot be
+        reached in time or refused a write."""
+        return bool(items) and self._call(lambda: self._set_all(items)) is True
 
-        return bool(items) and self._call(write) is True
+    def _set_all(self, items: Sequence[tuple[str, resp.Value]]) -> bool:
+        groups: dict[int, tuple[ConnectionPool, list[tuple[str, resp.Value]]]] = {}
+        for item in items:  # a block's units and manifest share a hash slot: one node, in order
+            pool = self._pool_for(item[0])
+            groups.setdefault(id(pool), (pool, []))[1].append(item)
+        moved = [item for pool, group in groups.values() for item in self._set_on(pool, group)]
+        if moved:  # a Redis Cluster slot moved: redis-py follows it (MOVED, ASK) and updates its slot map
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in moved:
+                pipe.set(key, b"".join(value) if isinstance(value, tuple) else value, ex=self.config.ttl_s)
+            pipe.execute()
+        return True
+
+    def _set_on(self, pool: ConnectionPool, items: list[tuple[str, resp.Value]]) -> list[tuple[str, resp.Value]]:
+        """Pipelined SETs on one pooled connection; returns the items a cluster node answered MOVED or ASK for
+        (any other error reply raises, once every reply was read)."""
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command(resp.encode_set_commands(items, self.config.ttl_s))
+            stream = resp.ReplyStream(_socket_of(connection))
+            statuses = stream.read_statuses(len(items))
+            if stream.pending:
+                raise resp.ProtocolError(f"{stream.pending} bytes past the end of the SET replies")
+        except BaseException:
+            connection.disconnect()  # whatever is left of the replies must not reach the next command
+            raise
+        finally:
+            pool.release(connection)
+        errors = [(item, status) for item, status in zip(items, statuses) if status is not None]
+        refused = [status for _, status in errors if not status.startswith(("MOVED ", "ASK "))]
+        if refused:
+            raise redis.ResponseError(f"{len(refused)} of {len(items)} writes refused: {refused[0]}")
+        return [item for item, _ in errors]
 
     def delete(self, keys: Sequence[str]) -> int | None:
         if not keys:

@@ -21,9 +21,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from kvstore.redis_store import RedisStore
+from kvstore.resp import Value, value_size
 
 log = logging.getLogger(__name__)
-Item = tuple[str, bytes]
+Item = tuple[str, Value]  # a key and its value (one buffer, or its parts in order)
 WriteJob = Callable[[], Iterable[list[Item]]]  # yields each block's items
 
 
@@ -96,7 +97,7 @@ class WriteBehind:
         items = [item for block in batch for item in block]
         if self.store.put_many(items):
             self.written += len(batch)
-            self.bytes_written += sum(len(value) for _, value in items)
+            self.bytes_written += sum(value_size(value) for _, value in items)
         else:
             self.failed += len(batch)
 
@@ -106,7 +107,7 @@ def _batches(blocks: Iterable[list[Item]], max_blocks: int, max_bytes: int) -> I
     batch: list[list[Item]] = []
     size = 0
     for block in blocks:
-        block_size = sum(len(value) for _, value in block)
+        block_size = sum(value_size(value) for _, value in block)
         if batch and (len(batch) >= max_blocks or size + block_size > max_bytes):
             yield batch
             batch, size = [], 0

@@ -11,6 +11,7 @@
 #   engine    engine throughput of the 1B shape, bf16, torch attention (issue 2's H100 table)
 #   prefix    prefix reuse of the 1B shape at 16k, torch attention, CPU->GPU against pinned upload (issue 3's)
 #   redisread Redis -> host read rate on this host, redis-py's MGET against the streamed one, 1-8 connections
+#   rediswrite host -> Redis write rate, one connection, redis-py's pipeline against values sent in parts
 #   fast1b    issue 6's table for the Llama-3.2-1B shape, bf16: bench/against_transformers.py
 #   fast8b    the same for the Llama-3-8B shape
 #   prefix8b  prefix reuse of the 8B shape at 16k and 32k, a 256-token question, Redis on loopback
@@ -25,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvtier-gpu}
-STEPS=${STEPS:-"tests engine prefix redisread fast1b fast8b prefix8b"}
+STEPS=${STEPS:-"tests engine prefix redisread rediswrite fast1b fast8b prefix8b"}
 DEADLINE_S=${DEADLINE_S:-540}
 MIN_STEP_S=${MIN_STEP_S:-45}
 DRY_RUN=${DRY_RUN:-}
@@ -94,6 +95,7 @@ for s in $STEPS; do
                tests/integration/test_triton_attention.py ;;
     redisread) start_redis; step redisread 60 - python3 bench/redis_read.py --redis-url $redis --values 256 \
                    --connections 1,4,8 --repeats 3 ;;
+    rediswrite) start_redis; step rediswrite 40 - python3 bench/redis_write.py --redis-url $redis --repeats 3 ;;
     fast1b) start_redis; step fast1b 200 llama3-1b-shape "${fast[@]}" --model llama3-1b-shape \
                 --json-out $json/fast1b.json ;;
     fast8b) start_redis; step fast8b 300 llama3-8b-shape "${fast[@]}" --model llama3-8b-shape \

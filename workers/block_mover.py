@@ -1,22 +1,29 @@
 """The KV copies every rank makes in lockstep when blocks move between tiers.
 
-Rank 0 decides (``workers.kv_tiers``); a ``TierOps`` says, in this order:
-1. ``gather_blocks``: copy these GPU blocks, all KV heads, to rank 0 (to be written to Redis; with one rank,
-   on the side stream like the copies below, read by the Redis writer's thread once they are done);
-2. ``spills``: copy GPU block -> this rank's CPU slot (its own heads);
+Rank 0 decides (``workers.kv_tiers``); a ``TierOps`` says:
+1. ``spills``: copy GPU block -> this rank's CPU slot (its own heads);
+2. ``gather_blocks``: copy these GPU blocks, all KV heads, to rank 0 (to be written to Redis; with one rank,
+   on a side stream like the copies below, read by the Redis writer's thread once they are done);
 3. ``cpu_loads``: copy this rank's CPU slot -> GPU block;
-4. ``full_loads``: rank 0 broadcasts these blocks with every KV head; each rank keeps its own heads.
+4. ``full_loads``: rank 0 broadcasts these blocks with every KV head; each rank keeps its own heads;
+and ``reused``: the GPU blocks the pool handed out again since the last ops (their contents go now).
 With one rank all of it is local. With several, rank 0 first sends the ops (``workers.tp_group``).
 
 Copies between the GPU cache and the CPU slots (and, with one rank, from Redis's staged blocks) go straight
-from block to block, consecutive blocks as one copy (``kvstore.copy_runs``), with no gathered temporary. On
-CUDA they run from and to pinned memory on two side streams, one per direction (gathers and spills device
-to host, loads host to device, on separate copy engines): the host does not wait for them; both wait for the
-compute stream (the blocks hold what earlier steps wrote) and the compute stream waits for both before the
-next forward (which reads what was loaded and overwrites what was spilled). Within one ``apply`` a load into a
-block waits for the event of the copy that read that block off the GPU (its gather, or its piece of the
-spills), so loads into evicted blocks run beside the spills of later pieces. Across steps the compute stream
-orders them: a spill into a slot runs after an earlier load from it.
+from block to block, consecutive blocks as one copy (``kvstore.copy_runs``). A gather is two launches per
+piece of up to 64 blocks: an ``index_select`` into a device temporary, then one copy into pinned memory.
+
+On CUDA the copies run on three side streams: spills and gathers device to host (one stream each), loads host
+to device; the host does not wait for them. Each waits for the compute stream first (the blocks hold what
+earlier steps wrote). The compute stream then waits, before the next forward, for the loads (the forward reads
+them) and for the copies that read a block the step overwrites (``reused``, every spill): not for the rest of a
+gather, which runs beside the forwards that follow. Gathers still running are remembered across ``apply``
+calls, so a later step that reuses a block waits for the gather that reads it. A load into a block waits only
+for the copies that read that block (its spill piece, its gather), so loads run beside later spill pieces.
+Across steps the compute stream orders the rest: a spill into a slot runs after an earlier load from it.
+Invariant the callers keep: a gathered block is not overwritten unless it is in ``reused`` of some later ops
+(the pool reports every reallocated cached block) or after ``settle_gathers`` (a flush uncaches without
+reporting).
 """
 
 from __future__ import annotations
@@ -33,21 +40,24 @@ from kvstore.copy_runs import coalesce
 from workers.parallel import ParallelContext, Span
 from workers.uploads import upload
 
-_SPILL_PIECE_BLOCKS = 64  # spills per piece: a load into a spilled block waits for its piece, not for them all
+_PIECE_BLOCKS = 64  # spills per piece: a load into a spilled block waits for its piece, not for them all
+GATHER_PIECE_BLOCKS = 64  # the largest piece of a gather, in blocks (smaller pieces are powers of two)
 
 
 @dataclass(frozen=True)
 class GatheredBlocks:
     """Blocks copied out of the GPU cache for Redis: n blocks [L, 2, bs, Hkv_all, D] on the host (pinned on
-    CUDA). The copies may still be running on the side stream: read ``blocks`` only after ``wait`` (any thread)."""
+    CUDA), in pieces. The copies may still be running on a side stream: read them only through ``wait`` (any
+    thread)."""
 
-    blocks: list[torch.Tensor] | torch.Tensor | None  # a list or one [n, ...] tensor; None on ranks other than 0
+    pieces: list[torch.Tensor] | None  # each [n_i, L, 2, bs, Hkv_all, D], in block order; None on ranks but 0
     copied: torch.cuda.Event | None = None  # recorded after the copies; None: they are done already
 
-    def wait(self) -> list[torch.Tensor] | torch.Tensor:
+    def wait(self) -> list[torch.Tensor]:
+        """The blocks, one [L, 2, bs, Hkv_all, D] view each, once their copies are done."""
         if self.copied is not None:
             self.copied.synchronize()
-        return self.blocks
+        return [block for piece in self.pieces for block in piece.unbind(0)]
 
 
 @dataclass(frozen=True)
@@ -56,10 +66,15 @@ class TierOps:
     spills: list[tuple[int, int]] = field(default_factory=list)  # (GPU block, CPU slot)
     cpu_loads: list[tuple[int, int]] = field(default_factory=list)  # (CPU slot, GPU block)
     full_loads: list[int] = field(default_factory=list)  # GPU blocks
+    reused: list[int] = field(default_factory=list)  # GPU blocks reallocated (rank 0 only: not in ``flat``)
+
+    @property
+    def copies_nothing(self) -> bool:
+        return not (self.gather_blocks or self.spills or self.cpu_loads or self.full_loads)
 
     @property
     def empty(self) -> bool:
-        return not (self.gather_blocks or self.spills or self.cpu_loads or self.full_loads)
+        return self.copies_nothing and not self.reused
 
     def counts(self) -> list[int]:
         return [len(self.gather_blocks), len(self.spills), len(self.cpu_loads), len(self.full_loads)]
@@ -97,48 +112,70 @@ class BlockMover:
         on_cuda = kv_cache.device.type == "cuda"
         dims = (num_cpu_slots, *kv_cache.shape[1:])
         self.host = torch.empty(dims, dtype=kv_cache.dtype, pin_memory=on_cuda) if num_cpu_slots else None
-        self.stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None  # device to host: gathers, spills
+        self.stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None  # device to host: spills
+        self.gather_stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None  # device to host: gathers
         self.load_stream = torch.cuda.Stream(kv_cache.device) if on_cuda else None  # host to device: loads
         self.time_loads = time_loads and self.stream is not None  # on the CPU the host clock times them
         self._load_timings: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()  # oldest first
+        self._gathers: deque[tuple[torch.cuda.Event, list[int]]] = deque()  # gathers that may still run, oldest first
 
     def apply(self, ops: TierOps, full_payload: list[torch.Tensor] | None = None) -> GatheredBlocks | None:
         """Run ``ops`` on this rank; rank 0 gets the gathered blocks back (possibly still in flight).
         ``full_payload`` (rank 0): one block [L, 2, bs, Hkv_all, D] per full load, pinned on CUDA."""
         gathered = None
         if ops.gather_blocks and self.parallel.world_size > 1:
-            gathered = GatheredBlocks(self._gather_from_ranks(ops.gather_blocks))
-        reads = _ReadsInFlight()
-        with self._transfers():
+            joined = self._gather_from_ranks(ops.gather_blocks)  # [n, ...] on rank 0, done
+            gathered = GatheredBlocks([joined] if joined is not None else None)
+        spills, gathers = _ReadsInFlight(), self._gathers_still_running()
+        with self._transfers(ops, spills, gathers):
+            self._spill(ops.spills, spills)
             if ops.gather_blocks and self.parallel.world_size == 1:
                 gathered = self._gather_local(ops.gather_blocks)
-                reads.add(ops.gather_blocks, gathered.copied)
-            self._spill(ops.spills, reads)
-            with self._on_load_stream(), self._timed(bool(ops.cpu_loads or ops.full_loads)):
-                self._load(ops, full_payload, reads)
+                gathers.add(ops.gather_blocks, gathered.copied)
+                if gathered.copied is not None:
+                    self._gathers.append((gathered.copied, ops.gather_blocks))
+            with self._on(self.load_stream), self._timed(bool(ops.cpu_loads or ops.full_loads)):
+                self._load(ops, full_payload, spills, gathers)
         return gathered
+
+    def settle_gathers(self) -> None:
+        """Wait for every gather still running: before blocks are uncached without being reported as reused
+        (a flush), after which the next forward could overwrite them unordered."""
+        while self._gathers:
+            self._gathers.popleft()[0].synchronize()
+
+    def _gathers_still_running(self) -> _ReadsInFlight:
+        """The gathers of earlier ``apply`` calls that may still be reading, as reads in flight (stream order)."""
+        while self._gathers and self._gathers[0][0].query():
+            self._gathers.popleft()
+        reads = _ReadsInFlight()
+        for event, blocks in self._gathers:
+            reads.add(blocks, event)
+        return reads
 
     def _spill(self, spills: list[tuple[int, int]], reads: _ReadsInFlight) -> None:
         """Copy GPU blocks into CPU slots, in pieces, each marked by an event (CUDA): a load into a spilled block
         waits for its own piece only, so loads (host to device) run beside later pieces (device to host), each
         direction on a copy engine of its own."""
-        for start in range(0, len(spills), _SPILL_PIECE_BLOCKS):
-            piece = spills[start : start + _SPILL_PIECE_BLOCKS]
+        for start in range(0, len(spills), _PIECE_BLOCKS):
+            piece = spills[start : start + _PIECE_BLOCKS]
             _copy_blocks(self.kv_cache, self.host, piece)
             reads.add([block for block, _ in piece], self._event_on(self.stream))
 
-    def _load(self, ops: TierOps, full_payload: list[torch.Tensor] | None, reads: _ReadsInFlight) -> None:
+    def _load(self, ops: TierOps, full_payload: list[torch.Tensor] | None, spills: _ReadsInFlight,
+              gathers: _ReadsInFlight) -> None:
         """CPU slots and staged Redis blocks into GPU blocks, each once the copies off its block have read it:
-        the loads into the blocks of one spill piece wait for that piece, not for every piece."""
+        the loads into the blocks of one spill piece wait for that piece (and a gather reading them), not for
+        every piece."""
         if ops.full_loads and self.parallel.world_size > 1:  # a collective: after every copy off its blocks
-            last_read = reads.last_reading(ops.full_loads)
-            if last_read is not None:
-                self.load_stream.wait_event(last_read)
+            for lane in (spills, gathers):
+                if (last_read := lane.last_reading(ops.full_loads)) is not None:
+                    self.load_stream.wait_event(last_read)
             self._load_broadcast(ops.full_loads, full_payload)
         staged = dict(zip(ops.full_loads, full_payload or [])) if self.parallel.world_size == 1 else {}
         targets = [block for _, block in ops.cpu_loads] + list(staged)
-        for event, blocks in reads.in_read_order(targets):
-            if event is not None:
+        for events, blocks in _in_read_order(targets, spills, gathers):
+            for event in events:
                 self.load_stream.wait_event(event)
             _copy_blocks(self.host, self.kv_cache, [(slot, block) for slot, block in ops.cpu_loads if block in blocks])
             for block in staged.keys() & blocks:  # each staged block is a whole cache block
@@ -153,26 +190,30 @@ class BlockMover:
         return event
 
     @contextmanager
-    def _transfers(self) -> Iterator[None]:
-        """Copies enqueued inside run on the side streams (CUDA), ordered after and before the compute stream's
-        work; on the CPU they run here and now."""
+    def _transfers(self, ops: TierOps, spills: _ReadsInFlight, gathers: _ReadsInFlight) -> Iterator[None]:
+        """Copies enqueued inside run on the side streams (CUDA), after the compute stream's work so far; the
+        compute stream then waits for the loads and for the reads of the blocks it will overwrite, not for the
+        rest. On the CPU the copies run here and now."""
         if self.stream is None:
             yield
             return
         compute = torch.cuda.current_stream(self.kv_cache.device)
-        self.stream.wait_stream(compute)
-        self.load_stream.wait_stream(compute)
+        for side in (self.stream, self.gather_stream, self.load_stream):
+            side.wait_stream(compute)
         with torch.cuda.stream(self.stream):
             yield
-        compute.wait_stream(self.stream)
+        overwritten = [*ops.reused, *(block for block, _ in ops.spills)]
+        for lane in (spills, gathers):
+            if (last_read := lane.last_reading(overwritten)) is not None:
+                compute.wait_event(last_read)
         compute.wait_stream(self.load_stream)
 
     @contextmanager
-    def _on_load_stream(self) -> Iterator[None]:
-        if self.stream is None:
+    def _on(self, stream: torch.cuda.Stream | None) -> Iterator[None]:
+        if stream is None:
             yield
             return
-        with torch.cuda.stream(self.load_stream):
+        with torch.cuda.stream(stream):
             yield
 
     @contextmanager
@@ -204,16 +245,26 @@ class BlockMover:
         cache.index_copy_(0, upload(block_ids, cache.device), mine)
 
     def _gather_local(self, block_ids: list[int]) -> GatheredBlocks:
-        """Copies of the blocks into host memory, queued on the side stream (pinned, asynchronous on CUDA). Each
-        block gets a host block of its own: one size for torch's caching host allocator, which then serves every
-        gather, large or small, from the blocks ``KVTiers`` pinned at start (one [n, ...] tensor would be a new
-        size, pinned inside the step: a 2 GiB gather would wait for cudaHostAlloc)."""
-        pinned = self.stream is not None
-        host = [torch.empty(self.kv_cache.shape[1:], dtype=self.kv_cache.dtype, pin_memory=pinned)
-                for _ in block_ids]
-        for block_id, target in zip(block_ids, host):
-            target.copy_(self.kv_cache[block_id], non_blocking=True)
-        return GatheredBlocks(host, self._event_on(self.stream))
+        """Copies of the blocks in host memory (pinned on CUDA), queued on the gather stream, in pieces of a
+        power of two blocks (``_pieces``), each an ``index_select`` into a device temporary and one copy (a
+        single block: one copy). Torch's caching host allocator reuses pinned memory by size, and powers of two
+        are its sizes: ``KVTiers`` pins pieces of ``GATHER_PIECE_BLOCKS`` and single blocks at start, the
+        sizes between are pinned on first use, and from then on a gather takes them back without
+        cudaHostAlloc."""
+        cache = self.kv_cache
+        pieces = []
+        with self._on(self.gather_stream):
+            ids = upload(block_ids, cache.device) if len(block_ids) > 1 else None
+            for start, size in _pieces(len(block_ids)):
+                piece = torch.empty((size, *cache.shape[1:]), dtype=cache.dtype, pin_memory=self.stream is not None)
+                if size == 1:
+                    piece.copy_(cache[block_ids[start]][None], non_blocking=True)  # [1, L, 2, bs, Hkv, D]
+                elif cache.device == piece.device:  # the CPU: straight into the piece
+                    torch.index_select(cache, 0, ids[start : start + size], out=piece)
+                else:
+                    piece.copy_(cache.index_select(0, ids[start : start + size]), non_blocking=True)
+                pieces.append(piece)
+            return GatheredBlocks(pieces, self._event_on(self.gather_stream))
 
     def _gather_from_ranks(self, block_ids: list[int]) -> torch.Tensor | None:
         """Every rank's heads of the blocks, joined on rank 0 (None elsewhere); the collective waits for them."""
@@ -242,11 +293,12 @@ class BlockMover:
 
 @dataclass
 class _ReadsInFlight:
-    """The copies off GPU blocks one ``apply`` enqueued (CUDA): once ``events[i]`` fired, the blocks of piece i
-    were read, and a load may overwrite them. Empty on the CPU, where copies are done when enqueued."""
+    """Copies off GPU blocks still in flight on one side stream (CUDA), in the order that stream runs them: once
+    ``events[i]`` fired, the blocks of piece i were read, and a write may overwrite them. Empty on the CPU,
+    where copies are done when enqueued."""
 
     events: list[torch.cuda.Event] = field(default_factory=list)
-    piece_of: dict[int, int] = field(default_factory=dict)  # GPU block -> index into events
+    piece_of: dict[int, int] = field(default_factory=dict)  # GPU block -> index into events (its last read)
 
     def add(self, blocks: list[int], event: torch.cuda.Event | None) -> None:
         if event is not None:
@@ -258,13 +310,27 @@ class _ReadsInFlight:
         pieces = [self.piece_of[block] for block in blocks if block in self.piece_of]
         return self.events[max(pieces)] if pieces else None
 
-    def in_read_order(self, blocks: list[int]) -> list[tuple[torch.cuda.Event | None, set[int]]]:
-        """``blocks`` grouped by the piece that reads them, in piece order, each with the event to wait for;
-        blocks no copy reads come first, with nothing to wait for."""
-        groups: dict[int, set[int]] = {}
-        for block in blocks:
-            groups.setdefault(self.piece_of.get(block, -1), set()).add(block)
-        return [(self.events[piece] if piece >= 0 else None, groups[piece]) for piece in sorted(groups)]
+
+def _in_read_order(blocks: list[int], first: _ReadsInFlight, second: _ReadsInFlight
+                   ) -> list[tuple[list[torch.cuda.Event], set[int]]]:
+    """``blocks`` grouped by the pieces that read them (on two streams), in ``first``'s piece order, each with
+    the events to wait for; blocks no copy reads come first, with nothing to wait for."""
+    groups: dict[tuple[int, int], set[int]] = {}
+    for block in blocks:
+        groups.setdefault((first.piece_of.get(block, -1), second.piece_of.get(block, -1)), set()).add(block)
+    return [([lane.events[piece] for lane, piece in zip((first, second), key) if piece >= 0], groups[key])
+            for key in sorted(groups)]
+
+
+def _pieces(count: int) -> list[tuple[int, int]]:
+    """(start, size) of a gather's pieces: whole pieces of ``GATHER_PIECE_BLOCKS``, then the rest in powers of
+    two, largest first (at most log2 of it more pieces; a size the host allocator rounds to no larger one)."""
+    pieces, start = [], 0
+    while start < count:
+        size = min(GATHER_PIECE_BLOCKS, 1 << ((count - start).bit_length() - 1))
+        pieces.append((start, size))
+        start += size
+    return pieces
 
 
 def _copy_blocks(source: torch.Tensor, target: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

@@ -25,7 +25,7 @@ from kvstore.stats import KVStoreStats
 from workers.attention import make_backend
 from workers.engine_config import EngineConfig, EngineConfigError
 from workers.forward_timer import ForwardTimer
-from workers.block_mover import BlockMover, writer_head_ranges
+from workers.block_mover import GATHER_PIECE_BLOCKS, BlockMover, writer_head_ranges
 from workers.decode_graphs import decode_graph_batch
 from workers.kv_cache import KVCacheShape, allocate_kv_cache, plan_kv_cache
 from workers.kv_tiers import KVTiers, cpu_tier_slots
@@ -223,6 +223,7 @@ class LLMEngine:
         return KVTiers(
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
             self.cost_model, self._apply_tier_ops, self.kv_events, pin_staging=self.device.type == "cuda",
+            gather_piece_blocks=GATHER_PIECE_BLOCKS if self.tp_group is None else 0,  # with ranks: not pinned
             load_clock=self.mover.settled_load_seconds if self.mover.time_loads else None,
         )
 
@@ -235,6 +236,8 @@ class LLMEngine:
     def _apply_tier_ops(self, ops, payload):
         if self.tp_group is None:
             return self.mover.apply(ops, payload)
+        if ops.copies_nothing:  # only reused blocks: with ranks no gather is left running to order them after
+            return None
         return self.tp_group.run_tier_ops(ops, lambda: self.mover.apply(ops, payload))
 
     def prepare_request(
@@ -364,6 +367,7 @@ class LLMEngine:
     def flush_cache(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
         """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), Redis for this model
         (or only ``salt``'s blocks when ``all_salts`` is False). Returns blocks dropped per tier."""
+        self.mover.settle_gathers()  # uncached blocks can be overwritten next step, reported as reused or not
         dropped = {"gpu": self.block_pool.reset_cache(), "cpu": 0, "redis": 0}
         self._pending_stores = []
         if self.tiers is not None:

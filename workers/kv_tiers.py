@@ -33,7 +33,7 @@ from kvstore.redis_keys import BlockLoad, PrefixRef, block_key, flush_pattern, m
 from kvstore.redis_store import RedisStore
 from kvstore.stats import KVStoreStats
 from kvstore.tier_policy import LRUTierPolicy
-from kvstore.write_behind import WriteBehind
+from kvstore.write_behind import Item, WriteBehind
 from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
 from workers.redis_fetch import FetchOutcome, RedisFetcher
@@ -77,6 +77,7 @@ class KVTiers:
         apply: ApplyOps,
         events: KVEventLog | None = None,
         pin_staging: bool = False,  # stage Redis blocks in pinned memory (CUDA: asynchronous uploads)
+        gather_piece_blocks: int = 0,  # the pieces of the gathers for Redis, besides single blocks (0: none)
         load_clock: LoadClock | None = None,  # None: loads finish inside ``apply`` and the host clock times them
     ) -> None:
         self.events = events or KVEventLog()
@@ -109,17 +110,22 @@ class KVTiers:
         if self.redis is not None:
             self.redis.open_read_connections()
             if pin_staging:
-                self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes)
+                self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes, gather_piece_blocks)
 
-    def _reserve_staging(self, count: int) -> None:
-        """Pin ``count`` host blocks once and free them: torch's caching host allocator keeps pinned memory it has
-        handed out, by size, so the host blocks of gathers for Redis (``BlockMover``) and of Redis reads get it
-        back, up to that many at once, without waiting for cudaHostAlloc inside a step."""
+    def _reserve_staging(self, count: int, piece_blocks: int) -> None:
+        """Pin ``count`` blocks' worth of host memory once and free it: torch's caching host allocator keeps
+        pinned memory it has handed out, by size, so Redis reads (single blocks) and the gathers for Redis
+        (``BlockMover``: pieces of ``piece_blocks``, and single blocks) get it back without waiting for
+        cudaHostAlloc inside a step. With pieces, half of it is pieces."""
         began = time.perf_counter()
-        blocks = [self._staging_block() for _ in range(count)]
-        del blocks
-        log.info("Redis staging: %d host blocks pinned, %.2f GiB, in %.2f s", count, count * self.block_bytes / 2**30,
-                 time.perf_counter() - began)
+        num_pieces = count // 2 // piece_blocks if piece_blocks > 1 else 0
+        singles = count - num_pieces * piece_blocks
+        pieces = [torch.empty((piece_blocks, *self.shape.dims[1:]), dtype=self.shape.dtype, pin_memory=True)
+                  for _ in range(num_pieces)]
+        blocks = [self._staging_block() for _ in range(singles)]
+        del blocks, pieces
+        log.info("Redis staging: %d host blocks and %d pieces of %d pinned, %.2f GiB, in %.2f s", singles,
+                 num_pieces, piece_blocks, count * self.block_bytes / 2**30, time.perf_counter() - began)
 
     def _staging_block(self) -> torch.Tensor:
         return torch.empty(self.shape.dims[1:], dtype=self.shape.dtype, pin_memory=self._pin_staging)
@@ -257,6 +263,7 @@ class KVTiers:
             self.stats["redis"].dropped_writes += max(0, len(fresh) - room)
             moves.stored = [(h, prefix) for h, _, prefix in fresh[:room]]
             moves.ops.gather_blocks.extend(block for _, block, _ in fresh[:room])
+        moves.ops.reused.extend(block for _, block in evicted)
         if self.cpu is not None and evicted:
             block_of = dict(evicted)
             planned = self.cpu.prepare_store([h for h, _ in evicted])
@@ -314,11 +321,11 @@ class KVTiers:
     def _write(self, blocks: list[tuple[bytes, PrefixRef]], gathered: GatheredBlocks) -> None:
         """Queue the blocks for the writer's thread, which encodes each one's units, then its manifest, once the
         copies off the GPU are done (one ordered stream: a manifest follows its units)."""
-        def encoded_blocks() -> Iterator[list[tuple[str, bytes]]]:
+        def encoded_blocks() -> Iterator[list[Item]]:
             host = gathered.wait()  # n blocks [L, 2, bs, Hkv, D]
             for (block_hash, prefix), block in zip(blocks, host):
-                items = [(self._unit_key(block_hash, heads, prefix), codec.encode(self.unit_of(block_hash, heads),
-                                                                               _unit_bytes(block, heads)))
+                items = [(self._unit_key(block_hash, heads, prefix),
+                          codec.encode_parts(self.unit_of(block_hash, heads), _unit_bytes(block, heads)))
                          for heads in self.unit_ranges]
                 manifest = codec.encode_manifest(bytes.fromhex(self.fingerprint), block_hash, self.unit_ranges)
                 yield [*items, (manifest_key(self.fingerprint, prefix, block_hash), manifest)]

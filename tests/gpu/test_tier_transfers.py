@@ -7,7 +7,7 @@ import torch
 
 from tests.gpu.sync import no_host_sync
 from tests.integration.test_block_mover import DIMS, block_values, mover_for, numbered_cache, run_ops_and_read
-from workers.block_mover import TierOps
+from workers.block_mover import BlockMover, TierOps
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +32,7 @@ def test_spills_and_loads_do_not_synchronise_the_host():
 
     no_host_sync(move_then_compute)
     assert block_values(gathered[0].wait()) == [33, 50, 51, 52]  # block 33 as it was before the load into it
-    assert all(block.is_pinned() for block in gathered[0].blocks)
+    assert all(block.is_pinned() for block in gathered[0].pieces)
     torch.cuda.synchronize()
     assert block_values(mover.host)[:32] == list(range(32))
     assert block_values(cache)[32:40] == list(range(8)) and block_values(cache)[60:] == [5.0] * 4
@@ -105,3 +105,49 @@ def test_a_redis_hit_lands_in_staging_memory_pinned_at_start(redis_server):
     assert done.usage.cached_tokens.redis == 160 and done.token_ids == expected
     # each of the 10 staged blocks pinned anew would add 10; the step's small input buffers may add a size or two
     assert torch.cuda.host_memory_stats()["num_host_alloc"] - allocations < 10
+
+
+def _large_cache(num_blocks: int) -> tuple[torch.Tensor, BlockMover]:
+    """Blocks of 512 KiB, block b holding b: a gather of hundreds of them takes milliseconds to copy off."""
+    from workers.parallel import ParallelContext, Span
+
+    dims = (4, 2, 16, 8, 128)  # [L, 2, bs, Hkv, D]
+    cache = torch.arange(num_blocks, dtype=torch.float32, device="cuda").view(-1, 1, 1, 1, 1, 1) \
+        .expand(-1, *dims).contiguous()
+    return cache, BlockMover(cache, 0, Span(0, 8), 8, ParallelContext(), cache.device)
+
+
+def test_the_forward_after_a_gather_does_not_wait_for_it():
+    """A gather of 512 MiB of blocks the step does not reuse: work queued on the compute stream next runs
+    while the gather is still copying (it used to wait for the whole gather)."""
+    cache, mover = _large_cache(1024)
+    mover.apply(TierOps(gather_blocks=list(range(1024)))).wait()  # pins the host pieces; the next reuses them
+    gathered = mover.apply(TierOps(gather_blocks=list(range(1024))))
+    after = torch.cuda.Event()
+    cache[0, 0, 0, 0, 0, :1].add_(0)  # a stand-in for the next forward
+    after.record()
+    after.synchronize()
+    assert not gathered.copied.query(), "the compute stream waited for the gather"
+    assert block_values(gathered.wait()) == list(range(1024))
+
+
+def test_a_gathered_block_reused_then_overwritten_is_gathered_as_it_was():
+    """Blocks the pool hands out again, in the same ops as their gather or in later ones while it still runs:
+    the forward that overwrites them waits for the gather's read of them."""
+    cache, mover = _large_cache(1024)
+    same_step = mover.apply(TierOps(gather_blocks=list(range(512)), reused=[7, 300]))
+    cache[[7, 300]] = -1.0  # the forward writes into the reused blocks
+    later = mover.apply(TierOps(gather_blocks=list(range(512, 1024))))
+    mover.apply(TierOps(reused=[600, 1000]))  # a later step reuses blocks of the gather still running
+    cache[[600, 1000]] = -2.0
+    assert block_values(same_step.wait()) == list(range(512))
+    assert block_values(later.wait()) == list(range(512, 1024))
+    torch.cuda.synchronize()
+    assert block_values(cache)[7] == -1.0 and block_values(cache)[1000] == -2.0
+
+
+def test_a_flush_waits_for_the_gathers_still_running():
+    cache, mover = _large_cache(512)
+    gathered = mover.apply(TierOps(gather_blocks=list(range(512))))
+    mover.settle_gathers()
+    assert gathered.copied.query()

@@ -60,18 +60,34 @@ def test_a_block_is_gathered_as_it_was_before_a_load_into_it_in_the_same_ops():
     assert block_values(gathered.wait()) == [3, 5] and block_values(cache)[3] == -1
 
 
-def test_loads_wait_for_the_piece_that_read_their_block_and_no_other():
-    """The grouping behind loads beside spills (events stand in as plain markers here; on CUDA they are CUDA
-    events, tests/gpu/test_tier_transfers.py)."""
-    from workers.block_mover import _ReadsInFlight
+def test_loads_wait_for_the_pieces_that_read_their_block_and_no_other():
+    """The grouping behind loads beside spills and gathers (events stand in as plain markers here; on CUDA they
+    are CUDA events, tests/gpu/test_tier_transfers.py): a block's load waits for its spill piece and its gather."""
+    from workers.block_mover import _in_read_order, _ReadsInFlight
 
-    reads = _ReadsInFlight()
-    gather, first, second = object(), object(), object()
-    reads.add([7], gather)
-    reads.add([1, 2], first)
-    reads.add([3, 7], second)  # block 7 read again, later
-    assert reads.in_read_order([9, 2, 3, 1, 8]) == [(None, {8, 9}), (first, {1, 2}), (second, {3})]
-    assert reads.in_read_order([7]) == [(second, {7})]
-    assert reads.last_reading([1, 9]) is first and reads.last_reading([9]) is None
-    reads.add([4], None)  # on the CPU a copy is done when enqueued: nothing to wait for
-    assert reads.in_read_order([4]) == [(None, {4})]
+    spills, gathers = _ReadsInFlight(), _ReadsInFlight()
+    early, first, second, gather = object(), object(), object(), object()
+    spills.add([7], early)
+    spills.add([1, 2], first)
+    spills.add([3, 7], second)  # block 7 read again, later
+    gathers.add([2, 5], gather)
+    assert _in_read_order([9, 2, 3, 1, 8, 5], spills, gathers) == [
+        ([], {8, 9}), ([gather], {5}), ([first], {1}), ([first, gather], {2}), ([second], {3})]
+    assert _in_read_order([7], spills, gathers) == [([second], {7})]
+    assert spills.last_reading([1, 9]) is first and spills.last_reading([9]) is None
+    spills.add([4], None)  # on the CPU a copy is done when enqueued: nothing to wait for
+    assert _in_read_order([4], spills, gathers) == [([], {4})]
+
+
+def test_a_gather_copies_whole_pieces_then_the_rest_in_powers_of_two():
+    """135 blocks: two pieces of 64, then 4, 2 and 1 (one copy each); every block as it was, in order."""
+    from workers.block_mover import GATHER_PIECE_BLOCKS, _pieces
+
+    assert GATHER_PIECE_BLOCKS == 64
+    assert _pieces(135) == [(0, 64), (64, 64), (128, 4), (132, 2), (134, 1)]
+    assert _pieces(32) == [(0, 32)] and _pieces(3) == [(0, 2), (2, 1)] and _pieces(0) == []
+    cache = numbered_cache(140)
+    order = [139 - i if i % 3 else i for i in range(135)]  # no runs: each piece is an index_select
+    gathered = mover_for(cache, 0).apply(TierOps(gather_blocks=order))
+    assert [piece.shape[0] for piece in gathered.pieces] == [64, 64, 4, 2, 1]
+    assert block_values(gathered.wait()) == order

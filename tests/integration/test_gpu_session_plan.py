@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ALL_STEPS = "tests engine prefix redisread fast1b fast8b prefix8b engine-triton"
+ALL_STEPS = "tests engine prefix redisread rediswrite fast1b fast8b prefix8b engine-triton"
 
 
 def dry_run(steps: str | None) -> subprocess.CompletedProcess:
@@ -40,7 +40,8 @@ def parse_with_the_benchmarks_parser(argv: list[str], monkeypatch) -> None:
 
 def test_the_default_plan_is_the_steps_in_order_of_value_within_one_call():
     steps = plan()
-    assert [name for name, _, _ in steps] == ["tests", "engine", "prefix", "redisread", "fast1b", "fast8b", "prefix8b"]
+    assert [name for name, _, _ in steps] == ["tests", "engine", "prefix", "redisread", "rediswrite", "fast1b", "fast8b",
+                                                "prefix8b"]
     assert all(cap <= 300 for _, cap, _ in steps)
 
 

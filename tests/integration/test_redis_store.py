@@ -101,3 +101,53 @@ def test_the_read_connections_are_open_before_the_first_read(tmp_path):
     finally:
         store.close()
     assert opened == 3
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_values_written_in_parts_read_back_whole_with_their_ttl(tmp_path, protocol):
+    server = RedisServer(tmp_path).start()
+    payload = memoryview(bytearray(range(256)) * 4096)  # 1 MiB, sent from this buffer
+    store = RedisStore(RedisConfig(url=f"{server.url}?protocol={protocol}", ttl_s=600))
+    try:
+        items = [(f"kvtier:test:{i}", (b"header-%d" % i, payload)) for i in range(20)] + [("kvtier:test:m", b"m")]
+        assert store.put_many(items)
+        assert store.get_many([key for key, _ in items]) == [b"header-%d" % i + bytes(payload) for i in range(20)] + [
+            b"m"]
+        assert 0 < server.client().ttl("kvtier:test:3") <= 600
+        assert store.put_many([("kvtier:test:again", b"x")]) and store.get_many(["kvtier:test:again"]) == [b"x"]
+    finally:
+        store.close()
+
+
+def test_a_write_redis_refuses_is_a_failed_write_and_the_connection_stays_usable(tmp_path):
+    server = RedisServer(tmp_path, extra_args=("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")).start()
+    store = RedisStore(RedisConfig(url=server.url, max_retries=0))
+    try:
+        big = [(f"kvtier:test:{i}", (b"h", bytes(500_000))) for i in range(12)]  # 6 MB: past maxmemory
+        assert not store.put_many(big) and store.errors == 1
+        assert store.get_many(["kvtier:test:absent"]) == [None]  # every reply was read: the connection is in step
+        server.client().flushall()
+        assert store.put_many([("kvtier:test:small", b"s")]) and store.get_many(["kvtier:test:small"]) == [b"s"]
+    finally:
+        store.close()
+
+
+def test_a_write_sent_to_a_node_that_no_longer_owns_the_slot_follows_the_move(tmp_path):
+    """Writes go to the node redis-py's slot map names; where a node answers MOVED (the map is stale), the
+    write is redone through redis-py, which follows the move. Here every write is first sent to the wrong node."""
+    from tests.redis_server import RedisClusterNodes
+
+    cluster = RedisClusterNodes(tmp_path / "cluster").start()
+    store = RedisStore(RedisConfig(url=cluster.url, cluster=True))
+    try:
+        keys = [f"kvtier:{{tag{i}}}:unit" for i in range(6)]
+        owners = {key: store.client.get_node_from_key(key) for key in keys}
+        nodes = store.client.get_primaries()
+        wrong = {key: next(node for node in nodes if node.name != owners[key].name) for key in keys}
+        store._pool_for = lambda key: wrong[key].redis_connection.connection_pool  # a stale slot map
+        assert store.put_many([(key, (b"h", bytes(40_000) + key.encode())) for key in keys])
+        del store._pool_for
+        assert [store.client.get(key) for key in keys] == [b"h" + bytes(40_000) + key.encode() for key in keys]
+    finally:
+        store.close()
+        cluster.stop()

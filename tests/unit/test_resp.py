@@ -102,3 +102,24 @@ def test_a_sink_whose_buffers_do_not_add_up_is_refused():
 
     with pytest.raises(ValueError, match="buffers of 1 bytes for a 2-byte value"):
         ReplyStream(ScriptedSocket(b"*1\r\n$2\r\nab\r\n", 64)).read_mget_into(1, ShortSink())
+
+
+def test_pipelined_sets_join_the_framing_and_pass_large_parts_as_they_are():
+    from kvstore.resp import encode_set_commands, value_size
+
+    payload = memoryview(bytearray(b"p" * 20_000))  # past the inline limit: sent as it is
+    chunks = encode_set_commands([("k1", (b"HDR", payload)), ("k2", b"small")], ttl_s=30)
+    assert chunks[1] is payload and len(chunks) == 3
+    assert chunks[0] == b"*5\r\n$3\r\nSET\r\n$2\r\nk1\r\n$20003\r\nHDR"
+    assert chunks[2] == b"\r\n$2\r\nEX\r\n$2\r\n30\r\n*5\r\n$3\r\nSET\r\n$2\r\nk2\r\n$5\r\nsmall\r\n$2\r\nEX\r\n$2\r\n30\r\n"
+    assert b"".join(bytes(c) for c in encode_set_commands([("k", (b"a", b"b"))])) == encode_command("SET", "k", b"ab")
+    assert value_size((b"HDR", payload)) == 20_003 and value_size(b"") == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_status_replies_give_each_error_and_stay_in_step(chunk):
+    data = b"+OK\r\n-OOM command not allowed\r\n!11\r\nMOVED 1 x:1\r\n+OK\r\n$2\r\nab\r\n"
+    stream = ReplyStream(ScriptedSocket(data, chunk))
+    assert stream.read_statuses(4) == [None, "OOM command not allowed", "MOVED 1 x:1", None]
+    with pytest.raises(ProtocolError):
+        stream.read_statuses(1)  # a bulk string is no status: the connection is out of step
