@@ -10,7 +10,10 @@ For each prefix length: a question after the prefix is answered (one token) with
 - found in Redis, written by this process and read by a separate process with empty GPU and CPU tiers.
 Load bandwidths are bytes moved / time spent moving them. A PNG plot goes to --plot, the rows as JSON to --json-out.
 Each hit is timed on an engine with nothing else to do: the Redis writes of the requests before it (each prefix
-is written as it is computed) have finished first.
+is written as it is computed) have finished first. The Redis hit computes the prefix's first blocks while it
+reads the rest from the end, where the cost model predicts that ends sooner (``kvstore.redis.
+compute_while_reading``; "tokens from Redis" is then what the read supplied); --read-from-start reads it all
+first.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--staging-memory", default="5GiB", help="kvstore.redis.staging_memory (pinned at the "
                         "start with CUDA; 5GiB holds a 32k-token prefix of the 8B shape)")
     parser.add_argument("--question-len", type=int, default=64, help="new tokens after the prefix")
+    parser.add_argument("--read-from-start", action="store_true", help="kvstore.redis.compute_while_reading off: "
+                        "a Redis hit reads the whole prefix before the question is computed")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     add_output_args(parser, default_plot="docs/prefix_reuse.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run one Redis-hit measurement (another process)
@@ -54,7 +59,7 @@ def redis_config(args: argparse.Namespace, staging_memory: str) -> RedisConfig:
     """--read-parallelism MGETs at once, each on its own connection (one more stays for the writer)."""
     connections = max(RedisConfig().max_connections, args.read_parallelism + 1)
     return RedisConfig(url=args.redis_url, read_parallelism=args.read_parallelism, max_connections=connections,
-                       staging_memory=staging_memory)
+                       staging_memory=staging_memory, compute_while_reading=not args.read_from_start)
 
 
 def engine_for(args: argparse.Namespace, kvstore: KVStoreConfig, num_blocks: int) -> LLMEngine:

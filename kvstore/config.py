@@ -49,6 +49,9 @@ class RedisConfig:
     # a large read split into this many MGETs on as many connections at once; 1 was fastest on a 2-core host
     # (docs/benchmarks.md), hosts with cores to spare may gain
     read_parallelism: int = 1
+    # a request whose prefix Redis holds computes its first blocks while Redis reads the rest from the end,
+    # where the cost model predicts both end sooner than the read alone (workers/redis_end_reads.py)
+    compute_while_reading: bool = True
     write_queue_blocks: int = 4096  # write-behind queue; blocks beyond it are dropped (and counted); a queued
     # block waits in host memory (pinned with CUDA) until written: at most this many blocks' bytes
     write_batch_blocks: int = 64  # blocks per pipelined write ...

@@ -80,6 +80,25 @@ class FetchCostModel:
             return True
         return num_blocks * block_bytes / bandwidth <= recompute_s
 
+    def tokens_to_compute_first(self, tier: str, start_token: int, num_blocks: int, block_bytes: int,
+                                block_tokens: int) -> int:
+        """Where a computation from the front should meet a fetch from the back of ``num_blocks`` blocks (the
+        first at token ``start_token``): the fewest whole blocks' tokens whose recompute takes at least as long
+        as fetching the blocks after them. Then both end together, sooner than either alone. 0 (fetch it all)
+        until both rates are measured."""
+        bandwidth = self.rate(tier)
+        if not self.enabled or bandwidth is None or self.recompute_seconds(start_token, block_tokens) is None:
+            return 0
+        low, high = 0, num_blocks  # the answer lies in [low, high]: at high nothing is left to fetch
+        while low < high:
+            middle = (low + high) // 2
+            recompute_s = self.recompute_seconds(start_token, middle * block_tokens)
+            if recompute_s >= (num_blocks - middle) * block_bytes / bandwidth:
+                high = middle
+            else:
+                low = middle + 1
+        return low * block_tokens
+
     def recompute_seconds(self, start: int, num_tokens: int) -> float | None:
         """Predicted time to compute tokens ``[start, start + num_tokens)``; None until a prefill was measured."""
         if self.work is not None and self.prefill_flops_per_s.value:

@@ -36,6 +36,7 @@ from kvstore.tier_policy import LRUTierPolicy
 from kvstore.write_behind import Item, WriteBehind
 from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
+from workers.redis_end_reads import EndReads
 from workers.redis_fetch import FetchOutcome, RedisFetcher
 from workers.redis_staging import host_bytes
 
@@ -95,8 +96,11 @@ class KVTiers:
         self._fetcher = RedisFetcher(self.redis, fingerprint, full_shape, cost_model, self.unit_of, self._unit_key,
                                      self._staging_block) if self.redis else None
         self._prefetcher = ThreadPoolExecutor(1, "kvtier-redis-prefetch") if self.redis else None
+        self._end_reads = EndReads(self._fetcher, self._prefetcher, cost_model, self.block_bytes,
+                                   full_shape.block_size, _PREFETCH_GRACE_S) \
+            if self.redis and config.redis.compute_while_reading else None
         self._prefetches: dict[str, Future[FetchOutcome]] = {}  # request id -> its read, until looked up
-        self._abandoned: list[Future[FetchOutcome]] = []  # prefetches of requests that ended first
+        self._uncounted: list[Future[FetchOutcome]] = []  # reads done with (or of requests that ended first)
         self._granted_grace: set[str] = set()  # requests whose prefetch ``prefetching`` waited for once
         self._staged: dict[bytes, torch.Tensor] = {}  # hash -> [L, 2, bs, Hkv, D], between lookup and move
         self._pin_staging = pin_staging
@@ -139,19 +143,25 @@ class KVTiers:
 
     def prefetch(self, request_id: str, block_hashes: list[bytes], prefix: PrefixRef, first_block: int) -> None:
         """A request arrived: start reading from Redis, on the prefetch thread, the blocks of ``block_hashes``
-        (those after its GPU hits, block ``first_block`` first) that follow what the CPU tier holds now. Until
-        the read is done the scheduler leaves the request waiting and runs the others (``prefetching``)."""
+        (those after its GPU hits, block ``first_block`` first) that follow what the CPU tier holds now. From
+        their end backward, where computing the first of them meanwhile ends sooner (``workers.redis_end_reads``:
+        the request computes from the start and ``resume`` meets the read); else from the start, and until that
+        read is done the scheduler leaves the request waiting and runs the others (``prefetching``)."""
         if self.redis is None:
             return
         in_cpu = self.cpu.lookup(block_hashes) if self.cpu is not None else 0
         if in_cpu < len(block_hashes):
-            self._prefetches[request_id] = self._prefetcher.submit(
-                self._fetcher.fetch, block_hashes[in_cpu:], prefix, first_block + in_cpu)
+            rest, start = block_hashes[in_cpu:], first_block + in_cpu
+            if self._end_reads is None or not self._end_reads.start(request_id, rest, prefix, start):
+                self._prefetches[request_id] = self._prefetcher.submit(self._fetcher.fetch, rest, prefix, start)
 
     def prefetching(self, request_id: str) -> bool:
-        """Whether the request's prefetch is still reading. The first time it is asked, it waits a moment for
-        the prefetch: a prefix that is not in Redis is known in one round trip, and that request need not wait
-        a step for it (the lookup did as much on the step loop before there were prefetches)."""
+        """Whether the request's prefetch is still reading (one from the end: and is better waited for than
+        computed beside). The first time it is asked, it waits a moment for the prefetch: a prefix that is not
+        in Redis is known in one round trip, and that request need not wait a step for it (the lookup did as
+        much on the step loop before there were prefetches)."""
+        if self.reading_from_end(request_id):
+            return self._end_reads.should_wait(request_id)
         future = self._prefetches.get(request_id)
         if future is None or future.done():
             return False
@@ -161,18 +171,47 @@ class KVTiers:
         return not future.done()
 
     def forget(self, request_id: str) -> None:
-        """The request is over before its prefetch was used: what it read is dropped (and counted)."""
+        """The request is over (or preempted) before its prefetch was used: what it read is dropped (and
+        counted)."""
         self._granted_grace.discard(request_id)
         future = self._prefetches.pop(request_id, None)
+        if self._end_reads is not None:
+            future = self._end_reads.forget(request_id) or future
         if future is not None and not future.cancel():
-            self._abandoned.append(future)
+            self._uncounted.append(future)
+
+    def reading_from_end(self, request_id: str) -> bool:
+        return self._end_reads is not None and request_id in self._end_reads
+
+    def resume(self, request_id: str, block_hashes: list[bytes], first_block: int, max_tokens: int,
+               wait_for_it: bool) -> tuple[list[str], int]:
+        """A step of a request whose Redis read comes from the end (``reading_from_end``); ``block_hashes`` are
+        its blocks from ``first_block``, the first not computed. Returns the tiers of the leading ones staged
+        now (["redis", ...]: the read met the computation), and how many of ``max_tokens`` to compute this step
+        (after those; 0: wait, the read is faster; with ``wait_for_it`` it waits here instead)."""
+        staged, tokens = self._end_reads.advance(request_id, first_block, max_tokens, wait_for_it)
+        self._uncounted += self._end_reads.finished
+        self._end_reads.finished.clear()
+        self.stats["redis"].skipped_fetches += self._end_reads.skipped
+        self._end_reads.skipped = 0
+        for block_hash in self._end_reads.in_redis:  # the blocks the request computes need not be written again
+            self._remember_in_redis(block_hash)
+        self._end_reads.in_redis.clear()
+        met = 0
+        while staged and met < len(block_hashes) and block_hashes[met] in staged:
+            self._staged[block_hashes[met]] = staged[block_hashes[met]]
+            self._remember_in_redis(block_hashes[met])
+            met += 1
+        self.stats["redis"].hit_blocks += met
+        self.stats["redis"].miss_blocks -= met  # the lookup counted them as missed
+        return ["redis"] * met, tokens
 
     def lookup(self, block_hashes: list[bytes], prefix: PrefixRef, first_block: int = 0,
                request_id: str | None = None) -> list[str]:
         """The tier of each leading hash found below the GPU (["cpu", "cpu", "redis", ...]); pins and stages them.
         ``block_hashes[0]`` is block ``first_block`` of its sequence (the blocks before it are on the GPU). The
         Redis part is the request's prefetch where it has one (waited for, if still reading), else read now."""
-        self._collect_abandoned()
+        self._count_finished_reads()
         tiers: list[str] = []
         if self.cpu is not None:
             hits = block_hashes[: self.cpu.lookup(block_hashes)]
@@ -182,7 +221,10 @@ class KVTiers:
         prefetched = self._prefetches.pop(request_id, None) if request_id is not None else None
         self._granted_grace.discard(request_id)
         if prefetched is not None and not rest:  # the CPU tier holds the rest by now
-            self._abandoned.append(prefetched)
+            self._uncounted.append(prefetched)
+        elif self.reading_from_end(request_id):  # the scheduler meets that read (``resume``)
+            if not rest:
+                self.forget(request_id)
         elif self.redis is not None and rest:
             tiers += ["redis"] * self._take(self._redis_read(prefetched, rest, prefix, first_block + len(tiers)), rest)
         self._count_lookup(block_hashes, tiers)
@@ -209,10 +251,10 @@ class KVTiers:
             run += 1
         return run
 
-    def _collect_abandoned(self) -> None:
+    def _count_finished_reads(self) -> None:
         """Count what the prefetches of finished requests read, once they are done; their blocks are dropped."""
-        for future in [f for f in self._abandoned if f.done()]:
-            self._abandoned.remove(future)
+        for future in [f for f in self._uncounted if f.done()]:
+            self._uncounted.remove(future)
             if future.exception() is not None:
                 log.warning("a Redis read for a request that ended first failed: %r", future.exception())
                 self.stats["redis"].errors += 1
@@ -241,7 +283,7 @@ class KVTiers:
         stores: list[tuple[bytes, int, PrefixRef]],
     ) -> None:
         """Before a forward: gather ``stores`` for Redis, spill ``evicted`` to the CPU tier, run ``loads``."""
-        self._collect_abandoned()
+        self._count_finished_reads()
         self.stats["gpu"].evicted_blocks += len(evicted)
         moves = self._plan(evicted, loads, stores)
         if moves.ops.empty:
@@ -353,8 +395,10 @@ class KVTiers:
         return dropped
 
     def sync_writer_stats(self) -> None:
-        """Fold the write-behind thread's counters and the loads' GPU times into the tiers' stats."""
+        """Fold the write-behind thread's counters, the finished Redis reads' and the loads' GPU times into the
+        tiers' stats."""
         self.settle_load_times(wait=True)
+        self._count_finished_reads()
         if self.writer is None:
             return
         redis_stats = self.stats["redis"]
@@ -363,6 +407,8 @@ class KVTiers:
         redis_stats.errors = max(redis_stats.errors, self.redis.errors)
 
     def close(self) -> None:
+        if self._end_reads is not None:
+            self._end_reads.stop_all()
         if self._prefetcher is not None:
             self._prefetcher.shutdown(wait=True, cancel_futures=True)
         if self.writer is not None:

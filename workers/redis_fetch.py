@@ -1,13 +1,19 @@
-"""One read of a run of blocks from Redis into host blocks staged for the GPU: each block's manifest, then every
-unit it lists, verified as it arrives (``workers.redis_staging``); the first missing or corrupt value (deleted)
-ends the run. It may run on the step loop or on the prefetch thread (``KVTiers.prefetch``): it returns what it
-staged and counted, and the step loop takes both over (``FetchOutcome``), so the tiers' own state is only ever
-changed there. The cost model, which it consults and feeds between rounds, is thread-safe.
+"""Reads of a run of blocks from Redis into host blocks staged for the GPU: each block's manifest, then every
+unit it lists, verified as it arrives (``workers.redis_staging``); a missing or corrupt value (deleted) is a
+miss. Two ways:
+- ``fetch``: from the run's start, in rounds; the first miss ends the run. It may run on the step loop or on
+  the prefetch thread (``KVTiers.prefetch``): it returns what it staged and counted, and the step loop takes
+  both over (``FetchOutcome``), so the tiers' own state is only ever changed there.
+- ``fetch_from_end``: from the run's end backward, in rounds, on the prefetch thread, while the step loop
+  computes the run from its start: the two meet (``EndRead``: the staged suffix grows down, the step loop's
+  floor grows up), and what neither did is left. A miss ends the suffix where it is.
+The cost model, which both consult and feed between rounds, is thread-safe.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +42,49 @@ class FetchOutcome:
 
     staged: dict[bytes, torch.Tensor] = field(default_factory=dict)  # hash -> [L, 2, bs, Hkv, D]
     stats: TierStats = field(default_factory=TierStats)
+
+
+@dataclass
+class EndRead:
+    """A run of blocks read from its end backward (``RedisFetcher.fetch_from_end``) while the step loop computes
+    it from its start. Indices count blocks from the run's first. The prefetch thread grows the staged suffix
+    ``[low, end)`` down, round by round; the step loop raises ``floor`` (the blocks below it are computed, or
+    will be) and the read stops where it would go below it. Read and written under ``lock``; ``outcome``'s
+    counts only once ``done``."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    end: int | None = None  # the leading blocks whose manifests are there (None: not read yet)
+    low: int | None = None  # the staged suffix is [low, end)
+    floor: int = 0
+    done: bool = False
+    outcome: FetchOutcome = field(default_factory=FetchOutcome)
+    rounds: int = 0  # changes of the above by the reader, each notified on ``changed``
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
+
+    def raise_floor(self, floor: int) -> None:
+        with self.lock:
+            self.floor = max(self.floor, floor)
+
+    def state(self) -> tuple[int | None, int | None, bool, int]:
+        """(low, end, done, rounds), read together."""
+        with self.lock:
+            return self.low, self.end, self.done, self.rounds
+
+    def wait_for_round(self, seen: int, timeout_s: float) -> None:
+        """Wait until the reader changed anything since ``rounds`` was ``seen`` (or ``timeout_s`` passed)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.rounds != seen, timeout_s)
+
+    def _changed(self) -> None:  # with the lock held
+        self.rounds += 1
+        self.changed.notify_all()
+
+    def staged_from(self, first: int) -> int | None:
+        """Where the staged suffix starts, if it reaches down to block ``first`` (it has met the computation)."""
+        with self.lock:
+            return self.low if self.low is not None and self.low <= first < self.end else None
 
 
 @dataclass(frozen=True)
@@ -71,6 +120,56 @@ class RedisFetcher:
                 break
         return outcome
 
+    def fetch_from_end(self, block_hashes: list[bytes], prefix: PrefixRef, read: EndRead) -> None:
+        """Stage the run of ``block_hashes`` whose manifests are there from its end backward, a round at a time,
+        into ``read``, until it reaches ``read.floor`` or a block is missing or corrupt."""
+        stats = read.outcome.stats
+        try:
+            layouts = self._layouts(block_hashes, prefix, stats)
+            high = len(layouts)
+            with read.lock:
+                read.end = read.low = high
+                read._changed()
+            while True:
+                with read.lock:
+                    floor = read.floor
+                if high <= floor:
+                    break
+                low = max(floor, high - self._round_blocks())
+                began = time.perf_counter()
+                staged_low = self._fetch_range(block_hashes, layouts, low, high, prefix, read)
+                seconds = time.perf_counter() - began
+                stats.transfer_seconds += seconds
+                self.cost_model.observe_fetch("redis", (high - staged_low) * self.shape.bytes_per_block, seconds)
+                if staged_low > low:  # a block is missing or corrupt: the suffix cannot reach lower
+                    break
+                high = low
+        finally:
+            with read.lock:
+                read.done = True
+                read._changed()
+
+    def _fetch_range(self, hashes: list[bytes], layouts: list[list[tuple[int, int]]], low: int, high: int,
+                     prefix: PrefixRef, read: EndRead) -> int:
+        """Units of blocks ``[low, high)``, verified; extends ``read``'s suffix (which starts at ``high``) by the
+        verified blocks at the end of the range, and returns where it starts now."""
+        units = [UnitRead(index - low, heads, self.unit_of(hashes[index], heads))
+                 for index in range(low, high) for heads in layouts[index]]
+        blocks = [self.staging_block() for _ in range(low, high)]  # [L, 2, bs, Hkv, D]
+        staged = StagedUnits(units, blocks)
+        if not self.redis.read_into([self.unit_key(hashes[low + u.block], u.heads, prefix) for u in units], staged):
+            read.outcome.stats.errors += 1
+            return high
+        sound = self._sound_blocks(staged, hashes[low:high], prefix, read.outcome.stats)
+        first = len(sound)
+        while first > 0 and sound[first - 1]:
+            first -= 1
+        with read.lock:
+            read.outcome.staged.update(zip(hashes[low + first : high], blocks[first:]))
+            read.low = low + first
+            read._changed()
+        return low + first
+
     def _round_blocks(self) -> int:
         """Blocks per round: enough for every parallel reader to get its share (``kvstore.redis_store`` splits
         no slice below 8 keys), so that the probe too measures the rate of a parallel read."""
@@ -90,7 +189,8 @@ class RedisFetcher:
                                               staged):
             outcome.stats.errors += 1
             return 0
-        verified = self._leading_verified(staged, hashes, prefix, outcome.stats)
+        sound = self._sound_blocks(staged, hashes, prefix, outcome.stats)
+        verified = sound.index(False) if False in sound else len(sound)
         outcome.staged.update(zip(hashes[:verified], blocks))
         return verified
 
@@ -108,19 +208,23 @@ class RedisFetcher:
             layouts.append(ranges)
         return layouts
 
-    def _leading_verified(self, staged: StagedUnits, hashes: list[bytes], prefix: PrefixRef,
-                          stats: TierStats) -> int:
-        """Blocks before the first with a unit missing or corrupt (its manifest, and a corrupt unit, deleted)."""
+    def _sound_blocks(self, staged: StagedUnits, hashes: list[bytes], prefix: PrefixRef,
+                      stats: TierStats) -> list[bool]:
+        """Whether each block's units all arrived sound (then they are assembled into it). A block with a unit
+        missing or corrupt is a miss from now on: its manifest, and a corrupt unit, are deleted."""
+        sound = [True] * len(staged.blocks)
         for index, (unit, outcome) in enumerate(zip(staged.units, staged.outcome)):
+            if not sound[unit.block]:
+                continue
             if outcome == "ok":
                 staged.assemble(index)
                 continue
+            sound[unit.block] = False
             block_hash = hashes[unit.block]
             if isinstance(outcome, codec.CorruptValue):
                 self._discard(self.unit_key(block_hash, unit.heads, prefix), outcome, stats)
-            self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])  # the block is a miss now
-            return unit.block
-        return len(staged.blocks)
+            self.redis.delete([manifest_key(self.fingerprint, prefix, block_hash)])
+        return sound
 
     def _decode_manifest(self, block_hash: bytes, value: bytes | None, prefix: PrefixRef,
                          stats: TierStats) -> list | None:

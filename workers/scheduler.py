@@ -55,6 +55,11 @@ class LowerTiers(Protocol):
 
     def forget(self, request_id: str) -> None: ...
 
+    def reading_from_end(self, request_id: str) -> bool: ...
+
+    def resume(self, request_id: str, block_hashes: list[bytes], first_block: int, max_tokens: int,
+               wait_for_it: bool) -> tuple[list[str], int]: ...
+
 
 @dataclass(frozen=True)
 class _PrefixMatch:
@@ -109,12 +114,12 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        chunks, preempted = self._schedule_running(budget)
+        chunks, preempted, loads = self._schedule_running(budget)
         budget -= sum(chunk.num_tokens for chunk in chunks)
-        loads: list[BlockLoad] = []
         if not preempted:
-            admitted, loads = self._admit_waiting(budget, busy=bool(chunks))
+            admitted, admitted_loads = self._admit_waiting(budget, busy=bool(chunks))
             chunks += admitted
+            loads += admitted_loads
         return SchedulerOutput(chunks, preempted, loads)
 
     def mark_computed(self, output: SchedulerOutput) -> None:
@@ -154,23 +159,59 @@ class Scheduler:
             self.lower_tiers.forget(seq.request_id)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
 
-    def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Sequence]]:
+    def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Sequence], list[BlockLoad]]:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        loads: list[BlockLoad] = []
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            last_chance = not chunks and index == len(self.running) - 1  # else the step loop could spin
+            resumed, num_tokens = self._resume_reading(seq, num_tokens, alone=last_chance)
             while not self._reserve(seq, num_tokens):
                 victim = self.running.pop()  # the newest; never one already scheduled this step
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
-                    return chunks, preempted
-            chunks.append(ScheduledChunk.of(seq, num_tokens))
-            budget -= num_tokens
+                    self._cancel_loads(resumed)
+                    return chunks, preempted, loads
+            loads += self._accept_loads(seq, resumed)
             index += 1
-        return chunks, preempted
+            if num_tokens:  # 0: it waits this step for its Redis read, which is faster than computing
+                chunks.append(ScheduledChunk.of(seq, num_tokens))
+                budget -= num_tokens
+        return chunks, preempted, loads
+
+    def _resume_reading(self, seq: Sequence, num_tokens: int, alone: bool) -> tuple[list[BlockLoad], int]:
+        """For a sequence computing its prefix while Redis reads it from the end: the loads where the read met
+        the computation (their GPU blocks allocated), and how many tokens to compute this step (after them).
+        ``alone``: nothing else would run this step, so a read better waited for is waited for."""
+        if self.lower_tiers is None or not self.lower_tiers.reading_from_end(seq.request_id):
+            return [], num_tokens
+        if seq.num_computed_tokens % self.block_size:  # the read meets it at a block boundary
+            return [], min(num_tokens, self.block_size - seq.num_computed_tokens % self.block_size)
+        first = seq.num_computed_tokens // self.block_size
+        hashes = seq.reusable_block_hashes()[first:]
+        tiers, num_tokens = self.lower_tiers.resume(seq.request_id, hashes, first, num_tokens, alone)
+        if tiers and not self.block_pool.can_allocate(len(tiers)):
+            self.lower_tiers.cancel(hashes[: len(tiers)], tiers)
+            return [], num_tokens
+        blocks = self.block_pool.allocate(len(tiers))
+        seq.block_ids += blocks
+        seq.num_computed_tokens += len(blocks) * self.block_size
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        return [BlockLoad(*load) for load in zip(hashes, blocks, tiers)], min(remaining, num_tokens)
+
+    def _accept_loads(self, seq: Sequence, loads: list[BlockLoad]) -> list[BlockLoad]:
+        if loads and seq.cached_tokens is not None:
+            seq.cached_tokens["redis"] += len(loads) * self.block_size
+        return loads
+
+    def _cancel_loads(self, loads: list[BlockLoad]) -> None:
+        """Undo ``_resume_reading``'s loads of a sequence that will not run this step (its blocks are freed)."""
+        if loads:
+            self.lower_tiers.cancel([load.block_hash for load in loads], [load.tier for load in loads])
 
     def _admit_waiting(self, budget: int, busy: bool) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
         """Admit waiting sequences in order while the budget and the pool allow. One whose prefix is still being
@@ -186,15 +227,18 @@ class Scheduler:
                 continue
             match = self._match_prefix(seq) if seq.num_computed_tokens == 0 else _PrefixMatch()
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            resumed, num_tokens = self._resume_reading(seq, num_tokens, alone=not (busy or chunks))
             if not self._reserve(seq, num_tokens):
+                self._cancel_loads(resumed)
                 self._unmatch(seq, match)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk.of(seq, num_tokens))
-            loads += match.loads()
+            if num_tokens:  # 0: admitted, waiting this step for its Redis read (faster than computing)
+                chunks.append(ScheduledChunk.of(seq, num_tokens))
             self._count_match(seq, match)
+            loads += match.loads() + self._accept_loads(seq, resumed)
             budget -= num_tokens
         self.waiting.extendleft(reversed(reading))
         return chunks, loads
@@ -248,6 +292,8 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.lower_tiers is not None:
+            self.lower_tiers.forget(seq.request_id)  # a read from the end stops; readmitted, it looks up anew
         self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0

@@ -255,7 +255,7 @@ def test_the_cost_model_prices_a_fetch_at_the_position_its_blocks_sit(redis_serv
     writer = make_engine(redis_only(redis_server.url))
     writer.generate([prompt], GREEDY)
     writer.close()
-    reader = make_engine(redis_only(redis_server.url))
+    reader = make_engine(redis_only(redis_server.url, compute_while_reading=False))  # reads from the start
     reader.generate([prompt[: 4 * BLOCK + 1]], GREEDY)  # its first 4 blocks now in the GPU pool (and Redis)
     assert reader.cost_model.prefill_flops_per_s.value > 0
     asked = []
@@ -317,7 +317,7 @@ def test_a_request_aborted_while_its_prefix_is_read_leaves_nothing_staged(redis_
         redis_server.resume()
     reader.generate([tokens(69, 40)], GREEDY)  # steps collect the finished prefetch
     deadline = time.monotonic() + 10
-    while reader.tiers._abandoned and time.monotonic() < deadline:
+    while reader.tiers._uncounted and time.monotonic() < deadline:
         time.sleep(0.05)
         reader.generate([tokens(70, 3)], GREEDY)
-    assert not reader.tiers._prefetches and not reader.tiers._abandoned and not reader.tiers._staged
+    assert not reader.tiers._prefetches and not reader.tiers._uncounted and not reader.tiers._staged

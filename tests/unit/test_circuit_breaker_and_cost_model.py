@@ -106,3 +106,18 @@ def test_a_tally_taken_elsewhere_adds_to_the_tiers_counts():
     tier = TierStats(hit_blocks=2, errors=1, transfer_seconds=0.5)
     tier.add(TierStats(errors=2, skipped_fetches=1, transfer_seconds=0.25))
     assert (tier.hit_blocks, tier.errors, tier.skipped_fetches, tier.transfer_seconds) == (2, 3, 1, 0.75)
+
+
+def test_compute_and_fetch_meet_where_both_take_as_long():
+    model = FetchCostModel()
+    assert model.tokens_to_compute_first("redis", 0, 100, block_bytes=1_000_000, block_tokens=16) == 0  # no rates
+    model.observe_prefill(tokens=16_000, seconds=1.0)  # a block recomputes in 1 ms
+    model.observe_fetch("redis", num_bytes=1_000_000_000, seconds=1.0)  # a 1 MB block loads in 1 ms
+    # 50 blocks computed (50 ms) while the other 50 load (50 ms)
+    assert model.tokens_to_compute_first("redis", 0, 100, block_bytes=1_000_000, block_tokens=16) == 50 * 16
+    # a 3 MB block loads in 3 ms: compute 75 blocks (75 ms) while 25 load (75 ms)
+    assert model.tokens_to_compute_first("redis", 0, 100, block_bytes=3_000_000, block_tokens=16) == 75 * 16
+    # loading is 10x faster: the fewest blocks whose compute outlasts the rest's load: 10 (10 ms; 90 load in 9 ms)
+    assert model.tokens_to_compute_first("redis", 0, 100, block_bytes=100_000, block_tokens=16) == 10 * 16
+    assert model.tokens_to_compute_first("redis", 0, 0, block_bytes=100_000, block_tokens=16) == 0
+    assert FetchCostModel(enabled=False).tokens_to_compute_first("redis", 0, 100, 1, 16) == 0

@@ -1,0 +1,155 @@
+"""Computing a prefix from its start while Redis reads it from its end, so both end sooner than either alone.
+
+A request's blocks beyond its GPU and CPU-tier hits may be in Redis. Reading them all before computing the
+tail costs the read's time; recomputing them costs the prefill's. Where the two are of the same order (a
+32k-token prefix of an 8B model: seconds either way), the request instead computes its blocks from the first
+while the prefetch thread reads them from the last backward (``RedisFetcher.fetch_from_end``); where they meet,
+the read's blocks are loaded and only the tail after them is computed. Where the meeting point lies is the
+cost model's prediction (``FetchCostModel.tokens_to_compute_first``), asked again at every step from what is
+left to read, so a read faster or slower than predicted moves it. The read never goes below what the steps
+computed (``EndRead.floor``), and a block missing in Redis only stops the read where it is.
+
+Step loop side, rank 0, for ``KVTiers``; blocks are counted from the start of their sequence here, from the
+start of the run in ``EndRead``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.cost_model import FetchCostModel
+from kvstore.redis_keys import PrefixRef
+from workers.redis_fetch import EndRead, FetchOutcome, RedisFetcher
+
+_NEVER = 1 << 62  # a floor above every block: the read stops after the round it is in
+_ROUND_WAIT_S = 0.05  # the longest wait for a read's next round before looking again
+
+
+@dataclass
+class _Reading:
+    read: EndRead
+    future: Future[FetchOutcome]
+    first_block: int  # the run's first block in its sequence
+    hashes: list[bytes]  # the run's block hashes
+    reported: bool = False  # whether the blocks Redis holds went to ``in_redis``
+    stopped: bool = False  # told to read no further: computing the rest is faster
+
+
+class EndReads:
+    def __init__(self, fetcher: RedisFetcher, executor: ThreadPoolExecutor, cost_model: FetchCostModel,
+                 block_bytes: int, block_size: int, grace_s: float) -> None:
+        self.fetcher = fetcher
+        self.executor = executor
+        self.cost_model = cost_model
+        self.block_bytes = block_bytes
+        self.block_size = block_size
+        self.grace_s = grace_s
+        self._reading: dict[str, _Reading] = {}
+        self._granted_grace: set[str] = set()
+        self.finished: list[Future[FetchOutcome]] = []  # reads done with, whose counts the caller takes
+        self.skipped = 0  # reads stopped because computing the rest is faster (the tier's skipped fetches)
+        self.in_redis: list[bytes] = []  # blocks found in Redis (their manifests), for the caller not to rewrite
+        # the ones the request computes
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._reading
+
+    def start(self, request_id: str, hashes: list[bytes], prefix: PrefixRef, first_block: int) -> bool:
+        """Read ``hashes`` (block ``first_block`` first) from the end, unless that cannot be better than reading
+        them from the start: no prefill rate measured yet, or (Redis's rate measured) reading is faster than
+        computing a block, or computing them all is faster than reading any. Then False: the caller reads from
+        the start (which asks the cost model the same, and counts a fetch it skips). With no Redis rate yet,
+        the read's first round measures it."""
+        if self.cost_model.recompute_seconds(first_block * self.block_size, self.block_size) is None:
+            return False
+        if self.cost_model.has_rate("redis") and \
+                not 0 < self._compute_first(first_block, len(hashes)) < len(hashes) * self.block_size:
+            return False
+        read = EndRead()
+        self._reading[request_id] = _Reading(read, self.executor.submit(self._fetch, hashes, prefix, read),
+                                             first_block, hashes)
+        return True
+
+    def _fetch(self, hashes: list[bytes], prefix: PrefixRef, read: EndRead) -> FetchOutcome:
+        self.fetcher.fetch_from_end(hashes, prefix, read)
+        return read.outcome
+
+    def advance(self, request_id: str, first_block: int, max_tokens: int,
+                wait_for_it: bool) -> tuple[dict[bytes, torch.Tensor] | None, int]:
+        """A step of the request, whose blocks from ``first_block`` on are not computed: (staged, tokens).
+        - The read reached down to ``first_block``: its blocks from there on, in order, and ``max_tokens`` to
+          compute after them. The request is done with its read (its future goes to ``finished``).
+        - The read cannot help any more (its run ends before ``first_block``, or it ended with nothing staged):
+          an empty dict, likewise.
+        - Otherwise None, and how many of ``max_tokens`` to compute this step before the two meet (the read is
+          told not to go below them); 0 when the read is better waited for. With ``wait_for_it`` it waits for
+          the read's next round instead, and answers again. Where computing all the blocks up to what the read
+          staged is faster than reading them, the read stops (counted in ``skipped``) and they are computed."""
+        reading = self._reading[request_id]
+        offset = first_block - reading.first_block
+        while True:
+            low, end, done, rounds = reading.read.state()
+            if end is not None and not reading.reported:
+                reading.reported = True
+                self.in_redis += reading.hashes[:end]
+            if low is not None and low <= offset < end:
+                return self._take(request_id, reading, offset, end), max_tokens
+            left = (low if low is not None else len(reading.hashes)) - offset  # blocks up to the staged suffix
+            if left <= 0 or (done and low == end):  # computed past all the read may give, or it gave nothing
+                self.finished.append(self.forget(request_id))
+                return {}, max_tokens
+            tokens = left * self.block_size
+            if not (done or reading.stopped):
+                tokens = self._compute_first(first_block, left)
+                if tokens >= left * self.block_size:  # computing the rest beats reading it: what is read is used
+                    reading.stopped = True
+                    reading.read.raise_floor(_NEVER)
+                    self.skipped += 1
+            if tokens > 0 or not wait_for_it:
+                reading.read.raise_floor(offset + min(tokens, max_tokens) // self.block_size)
+                return None, min(tokens, max_tokens)
+            reading.read.raise_floor(offset)
+            reading.read.wait_for_round(rounds, _ROUND_WAIT_S)
+
+    def should_wait(self, request_id: str, first_block: int | None = None) -> bool:
+        """Whether a request not yet computing should wait for its read: its rate is not measured yet, or reading
+        the rest is faster than computing a block. The first time it is asked it grants the read a moment: a
+        prefix Redis lacks, or holds little of, is known in a round trip."""
+        reading = self._reading[request_id]
+        if request_id not in self._granted_grace:
+            self._granted_grace.add(request_id)
+            wait([reading.future], timeout=self.grace_s)
+        first_block = reading.first_block if first_block is None else first_block
+        offset = first_block - reading.first_block
+        low, end, done, _ = reading.read.state()
+        if done or (end is not None and offset >= end) or (low is not None and low <= offset):
+            return False  # the read has nothing more to give, or meets the request already
+        left = (low if low is not None else len(reading.hashes)) - offset
+        return self._compute_first(first_block, left) == 0
+
+    def _take(self, request_id: str, reading: _Reading, offset: int, end: int) -> dict[bytes, torch.Tensor]:
+        self.finished.append(self.forget(request_id))
+        with reading.read.lock:
+            staged = reading.read.outcome.staged
+            return {block_hash: staged[block_hash] for block_hash in reading.hashes[offset:end]}
+
+    def forget(self, request_id: str) -> Future[FetchOutcome] | None:
+        """Stop the request's read (after the round it is in); its future, for its counts."""
+        self._granted_grace.discard(request_id)
+        reading = self._reading.pop(request_id, None)
+        if reading is None:
+            return None
+        reading.read.raise_floor(_NEVER)
+        return reading.future
+
+    def stop_all(self) -> None:
+        for request_id in list(self._reading):
+            self.finished.append(self.forget(request_id))
+
+    def _compute_first(self, first_block: int, num_blocks: int) -> int:
+        """The cost model's meeting point for ``num_blocks`` blocks from ``first_block``, in tokens."""
+        return self.cost_model.tokens_to_compute_first("redis", first_block * self.block_size, num_blocks,
+                                                       self.block_bytes, self.block_size)
