@@ -10,10 +10,9 @@ For each prefix length: a question after the prefix is answered (one token) with
 - found in Redis, written by this process and read by a separate process with empty GPU and CPU tiers.
 Load bandwidths are bytes moved / time spent moving them. A PNG plot goes to --plot, the rows as JSON to --json-out.
 Each hit is timed on an engine with nothing else to do: the Redis writes of the requests before it (each prefix
-is written as it is computed) have finished first. The Redis hit computes the prefix's first blocks while it
-reads the rest from the end, where the cost model predicts that ends sooner (``kvstore.redis.
-compute_while_reading``; "tokens from Redis" is then what the read supplied); --read-from-start reads it all
-first.
+is written as it is computed) have finished first. On CUDA (or with --compute-while-reading on) the Redis hit
+computes the prefix's first blocks while it reads the rest from the end, where the cost model predicts that
+ends sooner (``kvstore.redis.compute_while_reading``; "tokens from Redis" is then what the read supplied).
 """
 
 from __future__ import annotations
@@ -47,8 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--staging-memory", default="5GiB", help="kvstore.redis.staging_memory (pinned at the "
                         "start with CUDA; 5GiB holds a 32k-token prefix of the 8B shape)")
     parser.add_argument("--question-len", type=int, default=64, help="new tokens after the prefix")
-    parser.add_argument("--read-from-start", action="store_true", help="kvstore.redis.compute_while_reading off: "
-                        "a Redis hit reads the whole prefix before the question is computed")
+    parser.add_argument("--compute-while-reading", default="auto", choices=["auto", "on", "off"],
+                        help="kvstore.redis.compute_while_reading: off reads the whole prefix before computing")
+    parser.add_argument("--compare-reading", action="store_true", help="time the Redis hit a second time, in "
+                        "another fresh process, with compute_while_reading off (the whole prefix read first)")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     add_output_args(parser, default_plot="docs/prefix_reuse.png")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # run one Redis-hit measurement (another process)
@@ -59,7 +60,7 @@ def redis_config(args: argparse.Namespace, staging_memory: str) -> RedisConfig:
     """--read-parallelism MGETs at once, each on its own connection (one more stays for the writer)."""
     connections = max(RedisConfig().max_connections, args.read_parallelism + 1)
     return RedisConfig(url=args.redis_url, read_parallelism=args.read_parallelism, max_connections=connections,
-                       staging_memory=staging_memory, compute_while_reading=not args.read_from_start)
+                       staging_memory=staging_memory, compute_while_reading=args.compute_while_reading)
 
 
 def engine_for(args: argparse.Namespace, kvstore: KVStoreConfig, num_blocks: int) -> LLMEngine:
@@ -111,10 +112,10 @@ def measure_local(args: argparse.Namespace, prefix_len: int) -> dict[str, float]
     results["cpu GB/s"] = stats["cpu"]["bytes_out"] / stats["cpu"]["transfer_seconds"] / 1e9
     report(f"{prefix_len:,}-token prefix, CPU hit: {1e3 * results['cpu hit']:,.0f} ms, {results['cpu GB/s']:.2f} GB/s")
     engine.close()  # every block is in Redis before the other process reads
-    results.update(json.loads(subprocess.run(
-        [sys.executable, __file__, "--child", str(prefix_len), *sys.argv[1:]], check=True, capture_output=True,
-        text=True,
-    ).stdout))
+    for mode, suffix in [(args.compute_while_reading, "")] + [("off", ", read first")] * args.compare_reading:
+        child = subprocess.run([sys.executable, __file__, "--child", str(prefix_len), *sys.argv[1:],
+                                "--compute-while-reading", mode], check=True, capture_output=True, text=True)
+        results.update({key + suffix: value for key, value in json.loads(child.stdout).items()})
     return results
 
 
@@ -140,15 +141,18 @@ def main() -> None:
         bandwidth = measure_bandwidths("cuda")
         print(f"pinned host-to-device {bandwidth['h2d_pinned_GBps']:.1f} GB/s, device copy "
               f"{bandwidth['d2d_GBps']:,.0f} GB/s (read + written), measured now\n")
+    read_first = " | Redis hit, read first ms | Redis->GPU GB/s, read first" if args.compare_reading else ""
     print("| prefix tokens | recompute ms | GPU hit ms | CPU hit ms | Redis hit (other process) ms | tokens from Redis "
-          "| CPU->GPU GB/s | Redis->GPU GB/s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| CPU->GPU GB/s | Redis->GPU GB/s{read_first} |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * args.compare_reading)
     for prefix_len in progress([int(n) for n in args.prefix_lens.split(",")], "prefix lengths"):
         r = rows[prefix_len] = measure_local(args, prefix_len)
         stopped = " (the cost model stopped the fetch)" if r["redis fetch stopped"] else ""
+        second = f" {r['redis hit, read first'] * 1e3:,.0f} | {r['redis GB/s, read first']:.2f} |" \
+            if args.compare_reading else ""
         print(f"| {prefix_len:,} | {r['recompute'] * 1e3:,.0f} | {r['gpu hit'] * 1e3:,.0f} | {r['cpu hit'] * 1e3:,.0f}"
               f" | {r['redis hit'] * 1e3:,.0f} | {r['redis tokens']:,}{stopped} | {r['cpu GB/s']:.2f} "
-              f"| {r['redis GB/s']:.2f} |", flush=True)
+              f"| {r['redis GB/s']:.2f} |{second}", flush=True)
     write_json(args.json_out, "prefix", args, [{"prefix_tokens": n, **r, **bandwidth} for n, r in rows.items()])
     modes = ["recompute", "gpu hit", "cpu hit", "redis hit"]
     series = {f"{n:,}-token prefix": [r[mode] * 1e3 for mode in modes] for n, r in sorted(rows.items())}

@@ -50,8 +50,9 @@ class RedisConfig:
     # (docs/benchmarks.md), hosts with cores to spare may gain
     read_parallelism: int = 1
     # a request whose prefix Redis holds computes its first blocks while Redis reads the rest from the end,
-    # where the cost model predicts both end sooner than the read alone (workers/redis_end_reads.py)
-    compute_while_reading: bool = True
+    # where the cost model predicts both end sooner than the read alone (workers/redis_end_reads.py): "auto"
+    # on CUDA only (on the CPU the two share the host's cores, and it measured slower there), "on", "off"
+    compute_while_reading: str = "auto"
     write_queue_blocks: int = 4096  # write-behind queue; blocks beyond it are dropped (and counted); a queued
     # block waits in host memory (pinned with CUDA) until written: at most this many blocks' bytes
     write_batch_blocks: int = 64  # blocks per pipelined write ...
@@ -79,6 +80,8 @@ class RedisConfig:
                 parse_size(getattr(self, name))
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
+        if self.compute_while_reading not in ("auto", "on", "off"):
+            raise ValueError(f"compute_while_reading: must be auto, on or off, got {self.compute_while_reading!r}")
         if self.ttl_s is not None and self.ttl_s < 1:
             raise ValueError(f"ttl_s: must be >= 1 second, got {self.ttl_s}")
 

@@ -91,7 +91,7 @@ def test_a_redis_hit_lands_in_staging_memory_pinned_at_start(redis_server):
         [prefix + question], params)[0].token_ids
 
     def redis_engine(staging: str) -> LLMEngine:
-        redis = RedisConfig(url=redis_server.url, staging_memory=staging)
+        redis = RedisConfig(url=redis_server.url, staging_memory=staging, compute_while_reading="off")  # all read
         return LLMEngine.from_config(config, KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=redis),
                                      progress=False)
 

@@ -117,12 +117,15 @@ def test_parallel_redis_reads_and_redis_io_threads_are_set_together_from_values(
     assert "--io-threads" not in by_kind(default, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     redis = loaded_config(default, tmp_path).kvstore.redis
     assert (redis.read_parallelism, redis.max_connections, redis.staging_memory) == (1, 8, "1GiB")
-    tuned = render({"redis": {"readParallelism": 12, "stagingMemory": "6GiB", "bundled": {"ioThreads": 4}}})
+    assert redis.compute_while_reading == "auto"
+    tuned = render({"redis": {"readParallelism": 12, "stagingMemory": "6GiB", "computeWhileReading": "off",
+                              "bundled": {"ioThreads": 4}}})
     args = by_kind(tuned, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--io-threads") + 1] == "4" and args[args.index("--io-threads-do-reads") + 1] == "yes"
     (tmp_path / "tuned").mkdir()
     redis = loaded_config(tuned, tmp_path / "tuned").kvstore.redis
     assert (redis.read_parallelism, redis.max_connections, redis.staging_memory) == (12, 13, "6GiB")
+    assert redis.compute_while_reading == "off"
 
 
 def test_tp2_with_four_workers_asks_kuberay_for_four_pods_of_two_gpus(tmp_path):

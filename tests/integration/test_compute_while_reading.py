@@ -23,7 +23,7 @@ def expected_and_reader(redis_url: str, prompt: list[int], **redis_options) -> t
     writer = make_engine(redis_only(redis_url))
     writer.generate([prompt], GREEDY)
     writer.close()  # every block written
-    reader = make_engine(redis_only(redis_url, **redis_options))
+    reader = make_engine(redis_only(redis_url, compute_while_reading="on", **redis_options))  # "auto": CUDA only
     reader.generate([tokens(999, 3 * BLOCK + 1)], GREEDY)  # measures the prefill rate; shares nothing
     read_as_fast_as_computing(reader, PREFIX_BLOCKS)
     return expected, reader

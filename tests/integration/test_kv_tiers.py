@@ -255,7 +255,7 @@ def test_the_cost_model_prices_a_fetch_at_the_position_its_blocks_sit(redis_serv
     writer = make_engine(redis_only(redis_server.url))
     writer.generate([prompt], GREEDY)
     writer.close()
-    reader = make_engine(redis_only(redis_server.url, compute_while_reading=False))  # reads from the start
+    reader = make_engine(redis_only(redis_server.url, compute_while_reading="off"))  # reads from the start
     reader.generate([prompt[: 4 * BLOCK + 1]], GREEDY)  # its first 4 blocks now in the GPU pool (and Redis)
     assert reader.cost_model.prefill_flops_per_s.value > 0
     asked = []

@@ -59,3 +59,14 @@ def test_prefix_points_and_a_fetch_the_cost_model_stopped(tmp_path):
     assert points["8B Redis hit (fresh process) TTFT / recompute, 32k"].endswith("| 0.95 | pass |")
     assert "the cost model stopped the fetch | - |" in points["8B Redis->GPU, 32k, whole prefix fetched"]
     assert module.load_rows(str(tmp_path / "missing.json")) == []
+
+
+def test_the_redis_rate_point_takes_the_run_that_read_the_whole_prefix_first(tmp_path):
+    module = acceptance()
+    rows = [{"prefix_tokens": 32768, "recompute": 2.0, "redis hit": 1.0, "redis GB/s": 1.5,
+             "redis fetch stopped": False, "redis hit, read first": 1.9, "redis GB/s, read first": 2.7,
+             "redis fetch stopped, read first": False}]
+    (tmp_path / "prefix.json").write_text(json.dumps({"rows": rows}))
+    points = {p.name: p.row() for p in module.prefix_points(module.load_rows(str(tmp_path / "prefix.json")))}
+    assert points["8B Redis hit (fresh process) TTFT / recompute, 32k"].endswith("| 0.5 | pass |")
+    assert points["8B Redis->GPU, 32k, whole prefix fetched"].endswith("| 2.7 GB/s | pass |")

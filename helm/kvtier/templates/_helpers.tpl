@@ -70,6 +70,7 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- $_ := set $redis "read_parallelism" $readers -}}
 {{- $_ := set $redis "max_connections" (max 8 (add1 $readers)) -}}
 {{- $_ := set $redis "staging_memory" $v.redis.stagingMemory -}}
+{{- $_ := set $redis "compute_while_reading" $v.redis.computeWhileReading -}}
 {{- end -}}
 {{- $kvstore := dict "prefix_caching" $v.engine.prefixCaching "cost_model" $v.engine.costModel "cpu" (dict "enabled" $v.workers.cpuTier.enabled "capacity" $v.workers.cpuTier.capacity) "redis" $redis -}}
 {{- $workers := dict "count" ($v.workers.replicas | int) "num_cpus" 1 "num_gpus" ($v.workers.tensorParallelSize | int) "host" "node_ip" "max_restarts" -1 -}}
