@@ -83,20 +83,25 @@ class FetchCostModel:
     def tokens_to_compute_first(self, tier: str, start_token: int, num_blocks: int, block_bytes: int,
                                 block_tokens: int) -> int:
         """Where a computation from the front should meet a fetch from the back of ``num_blocks`` blocks (the
-        first at token ``start_token``): the fewest whole blocks' tokens whose recompute takes at least as long
-        as fetching the blocks after them. Then both end together, sooner than either alone. 0 (fetch it all)
-        until both rates are measured."""
+        first at token ``start_token``), in tokens: the whole blocks to compute while the rest is fetched so
+        that the later of the two ends soonest. That is the first count whose recompute outlasts fetching the
+        blocks after it, or the one before (0: fetch it all). 0 until both rates are measured."""
         bandwidth = self.rate(tier)
         if not self.enabled or bandwidth is None or self.recompute_seconds(start_token, block_tokens) is None:
             return 0
-        low, high = 0, num_blocks  # the answer lies in [low, high]: at high nothing is left to fetch
+
+        def fetch_s(blocks: int) -> float:
+            return blocks * block_bytes / bandwidth
+
+        low, high = 0, num_blocks  # the first count in [low, high] whose recompute outlasts the fetch after it
         while low < high:
             middle = (low + high) // 2
-            recompute_s = self.recompute_seconds(start_token, middle * block_tokens)
-            if recompute_s >= (num_blocks - middle) * block_bytes / bandwidth:
+            if self.recompute_seconds(start_token, middle * block_tokens) >= fetch_s(num_blocks - middle):
                 high = middle
             else:
                 low = middle + 1
+        if low > 0 and fetch_s(num_blocks - low + 1) < self.recompute_seconds(start_token, low * block_tokens):
+            low -= 1  # one block fewer: then the fetch ends last, and sooner
         return low * block_tokens
 
     def recompute_seconds(self, start: int, num_tokens: int) -> float | None:
