@@ -81,11 +81,6 @@ class EndRead:
         self.rounds += 1
         self.changed.notify_all()
 
-    def staged_from(self, first: int) -> int | None:
-        """Where the staged suffix starts, if it reaches down to block ``first`` (it has met the computation)."""
-        with self.lock:
-            return self.low if self.low is not None and self.low <= first < self.end else None
-
 
 @dataclass(frozen=True)
 class RedisFetcher:
