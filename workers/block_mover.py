@@ -10,8 +10,8 @@ and ``reused``: the GPU blocks the pool handed out again since the last ops (the
 With one rank all of it is local. With several, rank 0 first sends the ops (``workers.tp_group``).
 
 Copies between the GPU cache and the CPU slots (and, with one rank, from Redis's staged blocks) go straight
-from block to block, consecutive blocks as one copy (``kvstore.copy_runs``). A gather is two launches per
-piece of up to 64 blocks: an ``index_select`` into a device temporary, then one copy into pinned memory.
+from block to block, consecutive blocks as one copy (``kvstore.copy_runs``). A gather goes in pieces (64 blocks,
+then powers of two), each an ``index_select`` into a device temporary and one copy into pinned memory.
 
 On CUDA the copies run on three side streams: spills and gathers device to host (one stream each), loads host
 to device; the host does not wait for them. Each waits for the compute stream first (the blocks hold what
@@ -40,7 +40,7 @@ from kvstore.copy_runs import coalesce
 from workers.parallel import ParallelContext, Span
 from workers.uploads import upload
 
-_PIECE_BLOCKS = 64  # spills per piece: a load into a spilled block waits for its piece, not for them all
+_SPILL_PIECE_BLOCKS = 64  # spills per piece: a load into a spilled block waits for its piece, not for them all
 GATHER_PIECE_BLOCKS = 64  # the largest piece of a gather, in blocks (smaller pieces are powers of two)
 
 
@@ -157,8 +157,8 @@ class BlockMover:
         """Copy GPU blocks into CPU slots, in pieces, each marked by an event (CUDA): a load into a spilled block
         waits for its own piece only, so loads (host to device) run beside later pieces (device to host), each
         direction on a copy engine of its own."""
-        for start in range(0, len(spills), _PIECE_BLOCKS):
-            piece = spills[start : start + _PIECE_BLOCKS]
+        for start in range(0, len(spills), _SPILL_PIECE_BLOCKS):
+            piece = spills[start : start + _SPILL_PIECE_BLOCKS]
             _copy_blocks(self.kv_cache, self.host, piece)
             reads.add([block for block, _ in piece], self._event_on(self.stream))
 
