@@ -1,4 +1,5 @@
-"""The scheduler on a tiny pool (block_size 4): exact block ids, chunk sizes and preemption order."""
+"""The scheduler on a tiny pool (block_size 4): exact block ids, chunk sizes and preemption order, and how it
+meets a read from the end (scripted lower tiers)."""
 
 from kvstore.block_pool import BlockPool
 from workers.engine_config import SchedulerConfig
@@ -105,3 +106,100 @@ def test_finish_returns_every_block_of_running_and_waiting_sequences():
     scheduler.finish(a, FinishReason.ABORT)
     assert pool.num_free == 3 and not scheduler.has_unfinished()
     assert a.finish_reason is FinishReason.ABORT
+
+
+class ReadFromTheEnd:
+    """Lower tiers holding nothing to look up, whose requests read from the end with scripted answers: each
+    ``resume`` returns the next (blocks met, tokens to compute) of ``answers``; a meet ends the read."""
+
+    def __init__(self, reading: set[str], answers: list[tuple[int, int]]) -> None:
+        self.reading, self.answers = reading, list(answers)
+        self.resumed: list[tuple[str, int, int, bool]] = []
+        self.cancelled: list[list[str]] = []
+
+    def lookup(self, block_hashes, prefix, first_block=0, request_id=None):
+        return []
+
+    def cancel(self, block_hashes, tiers):
+        self.cancelled.append(list(tiers))
+
+    def prefetching(self, request_id):
+        return False
+
+    def forget(self, request_id):
+        self.reading.discard(request_id)
+
+    def reading_from_end(self, request_id):
+        return request_id in self.reading
+
+    def resume(self, request_id, block_hashes, first_block, max_tokens, wait_for_it):
+        self.resumed.append((request_id, first_block, max_tokens, wait_for_it))
+        met, tokens = self.answers.pop(0)
+        if met:
+            self.reading.discard(request_id)
+        return ["redis"] * met, max_tokens if met else tokens
+
+
+def hashed_seq(name, prompt_len):
+    from kvstore.hashing import BlockHasher
+
+    s = seq(name, prompt_len)
+    s.hasher = BlockHasher(BLOCK)
+    return s
+
+
+def test_a_prefix_computed_while_read_from_the_end_loads_the_rest_where_they_meet():
+    """23 tokens: 5 reusable blocks. Step 1 computes 2 blocks (the read's answer); step 2 the read has met
+    them: blocks 2-4 load into fresh GPU blocks and only the 3 tokens after them are computed."""
+    tiers = ReadFromTheEnd({"a"}, [(0, 8), (3, 0)])
+    pool = BlockPool(16)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), pool, BLOCK, tiers)
+    a = hashed_seq("a", 23)
+    scheduler.add(a)
+    first = run_step(scheduler)
+    assert [(c.start, c.num_tokens) for c in first.chunks] == [(0, 8)] and not first.loads
+    assert a.block_ids == [0, 1] and a.cached_tokens["redis"] == 0
+    second = run_step(scheduler)
+    hashes = a.hasher.update(a.token_ids)
+    assert [(load.block_hash, load.block_id, load.tier) for load in second.loads] == [
+        (hashes[2], 2, "redis"), (hashes[3], 3, "redis"), (hashes[4], 4, "redis")]
+    assert [(c.start, c.num_tokens, c.samples) for c in second.chunks] == [(20, 3, True)]
+    assert a.block_ids == [0, 1, 2, 3, 4, 5] and a.cached_tokens["redis"] == 12
+    assert tiers.resumed == [("a", 0, 23, True), ("a", 2, 15, True)]  # alone both times: it may wait
+
+
+def test_the_computation_meets_the_read_only_at_a_block_boundary():
+    tiers = ReadFromTheEnd({"a"}, [(0, 6), (0, 4)])
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockPool(16), BLOCK, tiers)
+    a = hashed_seq("a", 23)
+    scheduler.add(a)
+    chunks = [[(c.start, c.num_tokens) for c in run_step(scheduler).chunks] for _ in range(3)]
+    assert chunks == [[(0, 6)], [(6, 2)], [(8, 4)]]  # step 2 completes block 1 without asking the read
+    assert [first for _, first, _, _ in tiers.resumed] == [0, 2]
+
+
+def test_a_request_waiting_for_its_read_lets_the_others_run_and_does_not_wait_in_their_step():
+    tiers = ReadFromTheEnd({"a"}, [(0, 0), (2, 0)])
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockPool(16), BLOCK, tiers)
+    b, a = seq("b", 5), hashed_seq("a", 13)
+    scheduler.add(b)
+    run_step(scheduler)  # b is running
+    scheduler.add(a)
+    step = run_step(scheduler)
+    assert [c.seq.request_id for c in step.chunks] == ["b"] and a in scheduler.running  # admitted, no chunk
+    assert tiers.resumed == [("a", 0, 13, False)]  # b ran this step: a must not make it wait
+    step = run_step(scheduler)
+    assert [(c.seq.request_id, c.start) for c in step.chunks] == [("b", 6), ("a", 8)]
+    assert [load.block_id for load in step.loads] == [2, 3]  # (block 1 went to b's sixth token)
+
+
+def test_a_meet_the_pool_cannot_hold_is_cancelled_and_the_request_computes_on():
+    tiers = ReadFromTheEnd({"a"}, [(0, 4), (4, 0)])
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4), BlockPool(3), BLOCK, tiers)
+    a = hashed_seq("a", 23)
+    scheduler.add(a)
+    run_step(scheduler)
+    out = scheduler.schedule()  # 4 blocks met, 2 free: cancelled; the request computes on from block 1
+    assert tiers.cancelled == [["redis"] * 4] and not out.loads
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(4, 4)] and a.block_ids == [0, 1]
+    assert not tiers.reading_from_end("a")
