@@ -12,8 +12,9 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -116,24 +117,32 @@ class RedisStore:
 
     def _mget_into(self, keys: list[str], sink: resp.ValueSink, first: int) -> bool:
         """One MGET on a pooled connection, its reply read by ``kvstore.resp`` (redis-py sent the command)."""
-        pool = self._pool_for(keys[0])
+        with self._exchange(self._pool_for(keys[0]), [resp.encode_command("MGET", *keys)]) as stream:
+            stream.read_mget_into(len(keys), sink, first)
+        return True
+
+    @contextmanager
+    def _exchange(self, pool: ConnectionPool, command: list[bytes | memoryview]) -> Iterator[resp.ReplyStream]:
+        """Send ``command`` on a pooled connection and yield the stream of its reply, which the caller reads
+        whole (bytes left after it: the connection is out of step). An error reply of one line (a Redis
+        Cluster's MOVED included) raises ``redis.ResponseError`` with the connection kept; anything else that
+        fails drops the connection, so what is left of a reply never reaches the next command."""
         connection = pool.get_connection()
         try:
-            connection.send_packed_command([resp.encode_command("MGET", *keys)])
+            connection.send_packed_command(command)
             stream = resp.ReplyStream(_socket_of(connection))
-            stream.read_mget_into(len(keys), sink, first)
+            yield stream
             if stream.pending:
-                raise resp.ProtocolError(f"{stream.pending} bytes past the end of an MGET reply")
+                raise resp.ProtocolError(f"{stream.pending} bytes past the end of the reply")
         except resp.RespError as error:  # the reply was one line: the connection is still in step
-            # (a Redis Cluster's MOVED is a miss too: the manifests' read just before, through redis-py, follows
-            # a slot's move and updates the slot map this read's node came from)
+            # (a MOVED on a read is a miss: the manifests' read just before, through redis-py, follows a slot's
+            # move and updates the slot map this read's node came from)
             raise redis.ResponseError(str(error)) from error
         except BaseException:
-            connection.disconnect()  # whatever is left of the reply must not reach the next command
+            connection.disconnect()
             raise
         finally:
             pool.release(connection)
-        return True
 
     def _pool_for(self, key: str) -> ConnectionPool:
         if isinstance(self.client, RedisCluster):
@@ -162,18 +171,8 @@ class RedisStore:
     def _set_on(self, pool: ConnectionPool, items: list[tuple[str, resp.Value]]) -> list[tuple[str, resp.Value]]:
         """Pipelined SETs on one pooled connection; returns the items a cluster node answered MOVED or ASK for
         (any other error reply raises, once every reply was read)."""
-        connection = pool.get_connection()
-        try:
-            connection.send_packed_command(resp.encode_set_commands(items, self.config.ttl_s))
-            stream = resp.ReplyStream(_socket_of(connection))
+        with self._exchange(pool, resp.encode_set_commands(items, self.config.ttl_s)) as stream:
             statuses = stream.read_statuses(len(items))
-            if stream.pending:
-                raise resp.ProtocolError(f"{stream.pending} bytes past the end of the SET replies")
-        except BaseException:
-            connection.disconnect()  # whatever is left of the replies must not reach the next command
-            raise
-        finally:
-            pool.release(connection)
         errors = [(item, status) for item, status in zip(items, statuses) if status is not None]
         refused = [status for _, status in errors if not status.startswith(("MOVED ", "ASK "))]
         if refused:
