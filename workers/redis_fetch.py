@@ -148,14 +148,10 @@ class RedisFetcher:
                      prefix: PrefixRef, read: EndRead) -> int:
         """Units of blocks ``[low, high)``, verified; extends ``read``'s suffix (which starts at ``high``) by the
         verified blocks at the end of the range, and returns where it starts now."""
-        units = [UnitRead(index - low, heads, self.unit_of(hashes[index], heads))
-                 for index in range(low, high) for heads in layouts[index]]
-        blocks = [self.staging_block() for _ in range(low, high)]  # [L, 2, bs, Hkv, D]
-        staged = StagedUnits(units, blocks)
-        if not self.redis.read_into([self.unit_key(hashes[low + u.block], u.heads, prefix) for u in units], staged):
-            read.outcome.stats.errors += 1
+        read_blocks = self._read_blocks(hashes[low:high], layouts[low:high], prefix, read.outcome.stats)
+        if read_blocks is None:
             return high
-        sound = self._sound_blocks(staged, hashes[low:high], prefix, read.outcome.stats)
+        blocks, sound = read_blocks
         first = len(sound)
         while first > 0 and sound[first - 1]:
             first -= 1
@@ -176,18 +172,28 @@ class RedisFetcher:
     def _fetch_batch(self, hashes: list[bytes], prefix: PrefixRef, outcome: FetchOutcome) -> int:
         """Manifests, then units, for up to a batch of blocks; stages the leading verified run."""
         layouts = self._layouts(hashes, prefix, outcome.stats)
-        units = [UnitRead(index, heads, self.unit_of(hashes[index], heads))
-                 for index, ranges in enumerate(layouts) for heads in ranges]
-        blocks = [self.staging_block() for _ in layouts]  # [L, 2, bs, Hkv, D]: whole units land straight in them
-        staged = StagedUnits(units, blocks)
-        if units and not self.redis.read_into([self.unit_key(hashes[u.block], u.heads, prefix) for u in units],
-                                              staged):
-            outcome.stats.errors += 1
+        read_blocks = self._read_blocks(hashes[: len(layouts)], layouts, prefix, outcome.stats)
+        if read_blocks is None:
             return 0
-        sound = self._sound_blocks(staged, hashes, prefix, outcome.stats)
+        blocks, sound = read_blocks
         verified = sound.index(False) if False in sound else len(sound)
         outcome.staged.update(zip(hashes[:verified], blocks))
         return verified
+
+    def _read_blocks(self, hashes: list[bytes], layouts: list[list[tuple[int, int]]], prefix: PrefixRef,
+                     stats: TierStats) -> tuple[list[torch.Tensor], list[bool]] | None:
+        """Every unit the manifests (``layouts``) list for these blocks, into fresh staging blocks
+        [L, 2, bs, Hkv, D] (whole units land straight in them): the blocks and whether each is sound
+        (``_sound_blocks``). None, counted, when Redis could not be read."""
+        units = [UnitRead(index, heads, self.unit_of(hashes[index], heads))
+                 for index, ranges in enumerate(layouts) for heads in ranges]
+        blocks = [self.staging_block() for _ in layouts]
+        staged = StagedUnits(units, blocks)
+        if units and not self.redis.read_into([self.unit_key(hashes[u.block], u.heads, prefix) for u in units],
+                                              staged):
+            stats.errors += 1
+            return None
+        return blocks, self._sound_blocks(staged, hashes, prefix, stats)
 
     def _layouts(self, hashes: list[bytes], prefix: PrefixRef, stats: TierStats) -> list[list[tuple[int, int]]]:
         """The head ranges of each leading block whose manifest is there and sound."""
