@@ -97,7 +97,7 @@ class KVTiers:
                                      self._staging_block) if self.redis else None
         self._prefetcher = ThreadPoolExecutor(1, "kvtier-redis-prefetch") if self.redis else None
         self._end_reads = EndReads(self._fetcher, self._prefetcher, cost_model, self.block_bytes,
-                                   full_shape.block_size, _PREFETCH_GRACE_S) \
+                                   full_shape.block_size) \
             if self.redis and _computes_while_reading(config.redis.compute_while_reading, pin_staging) else None
         self._prefetches: dict[str, Future[FetchOutcome]] = {}  # request id -> its read, until looked up
         self._uncounted: list[Future[FetchOutcome]] = []  # reads done with (or of requests that ended first)
@@ -160,15 +160,14 @@ class KVTiers:
         computed beside). The first time it is asked, it waits a moment for the prefetch: a prefix that is not
         in Redis is known in one round trip, and that request need not wait a step for it (the lookup did as
         much on the step loop before there were prefetches)."""
-        if self.reading_from_end(request_id):
-            return self._end_reads.should_wait(request_id)
-        future = self._prefetches.get(request_id)
+        from_end = self.reading_from_end(request_id)
+        future = self._end_reads.future(request_id) if from_end else self._prefetches.get(request_id)
         if future is None or future.done():
             return False
         if request_id not in self._granted_grace:
             self._granted_grace.add(request_id)
             wait([future], timeout=_PREFETCH_GRACE_S)
-        return not future.done()
+        return self._end_reads.should_wait(request_id) if from_end else not future.done()
 
     def forget(self, request_id: str) -> None:
         """The request is over (or preempted) before its prefetch was used: what it read is dropped (and
@@ -197,11 +196,7 @@ class KVTiers:
         for block_hash in self._end_reads.in_redis:  # the blocks the request computes need not be written again
             self._remember_in_redis(block_hash)
         self._end_reads.in_redis.clear()
-        met = 0
-        while staged and met < len(block_hashes) and block_hashes[met] in staged:
-            self._staged[block_hashes[met]] = staged[block_hashes[met]]
-            self._remember_in_redis(block_hashes[met])
-            met += 1
+        met = self._stage_leading(staged or {}, block_hashes)
         self.stats["redis"].hit_blocks += met
         self.stats["redis"].miss_blocks -= met  # the lookup counted them as missed
         return ["redis"] * met, tokens
@@ -244,9 +239,13 @@ class KVTiers:
         """Stage the leading run of ``wanted`` that ``outcome`` read and count what it counted; the rest of what
         it read is dropped (the GPU or CPU tier came to hold those blocks since the prefetch began)."""
         self.stats["redis"].add(outcome.stats)
+        return self._stage_leading(outcome.staged, wanted)
+
+    def _stage_leading(self, staged: dict[bytes, torch.Tensor], wanted: list[bytes]) -> int:
+        """Stage the leading run of ``wanted`` that ``staged`` holds, until the step's moves; its length."""
         run = 0
-        while run < len(wanted) and wanted[run] in outcome.staged:
-            self._staged[wanted[run]] = outcome.staged[wanted[run]]
+        while run < len(wanted) and wanted[run] in staged:
+            self._staged[wanted[run]] = staged[wanted[run]]
             self._remember_in_redis(wanted[run])
             run += 1
         return run

@@ -15,8 +15,8 @@ start of the run in ``EndRead``.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,21 +38,18 @@ class _Reading:
     stopped: bool = False  # told to read no further: computing the rest is faster
 
 
+@dataclass
 class EndReads:
-    def __init__(self, fetcher: RedisFetcher, executor: ThreadPoolExecutor, cost_model: FetchCostModel,
-                 block_bytes: int, block_size: int, grace_s: float) -> None:
-        self.fetcher = fetcher
-        self.executor = executor
-        self.cost_model = cost_model
-        self.block_bytes = block_bytes
-        self.block_size = block_size
-        self.grace_s = grace_s
-        self._reading: dict[str, _Reading] = {}
-        self._granted_grace: set[str] = set()
-        self.finished: list[Future[FetchOutcome]] = []  # reads done with, whose counts the caller takes
-        self.skipped = 0  # reads stopped because computing the rest is faster (the tier's skipped fetches)
-        self.in_redis: list[bytes] = []  # blocks found in Redis (their manifests), for the caller not to rewrite
-        # the ones the request computes
+    fetcher: RedisFetcher
+    executor: ThreadPoolExecutor
+    cost_model: FetchCostModel
+    block_bytes: int
+    block_size: int
+    _reading: dict[str, _Reading] = field(default_factory=dict)
+    finished: list[Future[FetchOutcome]] = field(default_factory=list)  # reads done with: the caller counts them
+    skipped: int = 0  # reads stopped because computing the rest is faster (the tier's skipped fetches)
+    # blocks found in Redis (their manifests), for the caller not to rewrite the ones the request computes
+    in_redis: list[bytes] = field(default_factory=list)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._reading
@@ -114,14 +111,13 @@ class EndReads:
             reading.read.raise_floor(offset)
             reading.read.wait_for_round(rounds, _ROUND_WAIT_S)
 
+    def future(self, request_id: str) -> Future[FetchOutcome]:
+        return self._reading[request_id].future
+
     def should_wait(self, request_id: str, first_block: int | None = None) -> bool:
         """Whether a request not yet computing should wait for its read: its rate is not measured yet, or reading
-        the rest is faster than computing a block. The first time it is asked it grants the read a moment: a
-        prefix Redis lacks, or holds little of, is known in a round trip."""
+        the rest is faster than computing a block."""
         reading = self._reading[request_id]
-        if request_id not in self._granted_grace:
-            self._granted_grace.add(request_id)
-            wait([reading.future], timeout=self.grace_s)
         first_block = reading.first_block if first_block is None else first_block
         offset = first_block - reading.first_block
         low, end, done, _ = reading.read.state()
@@ -138,7 +134,6 @@ class EndReads:
 
     def forget(self, request_id: str) -> Future[FetchOutcome] | None:
         """Stop the request's read (after the round it is in); its future, for its counts."""
-        self._granted_grace.discard(request_id)
         reading = self._reading.pop(request_id, None)
         if reading is None:
             return None

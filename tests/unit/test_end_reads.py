@@ -19,8 +19,7 @@ def end_reads(read_ms_per_block: float) -> EndReads:
     model = FetchCostModel()
     model.observe_prefill(tokens=16_000, seconds=1.0)
     model.observe_fetch("redis", BLOCK_BYTES, read_ms_per_block / 1e3)
-    return EndReads(fetcher=None, executor=None, cost_model=model, block_bytes=BLOCK_BYTES, block_size=BLOCK,
-                    grace_s=0.0)
+    return EndReads(fetcher=None, executor=None, cost_model=model, block_bytes=BLOCK_BYTES, block_size=BLOCK)
 
 
 def reading(reads: EndReads, low: int | None, end: int | None, done: bool = False, first_block: int = 4) -> EndRead:
