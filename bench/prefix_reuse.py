@@ -57,8 +57,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def redis_config(args: argparse.Namespace, staging_memory: str) -> RedisConfig:
-    """--read-parallelism MGETs at once, each on its own connection (one more stays for the writer)."""
-    connections = max(RedisConfig().max_connections, args.read_parallelism + 1)
+    """--read-parallelism MGETs at once per read, each on its own connection (one more stays for the writer)."""
+    defaults = RedisConfig()
+    connections = max(defaults.max_connections, args.read_parallelism * defaults.prefetch_threads + 1)
     return RedisConfig(url=args.redis_url, read_parallelism=args.read_parallelism, max_connections=connections,
                        staging_memory=staging_memory, compute_while_reading=args.compute_while_reading)
 

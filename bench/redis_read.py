@@ -81,8 +81,8 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     try:
         for connections in [int(n) for n in args.connections.split(",")]:
-            store = RedisStore(RedisConfig(url=args.redis_url, read_parallelism=connections, socket_timeout_s=30,
-                                           max_connections=connections + 1))
+            store = RedisStore(RedisConfig(url=args.redis_url, read_parallelism=connections, prefetch_threads=1,
+                                           socket_timeout_s=30, max_connections=connections + 1))
             plain = timed(lambda: store.get_many(keys), args.repeats)
             streamed = timed(lambda: store.read_into(keys, sink), args.repeats)
             store.close()

@@ -49,6 +49,10 @@ class RedisConfig:
     # a large read split into this many MGETs on as many connections at once; 1 was fastest on a 2-core host
     # (docs/benchmarks.md), hosts with cores to spare may gain
     read_parallelism: int = 1
+    # requests whose prefixes are read from Redis at once, each read on its own thread (with read_parallelism
+    # connections): a short prefix is not held up behind a long one; requests wanting the same blocks share
+    # one read whatever this is
+    prefetch_threads: int = 2
     # a request whose prefix Redis holds computes its first blocks while Redis reads the rest from the end,
     # where the cost model predicts both end sooner than the read alone (workers/redis_end_reads.py): "auto"
     # on CUDA only (on the CPU the two share the host's cores, and it measured slower there), "on", "off"
@@ -68,11 +72,15 @@ class RedisConfig:
         for name in ("socket_timeout_s", "connect_timeout_s", "breaker_reset_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
-        if not 1 <= self.read_parallelism < self.max_connections:  # one connection stays for the writer
-            raise ValueError(f"read_parallelism: must be in [1, max_connections), got {self.read_parallelism}")
-        for name in ("max_connections", "write_queue_blocks", "write_batch_blocks", "breaker_failures"):
+        for name in ("max_connections", "read_parallelism", "prefetch_threads", "write_queue_blocks",
+                     "write_batch_blocks", "breaker_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")
+        readers = self.read_parallelism * self.prefetch_threads
+        if readers >= self.max_connections:  # one connection stays for the writer
+            raise ValueError(f"read_parallelism: read_parallelism x prefetch_threads ({self.read_parallelism} x "
+                             f"{self.prefetch_threads} = {readers}) must be below max_connections "
+                             f"({self.max_connections}): one connection stays for the writer")
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise ValueError("max_retries: and retry_backoff_s must be >= 0")
         for name in ("write_batch_bytes", "staging_memory"):

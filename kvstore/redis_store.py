@@ -65,8 +65,9 @@ class RedisStore:
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
         self._lock = threading.Lock()
         self.errors = 0
-        parallel = config.read_parallelism
-        self._readers = ThreadPoolExecutor(parallel - 1, "kvtier-redis-read") if parallel > 1 else None
+        parallel = config.read_parallelism  # each prefetch thread reads one slice itself
+        self._readers = ThreadPoolExecutor((parallel - 1) * config.prefetch_threads, "kvtier-redis-read") \
+            if parallel > 1 else None
 
     def open_read_connections(self) -> bool:
         """Connect the ``read_parallelism`` connections a large read uses, so that the first read (which the cost

@@ -17,6 +17,7 @@ class TierStats:
     evicted_blocks: int = 0
     errors: int = 0  # failed calls, corrupt values, write failures
     skipped_fetches: int = 0  # hits not fetched: the cost model predicted recomputing is faster
+    shared_reads: int = 0  # requests that waited for another's read of their blocks instead of reading them
     dropped_writes: int = 0  # write-behind queue full
     corrupt_values: int = 0
     transfer_seconds: float = 0.0  # time spent fetching and loading out of this tier

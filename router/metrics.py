@@ -27,6 +27,7 @@ _TIER_COUNTERS = {  # worker tier counter -> (metric name, help)
     "evicted_blocks": ("kvtier_tier_evicted_blocks", "KV blocks evicted from this tier"),
     "errors": ("kvtier_tier_errors", "Failed tier calls, corrupt values and failed writes"),
     "skipped_fetches": ("kvtier_tier_skipped_fetches", "Hits not fetched: recomputing was predicted faster"),
+    "shared_reads": ("kvtier_tier_shared_reads", "Requests that shared another's read of the same blocks"),
     "dropped_writes": ("kvtier_tier_dropped_writes", "Blocks not written: the write-behind queue was full"),
     "corrupt_values": ("kvtier_tier_corrupt_values", "Stored values that failed their integrity check"),
     "transfer_seconds": ("kvtier_tier_transfer_seconds", "Seconds spent fetching and loading out of this tier"),

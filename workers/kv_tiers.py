@@ -1,8 +1,9 @@
 """Rank 0's side of the tiers below the GPU: what to look up, spill, load and write, and Redis itself.
 
 - ``prefetch``: when a request arrives, its blocks beyond the GPU's and CPU tier's hits are read from Redis
-  on the prefetch thread (``workers.redis_fetch``); the scheduler keeps the request waiting while that read
-  runs and the step has other work (``prefetching``), so a long read does not stall the running requests.
+  on a prefetch thread (``workers.redis_fetch``; requests wanting the same blocks share one read:
+  ``workers.redis_prefetches``); the scheduler keeps the request waiting while that read runs and the step
+  has other work (``prefetching``), so a long read does not stall the running requests.
 - ``lookup``: for the hashes after a request's GPU hits, the longest contiguous run in the CPU tier, then in
   Redis (the prefetch's outcome, or a read now): each block's manifest, then every unit it lists, each
   verified, joined into a block with every KV head. A missing unit or a corrupt value (deleted) ends the run.
@@ -20,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
 from workers.redis_end_reads import EndReads
 from workers.redis_fetch import FetchOutcome, RedisFetcher
+from workers.redis_prefetches import Prefetch, Prefetches
 from workers.redis_staging import host_bytes
 
 log = logging.getLogger(__name__)
@@ -95,11 +97,12 @@ class KVTiers:
         self.writer = self._make_writer(config) if self.redis else None
         self._fetcher = RedisFetcher(self.redis, fingerprint, full_shape, cost_model, self.unit_of, self._unit_key,
                                      self._staging_block) if self.redis else None
-        self._prefetcher = ThreadPoolExecutor(1, "kvtier-redis-prefetch") if self.redis else None
+        self._prefetcher = ThreadPoolExecutor(config.redis.prefetch_threads, "kvtier-redis-prefetch") \
+            if self.redis else None
+        self._prefetches = Prefetches(self._prefetcher, self._fetcher.fetch) if self.redis else None
         self._end_reads = EndReads(self._fetcher, self._prefetcher, cost_model, self.block_bytes,
                                    full_shape.block_size) \
             if self.redis and _computes_while_reading(config.redis.compute_while_reading, pin_staging) else None
-        self._prefetches: dict[str, Future[FetchOutcome]] = {}  # request id -> its read, until looked up
         self._uncounted: list[Future[FetchOutcome]] = []  # reads done with (or of requests that ended first)
         self._granted_grace: set[str] = set()  # requests whose prefetch ``prefetching`` waited for once
         self._staged: dict[bytes, torch.Tensor] = {}  # hash -> [L, 2, bs, Hkv, D], between lookup and move
@@ -153,31 +156,44 @@ class KVTiers:
         if in_cpu < len(block_hashes):
             rest, start = block_hashes[in_cpu:], first_block + in_cpu
             if self._end_reads is None or not self._end_reads.start(request_id, rest, prefix, start):
-                self._prefetches[request_id] = self._prefetcher.submit(self._fetcher.fetch, rest, prefix, start)
+                self.stats["redis"].shared_reads += self._prefetches.start(request_id, rest, prefix, start)
 
     def prefetching(self, request_id: str) -> bool:
         """Whether the request's prefetch is still reading (one from the end: and is better waited for than
         computed beside). The first time it is asked, it waits a moment for the prefetch: a prefix that is not
         in Redis is known in one round trip, and that request need not wait a step for it (the lookup did as
         much on the step loop before there were prefetches)."""
-        from_end = self.reading_from_end(request_id)
-        future = self._end_reads.future(request_id) if from_end else self._prefetches.get(request_id)
-        if future is None or future.done():
+        futures = self._reads_of(request_id)
+        if all(future.done() for future in futures):
             return False
         if request_id not in self._granted_grace:
             self._granted_grace.add(request_id)
-            wait([future], timeout=_PREFETCH_GRACE_S)
-        return self._end_reads.should_wait(request_id) if from_end else not future.done()
+            wait(futures, timeout=_PREFETCH_GRACE_S)
+        if self.reading_from_end(request_id):
+            return self._end_reads.should_wait(request_id)
+        return not all(future.done() for future in futures)
+
+    def wait_for_reads(self, request_ids: list[str], timeout_s: float) -> None:
+        """Wait until a Redis read of one of these requests is done, or ``timeout_s`` passed."""
+        futures = [future for request_id in request_ids for future in self._reads_of(request_id) if not future.done()]
+        if futures:
+            wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
+
+    def _reads_of(self, request_id: str) -> list[Future[FetchOutcome]]:
+        """The request's Redis reads: from the end, or its prefetch (perhaps shared with others)."""
+        if self.reading_from_end(request_id):
+            return [self._end_reads.future(request_id)]
+        prefetch = self._prefetches.get(request_id) if self._prefetches is not None else None
+        return [] if prefetch is None else prefetch.futures()
 
     def forget(self, request_id: str) -> None:
         """The request is over (or preempted) before its prefetch was used: what it read is dropped (and
         counted)."""
         self._granted_grace.discard(request_id)
-        future = self._prefetches.pop(request_id, None)
+        futures = self._prefetches.forget(request_id) if self._prefetches is not None else []
         if self._end_reads is not None:
-            future = self._end_reads.forget(request_id) or future
-        if future is not None and not future.cancel():
-            self._uncounted.append(future)
+            futures.append(self._end_reads.forget(request_id))
+        self._uncounted += [future for future in futures if future is not None and not future.cancel()]
 
     def reading_from_end(self, request_id: str) -> bool:
         return self._end_reads is not None and request_id in self._end_reads
@@ -213,10 +229,10 @@ class KVTiers:
             self._cpu_pins.update(zip(hits, self.cpu.prepare_load(hits)))
             tiers += ["cpu"] * len(hits)
         rest = block_hashes[len(tiers) :]
-        prefetched = self._prefetches.pop(request_id, None) if request_id is not None else None
+        prefetched = self._prefetches.take(request_id) if self._prefetches is not None else None
         self._granted_grace.discard(request_id)
         if prefetched is not None and not rest:  # the CPU tier holds the rest by now
-            self._uncounted.append(prefetched)
+            self._uncounted += prefetched.owned()
         elif self.reading_from_end(request_id):  # the scheduler meets that read (``resume``)
             if not rest:
                 self.forget(request_id)
@@ -225,11 +241,12 @@ class KVTiers:
         self._count_lookup(block_hashes, tiers)
         return tiers
 
-    def _redis_read(self, prefetched: Future[FetchOutcome] | None, rest: list[bytes], prefix: PrefixRef,
+    def _redis_read(self, prefetched: Prefetch | None, rest: list[bytes], prefix: PrefixRef,
                     first_block: int) -> FetchOutcome:
-        """The prefetch's outcome if it read from where ``rest`` starts; otherwise a read now."""
+        """The prefetch's outcome if it read from where ``rest`` starts (without the counts of a read it shared:
+        that read's owner counts them); otherwise a read now."""
         if prefetched is not None:
-            outcome = prefetched.result()
+            outcome = prefetched.outcome()
             if not outcome.staged or rest[0] in outcome.staged:
                 return outcome
             self.stats["redis"].add(outcome.stats)  # the hits before it shrank since (evicted): read from there

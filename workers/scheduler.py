@@ -26,6 +26,8 @@ from kvstore.stats import TIERS, KVStoreStats
 from workers.engine_config import SchedulerConfig
 from workers.sequence import FinishReason, Sequence, SequenceStatus
 
+_READ_WAIT_S = 0.05  # the longest a step with nothing to run waits for a Redis read before looking again
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:
@@ -60,6 +62,8 @@ class LowerTiers(Protocol):
     def resume(self, request_id: str, block_hashes: list[bytes], first_block: int, max_tokens: int,
                wait_for_it: bool) -> tuple[list[str], int]: ...
 
+    def wait_for_reads(self, request_ids: list[str], timeout_s: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class _PrefixMatch:
@@ -76,6 +80,15 @@ class _PrefixMatch:
         counts = {tier: self.lower_tiers.count(tier) * block_size for tier in TIERS}
         counts["gpu"] = self.gpu_blocks * block_size
         return counts
+
+
+@dataclass
+class _Admitted:
+    """What one step admitted; ``loading``: hash -> GPU block of every load the step runs so far."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    loads: list[BlockLoad] = field(default_factory=list)
+    loading: dict[bytes, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,7 +130,7 @@ class Scheduler:
         chunks, preempted, loads = self._schedule_running(budget)
         budget -= sum(chunk.num_tokens for chunk in chunks)
         if not preempted:
-            admitted, admitted_loads = self._admit_waiting(budget, busy=bool(chunks))
+            admitted, admitted_loads = self._admit_waiting(budget, busy=bool(chunks), earlier_loads=loads)
             chunks += admitted
             loads += admitted_loads
         return SchedulerOutput(chunks, preempted, loads)
@@ -213,47 +226,68 @@ class Scheduler:
         if loads:
             self.lower_tiers.cancel([load.block_hash for load in loads], [load.tier for load in loads])
 
-    def _admit_waiting(self, budget: int, busy: bool) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
+    def _admit_waiting(self, budget: int, busy: bool,
+                       earlier_loads: list[BlockLoad]) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
         """Admit waiting sequences in order while the budget and the pool allow. One whose prefix is still being
-        read from Redis in the background waits, keeping its place, while the step has other work (``busy``
-        or admitted); with none, the lookup waits for the read instead of the loop spinning."""
-        chunks: list[ScheduledChunk] = []
-        loads: list[BlockLoad] = []
+        read from Redis in the background keeps its place while the others are admitted behind it; if nothing
+        else runs this step (nothing ``busy``, nothing admitted), the step waits a moment for any such read to
+        end (the next finds it done) instead of the loop spinning. A block another sequence loads this step
+        (``earlier_loads``, or one admitted before) is shared, not looked up again."""
+        admitted = _Admitted(loading={load.block_hash: load.block_id for load in earlier_loads})
         reading: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if (busy or chunks) and self._reading_lower_tiers(seq):
+            if self._reading_lower_tiers(seq):
                 reading.append(self.waiting.popleft())
                 continue
-            match = self._match_prefix(seq) if seq.num_computed_tokens == 0 else _PrefixMatch()
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            resumed, num_tokens = self._resume_reading(seq, num_tokens, alone=not (busy or chunks))
-            if not self._reserve(seq, num_tokens):
-                self._cancel_loads(resumed)
-                self._unmatch(seq, match)
+            num_tokens = self._admit(seq, budget, alone=not (busy or admitted.chunks), admitted=admitted)
+            if num_tokens is None:
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            if num_tokens:  # 0: admitted, waiting this step for its Redis read (faster than computing)
-                chunks.append(ScheduledChunk.of(seq, num_tokens))
-            self._count_match(seq, match)
-            loads += match.loads() + self._accept_loads(seq, resumed)
             budget -= num_tokens
         self.waiting.extendleft(reversed(reading))
-        return chunks, loads
+        if reading and not (busy or admitted.chunks):
+            self.lower_tiers.wait_for_reads([seq.request_id for seq in reading], _READ_WAIT_S)
+        return admitted.chunks, admitted.loads
+
+    def _admit(self, seq: Sequence, budget: int, alone: bool, admitted: _Admitted) -> int | None:
+        """Move ``seq``, the head of the waiting queue, to running with up to ``budget`` tokens this step (0:
+        it waits this step for its Redis read, which is faster than computing); the tokens, or None (and no
+        change) when the pool cannot hold them. ``alone``: nothing else runs this step."""
+        match = self._match_prefix(seq, admitted.loading) if seq.num_computed_tokens == 0 else _PrefixMatch()
+        num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        resumed, num_tokens = self._resume_reading(seq, num_tokens, alone=alone)
+        if not self._reserve(seq, num_tokens):
+            self._cancel_loads(resumed)
+            self._unmatch(seq, match)
+            return None
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        if num_tokens:
+            admitted.chunks.append(ScheduledChunk.of(seq, num_tokens))
+        self._count_match(seq, match)
+        loads = match.loads() + self._accept_loads(seq, resumed)
+        admitted.loading.update((load.block_hash, load.block_id) for load in loads)
+        admitted.loads += loads
+        return num_tokens
 
     def _reading_lower_tiers(self, seq: Sequence) -> bool:
         return (seq.num_computed_tokens == 0 and self.lower_tiers is not None
                 and self.lower_tiers.prefetching(seq.request_id))
 
-    def _match_prefix(self, seq: Sequence) -> _PrefixMatch:
-        """Take the GPU blocks caching ``seq``'s leading blocks and room for what the lower tiers hold (only for
-        sequences with a hasher: the engine gives them one when prefix caching is on)."""
+    def _match_prefix(self, seq: Sequence, loading: dict[bytes, int]) -> _PrefixMatch:
+        """Take the GPU blocks caching ``seq``'s leading blocks, then those that ``loading`` (hash -> block) fills
+        this step for other sequences, and room for what the lower tiers hold after them (only for sequences
+        with a hasher: the engine gives them one when prefix caching is on). A hash is loaded into one block
+        per step: two sequences sharing a prefix and admitted together share its blocks."""
         if seq.hasher is None:
             return _PrefixMatch()
         hashes = seq.reusable_block_hashes()
         gpu_blocks = self.block_pool.match_prefix(hashes)
+        for block_hash in hashes[len(gpu_blocks) :]:  # the loads run before the forward that reads them
+            if block_hash not in loading:
+                break
+            gpu_blocks.append(loading[block_hash])
         self.block_pool.share(gpu_blocks)
         rest = hashes[len(gpu_blocks) :]
         tiers = []

@@ -116,15 +116,16 @@ def test_parallel_redis_reads_and_redis_io_threads_are_set_together_from_values(
     default = render({})
     assert "--io-threads" not in by_kind(default, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     redis = loaded_config(default, tmp_path).kvstore.redis
-    assert (redis.read_parallelism, redis.max_connections, redis.staging_memory) == (1, 8, "1GiB")
-    assert redis.compute_while_reading == "auto"
-    tuned = render({"redis": {"readParallelism": 12, "stagingMemory": "6GiB", "computeWhileReading": "off",
-                              "bundled": {"ioThreads": 4}}})
+    assert (redis.read_parallelism, redis.prefetch_threads, redis.max_connections) == (1, 2, 8)
+    assert (redis.staging_memory, redis.compute_while_reading) == ("1GiB", "auto")
+    tuned = render({"redis": {"readParallelism": 12, "prefetchThreads": 3, "stagingMemory": "6GiB",
+                              "computeWhileReading": "off", "bundled": {"ioThreads": 4}}})
     args = by_kind(tuned, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--io-threads") + 1] == "4" and args[args.index("--io-threads-do-reads") + 1] == "yes"
     (tmp_path / "tuned").mkdir()
     redis = loaded_config(tuned, tmp_path / "tuned").kvstore.redis
-    assert (redis.read_parallelism, redis.max_connections, redis.staging_memory) == (12, 13, "6GiB")
+    assert (redis.read_parallelism, redis.prefetch_threads, redis.max_connections) == (12, 3, 37)
+    assert redis.staging_memory == "6GiB"
     assert redis.compute_while_reading == "off"
 
 

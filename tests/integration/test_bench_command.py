@@ -131,3 +131,20 @@ def test_redis_reads_are_measured_both_ways_and_leave_no_keys(tmp_path):
     assert [cells[0].strip() for cells in rows[1:]] == ["1", "3"]
     assert all(float(cell) > 0 for cells in rows[1:] for cell in cells)
     assert keys == []
+
+
+def test_a_burst_of_redis_hits_is_timed_per_thread_count_and_the_shared_document_read_once(tmp_path):
+    """bench/redis_burst.py at toy sizes (tiny model): a row per workload and thread count, from fresh processes."""
+    out = tmp_path / "burst.json"
+    flags = ["--model", "tiny", "--long-len", "160", "--short-len", "32", "--question-len", "20", "--requests", "3",
+             "--threads", "1,2", "--repeats", "1", "--json-out", str(out)]
+    done, keys = run_with_redis(tmp_path, "redis_burst.py", "--redis-url", flags, "kvtier:*")
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["workload"], row["threads"]) for row in rows] == [("mixed", 1), ("mixed", 2), ("shared", 1),
+                                                                     ("shared", 2)]
+    assert all(row["first_ms"] > 0 and row["last_ms"] >= row["others_ms"] > 0 for row in rows)
+    assert [row["shared_reads"] for row in rows] == [0, 0, 2, 2]  # the document is read once, by the first
+    tiny_block = 32 * 1024
+    loaded = [round(row["loaded_GB"] * 1e9 / tiny_block) for row in rows]
+    assert loaded == [11 + 2 * 3] * 2 + [10 + 3] * 2  # (180 - 1) // 16 and (52 - 1) // 16 blocks; the document once
+    assert keys and "| workload | prefetch threads |" in done.stdout

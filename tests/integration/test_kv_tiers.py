@@ -320,4 +320,4 @@ def test_a_request_aborted_while_its_prefix_is_read_leaves_nothing_staged(redis_
     while reader.tiers._uncounted and time.monotonic() < deadline:
         time.sleep(0.05)
         reader.generate([tokens(70, 3)], GREEDY)
-    assert not reader.tiers._prefetches and not reader.tiers._uncounted and not reader.tiers._staged
+    assert len(reader.tiers._prefetches) == 0 and not reader.tiers._uncounted and not reader.tiers._staged

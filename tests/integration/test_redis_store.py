@@ -16,7 +16,7 @@ from tests.redis_server import RedisServer
 def test_a_read_split_across_connections_returns_what_one_mget_does(tmp_path):
     server = RedisServer(tmp_path).start()
     keys = [f"kvtier:test:{i}" for i in range(100)]
-    stores = {n: RedisStore(RedisConfig(url=server.url, read_parallelism=n)) for n in (1, 4, 7)}
+    stores = {n: RedisStore(RedisConfig(url=server.url, read_parallelism=n, prefetch_threads=1)) for n in (1, 4, 7)}
     try:
         assert stores[1].put_many([(key, key.encode() * 1000) for key in keys[::3]])  # a third of them exist
         reads = {n: store.get_many(keys) for n, store in stores.items()}
@@ -56,7 +56,7 @@ def test_streamed_reads_give_the_values_and_leave_connections_in_step(tmp_path, 
     server = RedisServer(tmp_path).start()
     keys = [f"kvtier:test:{i}" for i in range(100)]
     values = {key: key.encode() * (37 * i) for i, key in enumerate(keys) if i % 3}  # some absent, one empty
-    store = RedisStore(RedisConfig(url=f"{server.url}?protocol={protocol}", read_parallelism=4, max_connections=8))
+    store = RedisStore(RedisConfig(url=f"{server.url}?protocol={protocol}", read_parallelism=4, prefetch_threads=1))
     try:
         assert store.put_many(list(values.items()))
         for _ in range(3):  # the same pooled connections again and again

@@ -104,7 +104,12 @@ def test_ray_auth_settings_are_checked(ray, message):
         load_config(overrides={"ray": ray})
 
 
-def test_redis_read_parallelism_leaves_a_connection_for_the_writer():
-    with pytest.raises(ConfigError, match=r"kvstore.redis.read_parallelism: must be in \[1, max_connections\), got 8"):
-        load_config(overrides={"kvstore": {"redis": {"read_parallelism": 8}}})
-    assert load_config(overrides={"kvstore": {"redis": {"read_parallelism": 7}}}).kvstore.redis.read_parallelism == 7
+def test_redis_readers_leave_a_connection_for_the_writer():
+    message = (r"kvstore.redis.read_parallelism: read_parallelism x prefetch_threads \(4 x 2 = 8\) must be below "
+               r"max_connections \(8\): one connection stays for the writer")
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={"kvstore": {"redis": {"read_parallelism": 4}}})
+    one_thread = {"read_parallelism": 7, "prefetch_threads": 1}
+    assert load_config(overrides={"kvstore": {"redis": one_thread}}).kvstore.redis.read_parallelism == 7
+    with pytest.raises(ConfigError, match="kvstore.redis.prefetch_threads: must be >= 1"):
+        load_config(overrides={"kvstore": {"redis": {"prefetch_threads": 0}}})

@@ -139,6 +139,9 @@ class ReadFromTheEnd:
             self.reading.discard(request_id)
         return ["redis"] * met, max_tokens if met else tokens
 
+    def wait_for_reads(self, request_ids, timeout_s):
+        raise AssertionError("no request waits for a read here")
+
 
 def hashed_seq(name, prompt_len):
     from kvstore.hashing import BlockHasher
@@ -203,3 +206,53 @@ def test_a_meet_the_pool_cannot_hold_is_cancelled_and_the_request_computes_on():
     assert tiers.cancelled == [["redis"] * 4] and not out.loads
     assert [(c.start, c.num_tokens) for c in out.chunks] == [(4, 4)] and a.block_ids == [0, 1]
     assert not tiers.reading_from_end("a")
+
+
+class HoldingBelow:
+    """Lower tiers whose CPU tier holds the given hashes; records each lookup's hashes."""
+
+    def __init__(self, held: set[bytes]) -> None:
+        self.held, self.looked_up = held, []
+
+    def lookup(self, block_hashes, prefix, first_block=0, request_id=None):
+        self.looked_up.append(list(block_hashes))
+        run = 0
+        while run < len(block_hashes) and block_hashes[run] in self.held:
+            run += 1
+        return ["cpu"] * run
+
+    def cancel(self, block_hashes, tiers):
+        raise AssertionError("nothing is cancelled here")
+
+    def prefetching(self, request_id):
+        return False
+
+    def forget(self, request_id):
+        pass
+
+    def reading_from_end(self, request_id):
+        return False
+
+    def wait_for_reads(self, request_ids, timeout_s):
+        raise AssertionError("no request waits for a read here")
+
+
+def test_sequences_admitted_together_share_the_blocks_one_of_them_loads():
+    """a and b share 3 blocks the CPU tier holds; b's fourth block is its own. a loads the 3 into blocks 0-2;
+    b, admitted in the same step, shares them (one load per hash) and looks up only what follows."""
+    a, b = hashed_seq("a", 13), hashed_seq("b", 18)
+    b.token_ids[12:] = [90 + i for i in range(6)]  # b: a's first 12 tokens, then its own
+    shared = a.hasher.update(a.token_ids)[:3]
+    tiers = HoldingBelow(set(shared))
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockPool(16), BLOCK, tiers)
+    scheduler.add(a)
+    scheduler.add(b)
+    out = run_step(scheduler)
+    assert [(load.block_hash, load.block_id, load.tier) for load in out.loads] == [
+        (shared[0], 0, "cpu"), (shared[1], 1, "cpu"), (shared[2], 2, "cpu")]
+    assert a.block_ids == [0, 1, 2, 3] and b.block_ids == [0, 1, 2, 4, 5]
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("a", 12, 1), ("b", 12, 6)]
+    assert tiers.looked_up == [shared, b.hasher.update(b.token_ids)[3:4]]
+    assert (a.cached_tokens["cpu"], b.cached_tokens["gpu"], b.cached_tokens["cpu"]) == (12, 12, 0)
+    scheduler.mark_loaded(out.loads)
+    assert [scheduler.block_pool.ref_count(block) for block in range(6)] == [2, 2, 2, 1, 1, 1]

@@ -67,8 +67,10 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- if and (eq $v.redis.mode "external") $v.redis.external.caSecretName }}{{ $_ := set $redis "ca_file" "/etc/kvtier/redis-ca/ca.crt" }}{{ end -}}
 {{- if $v.redis.ttlSeconds }}{{ $_ := set $redis "ttl_s" ($v.redis.ttlSeconds | int) }}{{ end -}}
 {{- $readers := $v.redis.readParallelism | int -}}
+{{- $threads := $v.redis.prefetchThreads | int -}}
 {{- $_ := set $redis "read_parallelism" $readers -}}
-{{- $_ := set $redis "max_connections" (max 8 (add1 $readers)) -}}
+{{- $_ := set $redis "prefetch_threads" $threads -}}
+{{- $_ := set $redis "max_connections" (max 8 (add1 (mul $readers $threads))) -}}
 {{- $_ := set $redis "staging_memory" $v.redis.stagingMemory -}}
 {{- $_ := set $redis "compute_while_reading" $v.redis.computeWhileReading -}}
 {{- end -}}
