@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +48,7 @@ _PREFETCH_GRACE_S = 0.002  # how long the scheduler's first look waits for a pre
 _KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
 ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "GatheredBlocks | None"]
 LoadClock = Callable[[bool], "list[float]"]  # BlockMover.settled_load_seconds: GPU-timed loads (CUDA)
+T = TypeVar("T")
 
 
 def cpu_tier_slots(config: KVStoreConfig, full_block_bytes: int) -> int:
@@ -92,7 +94,9 @@ class KVTiers:
         self.apply = apply
         self.block_bytes = full_shape.bytes_per_block
         self.cpu = LRUTierPolicy(num_cpu_slots) if num_cpu_slots else None
-        self._cpu_pins: dict[bytes, int] = {}  # hash -> slot, between lookup and move
+        # between lookup and move, per hash: its CPU slot, or its staged Redis block [L, 2, bs, Hkv, D], once for
+        # each load of it this step (two requests' reads from the end may meet on the same blocks in one step)
+        self._cpu_pins: dict[bytes, list[int]] = {}
         self.redis = RedisStore(config.redis) if config.redis.url else None
         self.writer = self._make_writer(config) if self.redis else None
         self._fetcher = RedisFetcher(self.redis, fingerprint, full_shape, cost_model, self.unit_of, self._unit_key,
@@ -105,7 +109,7 @@ class KVTiers:
             if self.redis and _computes_while_reading(config.redis.compute_while_reading, pin_staging) else None
         self._uncounted: list[Future[FetchOutcome]] = []  # reads done with (or of requests that ended first)
         self._granted_grace: set[str] = set()  # requests whose prefetch ``prefetching`` waited for once
-        self._staged: dict[bytes, torch.Tensor] = {}  # hash -> [L, 2, bs, Hkv, D], between lookup and move
+        self._staged: dict[bytes, list[torch.Tensor]] = {}
         self._pin_staging = pin_staging
         self._load_clock = load_clock
         self._untimed_loads: deque[tuple[int, int]] = deque()  # (CPU, Redis) blocks of loads not yet timed
@@ -226,7 +230,8 @@ class KVTiers:
         tiers: list[str] = []
         if self.cpu is not None:
             hits = block_hashes[: self.cpu.lookup(block_hashes)]
-            self._cpu_pins.update(zip(hits, self.cpu.prepare_load(hits)))
+            for block_hash, slot in zip(hits, self.cpu.prepare_load(hits)):
+                _push(self._cpu_pins, block_hash, slot)
             tiers += ["cpu"] * len(hits)
         rest = block_hashes[len(tiers) :]
         prefetched = self._prefetches.take(request_id) if self._prefetches is not None else None
@@ -262,7 +267,7 @@ class KVTiers:
         """Stage the leading run of ``wanted`` that ``staged`` holds, until the step's moves; its length."""
         run = 0
         while run < len(wanted) and wanted[run] in staged:
-            self._staged[wanted[run]] = staged[wanted[run]]
+            _push(self._staged, wanted[run], staged[wanted[run]])
             self._remember_in_redis(wanted[run])
             run += 1
         return run
@@ -283,10 +288,11 @@ class KVTiers:
         if cpu_hashes:
             self.cpu.complete_load(cpu_hashes)
             for block_hash in cpu_hashes:
-                self._cpu_pins.pop(block_hash, None)
+                if block_hash in self._cpu_pins:
+                    _pop(self._cpu_pins, block_hash)
         for block_hash, tier in zip(block_hashes, tiers):
-            if tier == "redis":
-                self._staged.pop(block_hash, None)
+            if tier == "redis" and block_hash in self._staged:
+                _pop(self._staged, block_hash)
         for tier in ("cpu", "redis"):  # the lookup counted these as hits
             self.stats[tier].hit_blocks -= tiers.count(tier)
 
@@ -330,11 +336,11 @@ class KVTiers:
         for load in loads:
             if load.tier == "cpu":
                 moves.cpu_loaded.append(load.block_hash)
-                moves.ops.cpu_loads.append((self._cpu_pins.pop(load.block_hash), load.block_id))
+                moves.ops.cpu_loads.append((_pop(self._cpu_pins, load.block_hash), load.block_id))
         redis_loads = [load for load in loads if load.tier == "redis"]
         if redis_loads:
             moves.ops.full_loads.extend(load.block_id for load in redis_loads)
-            moves.payload = [self._staged.pop(load.block_hash) for load in redis_loads]
+            moves.payload = [_pop(self._staged, load.block_hash) for load in redis_loads]
         return moves
 
     def _account_loads(self, counts: tuple[int, int], seconds: float) -> None:
@@ -458,6 +464,19 @@ class KVTiers:
             self.stats[tier].hit_blocks += tiers.count(tier)
         if len(tiers) < len(block_hashes):
             self.stats["redis" if self.redis is not None else "cpu"].miss_blocks += len(block_hashes) - len(tiers)
+
+
+def _push(table: dict[bytes, list[T]], block_hash: bytes, value: T) -> None:
+    table.setdefault(block_hash, []).append(value)
+
+
+def _pop(table: dict[bytes, list[T]], block_hash: bytes) -> T:
+    """One of ``block_hash``'s values (the last pushed); the hash leaves the table with its last value."""
+    values = table[block_hash]
+    value = values.pop()
+    if not values:
+        del table[block_hash]
+    return value
 
 
 def _unit_bytes(block: torch.Tensor, heads: tuple[int, int]) -> memoryview:

@@ -229,15 +229,17 @@ class Scheduler:
     def _admit_waiting(self, budget: int, busy: bool,
                        earlier_loads: list[BlockLoad]) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
         """Admit waiting sequences in order while the budget and the pool allow. One whose prefix is still being
-        read from Redis in the background keeps its place while the others are admitted behind it; if nothing
-        else runs this step (nothing ``busy``, nothing admitted), the step waits a moment for any such read to
-        end (the next finds it done) instead of the loop spinning. A block another sequence loads this step
-        (``earlier_loads``, or one admitted before) is shared, not looked up again."""
+        read from Redis in the background keeps its place while the others are admitted behind it. Where it is
+        the only one waiting and nothing else runs, it is admitted and its lookup waits for the read; where
+        several wait on reads and nothing else runs, the step waits a moment for any of them to end (the next
+        finds it done): no spinning either way. A block another sequence loads this step (``earlier_loads``,
+        or one admitted before) is shared, not looked up again."""
         admitted = _Admitted(loading={load.block_hash: load.block_id for load in earlier_loads})
         reading: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if self._reading_lower_tiers(seq):
+            last_hope = not (busy or admitted.chunks or reading or len(self.waiting) > 1)  # nothing else to run
+            if not last_hope and self._reading_lower_tiers(seq):
                 reading.append(self.waiting.popleft())
                 continue
             num_tokens = self._admit(seq, budget, alone=not (busy or admitted.chunks), admitted=admitted)

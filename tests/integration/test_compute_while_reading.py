@@ -85,3 +85,23 @@ def test_a_stalled_redis_does_not_stall_the_request_it_computes_on(redis_server)
     assert done.token_ids == expected and done.usage.cached_tokens.redis == 0
     assert took < 1.0  # computed beside the stalled read, not after its timeout
     assert reader.kv_store_stats()["redis"]["errors"] > 0
+
+
+def test_two_requests_reading_one_prefix_from_the_end_give_the_uncached_tokens(redis_server):
+    """Two questions about one document arrive together; each computes the document from its start while its
+    own read comes from the end. Both reads meet the computations, so where they meet in the same step the
+    same blocks are loaded twice (each request into its own GPU blocks; that used to fail the step's moves)."""
+    document = tokens(73, PREFIX_BLOCKS * BLOCK)
+    prompts = [document + tokens(74, 5), document + tokens(75, 5)]
+    expected, reader = expected_and_reader(redis_server.url, prompts[0])
+    uncached = make_engine(KVStoreConfig(prefix_caching=False))
+    expected = [expected, uncached.generate([prompts[1]], GREEDY)[0].token_ids]
+    reader.add_request("a", prompts[0], GREEDY)
+    reader.add_request("b", prompts[1], GREEDY)
+    assert reader.tiers.reading_from_end("a") and reader.tiers.reading_from_end("b")
+    done = reader.run_to_completion(["a", "b"])
+    assert [d.token_ids for d in done] == expected
+    assert sum(d.usage.cached_tokens.redis for d in done) > 0  # (the cost model may stop one read: its rate
+    # is shared with the other's)
+    assert not reader.tiers._staged and not reader.tiers._cpu_pins
+    assert reader.block_pool.num_free == reader.block_pool.num_blocks
