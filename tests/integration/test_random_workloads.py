@@ -1,74 +1,112 @@
 """Random workloads over shared prefixes with every tier on, against a real redis-server: two engines (two
-workers) with small GPU pools (preemption) and CPU tiers, several prefetch threads, reads from the end on or
-off, requests of a wave arriving together or between steps. Every request's tokens equal a run without
-caches, and every GPU block comes back. (Run on the code before requests admitted, or meeting their reads,
-in one step could load the same block, seeds 1, 5, 9, 10 and 12 failed: KeyError in the step's moves.)"""
+workers) with small GPU pools (preemption), small step budgets (chunked prefill) and CPU tiers, several
+prefetch threads, reads from the end on or off; requests with cache salts, greedy or seeded sampling,
+arriving together or between steps, some aborted. Every request that is not aborted gets the tokens of a run
+without caches, and every GPU block comes back. (Run three times on the code before requests admitted, or
+meeting their reads, in one step could load the same block, one seed failed in each run, with KeyError in
+the step's moves; which one depends on the threads' timing.)"""
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
-from tests.integration.test_kv_tiers import BLOCK, make_engine, tokens
+from tests.integration.test_kv_tiers import BLOCK, tokens
+from workers.engine import LLMEngine
+from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.sampling_params import SamplingParams
 
 
-def random_waves(rng: random.Random) -> list[list[list[int]]]:
-    """Six waves of 1-5 prompts, each a leading part of one of four documents (3, 10 or 25 blocks), then
-    1-39 tokens of its own."""
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    salt: str | None
+    aborted: bool
+
+
+def random_waves(rng: random.Random) -> list[list[Request]]:
+    """Eight waves of 1-6 requests, each prompt a leading part of one of four documents (3, 10 or 25 blocks),
+    then 1-39 tokens of its own."""
     documents = [tokens(1000 + i, rng.choice([3, 10, 25]) * BLOCK) for i in range(4)]
 
-    def prompt() -> list[int]:
+    def request() -> Request:
         document = rng.choice(documents)
-        return document[: rng.randrange(1, len(document) + 1)] + tokens(rng.randrange(10**6), rng.randrange(1, 40))
+        prompt = document[: rng.randrange(1, len(document) + 1)] + tokens(rng.randrange(10**6), rng.randrange(1, 40))
+        params = SamplingParams(max_tokens=rng.randrange(1, 24), temperature=rng.choice([0, 0.8]),
+                                top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1000), ignore_eos=True)
+        return Request(prompt, params, rng.choice([None, None, "tenant-1", "tenant-2"]), rng.random() < 0.15)
 
-    return [[prompt() for _ in range(rng.randrange(1, 6))] for _ in range(6)]
+    return [[request() for _ in range(rng.randrange(1, 7))] for _ in range(8)]
 
 
-def tiered_engine(rng: random.Random, redis_url: str, compute_while_reading: str):
+def engine(kvstore: KVStoreConfig, num_blocks: int, step_tokens: int, max_num_seqs: int) -> LLMEngine:
+    config = EngineConfig(model="tiny", cache=CacheConfig(num_blocks=num_blocks),
+                          scheduler=SchedulerConfig(max_num_batched_tokens=step_tokens, max_num_seqs=max_num_seqs))
+    return LLMEngine.from_config(config, kvstore, progress=False)
+
+
+def tiered_engine(rng: random.Random, redis_url: str, compute_while_reading: str) -> LLMEngine:
     redis = RedisConfig(url=redis_url, compute_while_reading=compute_while_reading,
                         prefetch_threads=rng.choice([1, 2, 3]))
     kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity=str(rng.choice([8, 40]) * 32 * 1024)), redis=redis)
-    return make_engine(kvstore, num_blocks=rng.choice([30, 45, 64]))
+    return engine(kvstore, rng.choice([30, 45, 64]), rng.choice([16, 48, 512]), rng.choice([2, 8]))
 
 
-def run_wave(rng: random.Random, engine, wave: list[list[int]], params: SamplingParams, name: str) -> list:
-    """Submit the wave's prompts, each followed by a step half the time; step until all finish."""
+def uncached_tokens(waves: list[list[Request]]) -> list[list[list[int]]]:
+    reference = engine(KVStoreConfig(prefix_caching=False), 4096, 8192, 64)
+    expected = []
+    for wave in waves:
+        for i, request in enumerate(wave):
+            reference.add_request(str(i), request.prompt, request.params, request.salt)
+        expected.append([done.token_ids for done in reference.run_to_completion([str(i) for i in range(len(wave))])])
+    return expected
+
+
+def run_wave(rng: random.Random, engine: LLMEngine, wave: list[Request], name: str) -> dict[str, list[int]]:
+    """Submit the wave's requests, each followed by a step half the time; abort those to abort (after a step,
+    half the time); step until the rest finish. Tokens by request id."""
     generated: dict[str, list[int]] = {}
 
     def collect(outputs) -> None:
         for output in outputs:
             generated.setdefault(output.request_id, []).extend(output.new_token_ids)
 
-    ids = [f"{name}-{i}" for i in range(len(wave))]
-    for request_id, prompt in zip(ids, wave):
-        engine.add_request(request_id, prompt, params)
+    for i, request in enumerate(wave):
+        engine.add_request(f"{name}-{i}", request.prompt, request.params, request.salt)
         if rng.random() < 0.5:
             collect(engine.step())
+    for i, request in enumerate(wave):
+        if request.aborted:
+            if rng.random() < 0.5:
+                collect(engine.step())
+            engine.abort(f"{name}-{i}")
     while engine.has_unfinished():
         collect(engine.step())
-    return [generated[request_id] for request_id in ids]
+    return generated
 
 
 @pytest.mark.parametrize("seed", range(1, 13))
 def test_random_shared_prefix_workloads_give_the_uncached_tokens(redis_server, seed):
     rng = random.Random(seed)
     waves = random_waves(rng)
-    params = SamplingParams(max_tokens=rng.randrange(1, 24), temperature=0, ignore_eos=True)
-    uncached = make_engine(KVStoreConfig(prefix_caching=False), num_blocks=4096)
-    expected = [[done.token_ids for done in uncached.generate(wave, params)] for wave in waves]
+    expected = uncached_tokens(waves)
     compute_while_reading = rng.choice(["on", "off"])
     engines = [tiered_engine(rng, redis_server.url, compute_while_reading) for _ in range(2)]
-    for engine in engines:  # measures the prefill rate the cost model needs
-        engine.generate([tokens(999, 3 * BLOCK + 1)], params)
+    for tiered in engines:  # measures the prefill rate the cost model needs
+        tiered.generate([tokens(999, 3 * BLOCK + 1)], SamplingParams(max_tokens=2, temperature=0))
     for index, wave in enumerate(waves):
-        engine = engines[rng.randrange(2)]
-        assert run_wave(rng, engine, wave, params, str(index)) == expected[index], f"wave {index}"
-        assert engine.block_pool.num_free == engine.block_pool.num_blocks, f"wave {index}"
-        assert not engine.tiers._staged and not engine.tiers._cpu_pins
-        if rng.random() < 0.5:
-            assert engine.tiers.writer.flush()
-    for engine in engines:
-        engine.close()
+        tiered = engines[rng.randrange(2)]
+        generated = run_wave(rng, tiered, wave, str(index))
+        for i, request in enumerate(wave):
+            if not request.aborted:
+                assert generated[f"{index}-{i}"] == expected[index][i], f"wave {index}, request {i}"
+        assert tiered.block_pool.num_free == tiered.block_pool.num_blocks, f"wave {index}"
+        assert not tiered.tiers._staged and not tiered.tiers._cpu_pins
+        if rng.random() < 0.3:
+            assert tiered.tiers.writer.flush()
+    for tiered in engines:
+        tiered.close()
