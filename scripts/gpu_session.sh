@@ -7,8 +7,9 @@
 #
 # Steps run in STEPS order, by default the order of their value (the two short steps that finish issues 2 and 3
 # first; issue 6 needs more than one call's time in any case):
-#   tests     the gpu tests, the Triton kernel tests compiled, and computing while reading Redis on CUDA (the
-#             numbers mean nothing until these pass)
+#   tests     the gpu tests, the Triton kernel tests compiled, and on CUDA: computing while reading Redis,
+#             several requests' reads at once, random workloads with every tier on (the numbers mean nothing
+#             until these pass)
 #   engine    engine throughput of the 1B shape, bf16, torch attention (issue 2's H100 table)
 #   prefix    prefix reuse of the 1B shape at 16k, torch attention, CPU->GPU against pinned upload (issue 3's)
 #   redisread Redis -> host read rate on this host, redis-py's MGET against the streamed one, 1-8 connections
@@ -93,7 +94,8 @@ fi
 for s in $STEPS; do
     case $s in
     tests) step tests 200 - python3 -m pytest -q -rfE --durations=15 -p no:cacheprovider tests/gpu \
-               tests/integration/test_triton_attention.py tests/integration/test_compute_while_reading.py ;;
+               tests/integration/test_triton_attention.py tests/integration/test_compute_while_reading.py \
+               tests/integration/test_concurrent_prefetches.py tests/integration/test_random_workloads.py ;;
     redisread) start_redis; step redisread 60 - python3 bench/redis_read.py --redis-url $redis --values 256 \
                    --connections 1,4,8 --repeats 3 ;;
     rediswrite) start_redis; step rediswrite 40 - python3 bench/redis_write.py --redis-url $redis --repeats 3 ;;

@@ -37,9 +37,6 @@ class Prefetch:
     def futures(self) -> list[Future[FetchOutcome]]:
         return [self.future] if self.tail is None else [self.future, self.tail]
 
-    def done(self) -> bool:
-        return all(future.done() for future in self.futures())
-
     def outcome(self) -> FetchOutcome:
         """What the reads staged, with the counts of those this request owns (waits for them)."""
         leading = self.future.result()

@@ -200,7 +200,7 @@ class Scheduler:
         """For a sequence computing its prefix while Redis reads it from the end: the loads where the read met
         the computation (their GPU blocks allocated), and how many tokens to compute this step (after them).
         ``alone``: nothing else would run this step, so a read better waited for is waited for."""
-        if self.lower_tiers is None or not self.lower_tiers.reading_from_end(seq.request_id):
+        if not self._reading_from_end(seq):
             return [], num_tokens
         if seq.num_computed_tokens % self.block_size:  # the read meets it at a block boundary
             return [], min(num_tokens, self.block_size - seq.num_computed_tokens % self.block_size)
@@ -229,17 +229,17 @@ class Scheduler:
     def _admit_waiting(self, budget: int, busy: bool,
                        earlier_loads: list[BlockLoad]) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
         """Admit waiting sequences in order while the budget and the pool allow. One whose prefix is still being
-        read from Redis in the background keeps its place while the others are admitted behind it. Where it is
-        the only one waiting and nothing else runs, it is admitted and its lookup waits for the read; where
-        several wait on reads and nothing else runs, the step waits a moment for any of them to end (the next
-        finds it done): no spinning either way. A block another sequence loads this step (``earlier_loads``,
-        or one admitted before) is shared, not looked up again."""
+        read from Redis in the background keeps its place while the others are admitted behind it; where
+        nothing else runs, the step waits a moment for any such read to end (the next step finds it done, or
+        admits a request that arrived meanwhile): no spinning. Except a request reading from the end with
+        nothing else to run: it is admitted, to compute while it reads (``_resume_reading``). A block another
+        sequence loads this step (``earlier_loads``, or one admitted before) is shared, not looked up again."""
         admitted = _Admitted(loading={load.block_hash: load.block_id for load in earlier_loads})
         reading: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             last_hope = not (busy or admitted.chunks or reading or len(self.waiting) > 1)  # nothing else to run
-            if not last_hope and self._reading_lower_tiers(seq):
+            if not (last_hope and self._reading_from_end(seq)) and self._reading_lower_tiers(seq):
                 reading.append(self.waiting.popleft())
                 continue
             num_tokens = self._admit(seq, budget, alone=not (busy or admitted.chunks), admitted=admitted)
@@ -272,6 +272,9 @@ class Scheduler:
         admitted.loading.update((load.block_hash, load.block_id) for load in loads)
         admitted.loads += loads
         return num_tokens
+
+    def _reading_from_end(self, seq: Sequence) -> bool:
+        return self.lower_tiers is not None and self.lower_tiers.reading_from_end(seq.request_id)
 
     def _reading_lower_tiers(self, seq: Sequence) -> bool:
         return (seq.num_computed_tokens == 0 and self.lower_tiers is not None

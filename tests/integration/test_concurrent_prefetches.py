@@ -70,6 +70,25 @@ def test_a_short_prefix_is_not_held_up_behind_a_long_read(redis_server):
     assert long_tokens == expected[0] and long_cached.redis == 40 * BLOCK
 
 
+def test_a_request_arriving_while_a_lone_long_read_runs_is_not_held_up_by_it(redis_server):
+    """Nothing else runs while the long prefix is read (held): the steps wait for it a moment at a time, not
+    for all of it, so a request arriving meanwhile is admitted and served."""
+    long_prompt, short_prompt = tokens(84, 40 * BLOCK) + [5], tokens(85, 3 * BLOCK) + [5]
+    written_to_redis(redis_server.url, [long_prompt, short_prompt])
+    expected = uncached([long_prompt, short_prompt])
+    reader = make_engine(redis_only(redis_server.url, prefetch_threads=2))
+    release = hold_reads_from(reader, long_prompt)
+    reader.add_request("long", long_prompt, GREEDY)
+    try:
+        assert reader.step() == [] and reader.tiers.prefetching("long")
+        reader.add_request("short", short_prompt, GREEDY)
+        finished = step_until(reader, lambda finished: "short" in finished)
+        assert list(finished) == ["short"] and finished["short"][0] == expected[1]
+    finally:
+        release.set()
+    assert step_until(reader, lambda finished: False)["long"][0] == expected[0]
+
+
 def test_requests_wanting_one_prefix_read_it_once_and_share_its_blocks(redis_server):
     """Three requests arrive together: a 20-block document, then two questions about it. The document is
     read once (the other two share that read and read only their own blocks after it). The first admitted

@@ -256,3 +256,45 @@ def test_sequences_admitted_together_share_the_blocks_one_of_them_loads():
     assert (a.cached_tokens["cpu"], b.cached_tokens["gpu"], b.cached_tokens["cpu"]) == (12, 12, 0)
     scheduler.mark_loaded(out.loads)
     assert [scheduler.block_pool.ref_count(block) for block in range(6)] == [2, 2, 2, 1, 1, 1]
+
+
+class ReadingInTheBackground(HoldingBelow):
+    """Lower tiers holding nothing, whose requests in ``reading`` are still being read; records the waits."""
+
+    def __init__(self, reading: set[str]) -> None:
+        super().__init__(set())
+        self.reading, self.waits = reading, []
+
+    def prefetching(self, request_id):
+        return request_id in self.reading
+
+    def wait_for_reads(self, request_ids, timeout_s):
+        self.waits.append(list(request_ids))
+
+
+def test_requests_still_being_read_keep_their_places_while_the_others_are_admitted():
+    tiers = ReadingInTheBackground({"a", "c"})
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockPool(16), BLOCK, tiers)
+    a, b, c, d = (hashed_seq(name, 5) for name in "abcd")
+    for s in (a, b, c, d):
+        scheduler.add(s)
+    out = run_step(scheduler)
+    assert [chunk.seq.request_id for chunk in out.chunks] == ["b", "d"] and not tiers.waits
+    assert [s.request_id for s in scheduler.waiting] == ["a", "c"]
+    tiers.reading = {"c"}
+    out = run_step(scheduler)  # b and d decode; a's read is done
+    assert [chunk.seq.request_id for chunk in out.chunks] == ["b", "d", "a"]
+
+
+def test_with_nothing_else_to_run_the_step_waits_for_any_read_and_runs_nothing():
+    tiers = ReadingInTheBackground({"a", "b"})
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockPool(16), BLOCK, tiers)
+    a, b = hashed_seq("a", 5), hashed_seq("b", 5)
+    scheduler.add(a)
+    scheduler.add(b)
+    out = scheduler.schedule()
+    assert not out.chunks and tiers.waits == [["a", "b"]]
+    assert [s.request_id for s in scheduler.waiting] == ["a", "b"]
+    tiers.reading = {"a"}
+    out = run_step(scheduler)
+    assert [chunk.seq.request_id for chunk in out.chunks] == ["b"] and len(tiers.waits) == 1
