@@ -31,6 +31,21 @@ def redis_server(tmp_path) -> RedisServer:
     server.stop()
 
 
+@pytest.fixture
+def start_redis(tmp_path):
+    """``start_redis(*extra_args)``: a fresh redis-server of this test's own, with those arguments; every one
+    it started is stopped after the test, whatever happened in it."""
+    servers: list[RedisServer] = []
+
+    def start(*extra_args: str) -> RedisServer:
+        servers.append(RedisServer(tmp_path / f"redis-{len(servers)}", extra_args=extra_args).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:

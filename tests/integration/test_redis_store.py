@@ -10,11 +10,10 @@ import pytest
 
 from kvstore.config import RedisConfig
 from kvstore.redis_store import RedisStore, _slices
-from tests.redis_server import RedisServer
 
 
-def test_a_read_split_across_connections_returns_what_one_mget_does(tmp_path):
-    server = RedisServer(tmp_path).start()
+def test_a_read_split_across_connections_returns_what_one_mget_does(redis_server):
+    server = redis_server
     keys = [f"kvtier:test:{i}" for i in range(100)]
     stores = {n: RedisStore(RedisConfig(url=server.url, read_parallelism=n, prefetch_threads=1)) for n in (1, 4, 7)}
     try:
@@ -52,8 +51,8 @@ class CollectingSink:
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
-def test_streamed_reads_give_the_values_and_leave_connections_in_step(tmp_path, protocol):
-    server = RedisServer(tmp_path).start()
+def test_streamed_reads_give_the_values_and_leave_connections_in_step(redis_server, protocol):
+    server = redis_server
     keys = [f"kvtier:test:{i}" for i in range(100)]
     values = {key: key.encode() * (37 * i) for i, key in enumerate(keys) if i % 3}  # some absent, one empty
     store = RedisStore(RedisConfig(url=f"{server.url}?protocol={protocol}", read_parallelism=4, prefetch_threads=1))
@@ -70,8 +69,8 @@ def test_streamed_reads_give_the_values_and_leave_connections_in_step(tmp_path, 
         store.close()
 
 
-def test_a_streamed_read_from_a_paused_redis_gives_up_within_its_timeouts(tmp_path):
-    server = RedisServer(tmp_path).start()
+def test_a_streamed_read_from_a_paused_redis_gives_up_within_its_timeouts(redis_server):
+    server = redis_server
     config = RedisConfig(url=server.url, socket_timeout_s=0.2, max_retries=1, retry_backoff_s=0.05)
     store = RedisStore(config)
     try:
@@ -88,8 +87,8 @@ def test_a_streamed_read_from_a_paused_redis_gives_up_within_its_timeouts(tmp_pa
     assert elapsed < 2 * 0.2 + 0.05 + 0.5  # two attempts' timeouts and one backoff, plus slack
 
 
-def test_the_read_connections_are_open_before_the_first_read(tmp_path):
-    server = RedisServer(tmp_path).start()
+def test_the_read_connections_are_open_before_the_first_read(redis_server):
+    server = redis_server
     observer = server.client()
     newest = max(int(client["id"]) for client in observer.client_list())  # ids only grow: later ones are the store's
     store = RedisStore(RedisConfig(url=server.url, read_parallelism=3))
@@ -104,8 +103,8 @@ def test_the_read_connections_are_open_before_the_first_read(tmp_path):
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
-def test_values_written_in_parts_read_back_whole_with_their_ttl(tmp_path, protocol):
-    server = RedisServer(tmp_path).start()
+def test_values_written_in_parts_read_back_whole_with_their_ttl(redis_server, protocol):
+    server = redis_server
     payload = memoryview(bytearray(range(256)) * 4096)  # 1 MiB, sent from this buffer
     store = RedisStore(RedisConfig(url=f"{server.url}?protocol={protocol}", ttl_s=600))
     try:
@@ -119,8 +118,8 @@ def test_values_written_in_parts_read_back_whole_with_their_ttl(tmp_path, protoc
         store.close()
 
 
-def test_a_write_redis_refuses_is_a_failed_write_and_the_connection_stays_usable(tmp_path):
-    server = RedisServer(tmp_path, extra_args=("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")).start()
+def test_a_write_redis_refuses_is_a_failed_write_and_the_connection_stays_usable(start_redis):
+    server = start_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
     store = RedisStore(RedisConfig(url=server.url, max_retries=0))
     try:
         big = [(f"kvtier:test:{i}", (b"h", bytes(500_000))) for i in range(12)]  # 6 MB: past maxmemory
