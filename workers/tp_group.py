@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -49,11 +48,32 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count()) if device.type == "cuda" else device
 
 
-def init_group(rank: int, world_size: int, port: int, device: torch.device, timeout_s: float) -> None:
-    dist.init_process_group(
-        backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+def rendezvous(rank: int, world_size: int, port: int, timeout_s: float) -> dist.TCPStore:
+    """The group's store: rank 0 serves it (``port`` 0: on a port the OS picks, so no other process can take it
+    first; ``store.port`` says which), the other ranks connect to it on ``port``."""
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def init_group(rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float) -> None:
+    """Join the default process group over ``store``; a failure leaves nothing behind that would stop this
+    process forming another group."""
+    try:
+        dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    except BaseException:
+        _forget_failed_group()
+        raise
+
+
+def _forget_failed_group() -> None:
+    """torch names each default group by a counter that only ``destroy_process_group`` resets, and a failed
+    ``init_process_group`` leaves it raised: the next group this process forms would wait for keys under a
+    name its fresh ranks do not use. (A private attribute; a test forms a group after a failed one.)"""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    else:
+        dist.distributed_c10d._world.group_count = 0
 
 
 class Collectives:
@@ -101,10 +121,10 @@ class TPGroup:
     def __init__(self, config: EngineConfig, device: torch.device, launch: RankLauncher | None = None) -> None:
         self.world_size = config.tensor_parallel_size
         self.collectives = Collectives(device)
-        port = _free_port()
-        self.ranks = (launch or spawn_local_ranks)(self.world_size, port, config)
+        store = rendezvous(0, self.world_size, 0, config.collective_timeout_s)
+        self.ranks = (launch or spawn_local_ranks)(self.world_size, store.port, config)
         try:
-            init_group(0, self.world_size, port, device, config.collective_timeout_s)
+            init_group(0, self.world_size, store, device, config.collective_timeout_s)
         except Exception:
             self.ranks.kill()
             raise
@@ -212,9 +232,3 @@ def _spawn_rank(rank: int, world_size: int, port: int, config: EngineConfig) -> 
         "--port", str(port), "--config-json", json.dumps(asdict(config)),
     ]
     return subprocess.Popen(command, stdout=sys.stderr, stderr=sys.stderr)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

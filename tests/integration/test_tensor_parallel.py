@@ -161,3 +161,28 @@ def test_a_one_rank_group_runs_the_distributed_path():
     assert dist.is_initialized() and dist.get_world_size() == 1
     assert generate_and_close(engine, prompt).token_ids == plain.token_ids
     assert not dist.is_initialized()
+
+
+def test_a_group_that_failed_to_form_leaves_the_process_able_to_form_another(monkeypatch):
+    """Rank 1 dies before the group forms: rank 0 fails within its collective timeout, and the next group this
+    process starts forms and gives the tokens of tp=1 (torch's name for the failed group is not reused)."""
+    import workers.tp_group as tp_group
+
+    def ranks_that_die(world_size, port, config):
+        ranks = spawn_local_ranks(world_size, port, config)
+        ranks.kill()
+        return ranks
+
+    spawn_local_ranks = tp_group.spawn_local_ranks
+    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
+                          collective_timeout_s=3)
+    monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_die)
+    began = time.monotonic()
+    with pytest.raises(Exception, match="timeout"):
+        LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
+    assert time.monotonic() - began < 3 + 5
+    monkeypatch.setattr(tp_group, "spawn_local_ranks", spawn_local_ranks)
+    prompt = TINY_PREFIX[:50]
+    plain = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), prompt)
+    engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
+    assert generate_and_close(engine, prompt).token_ids == plain.token_ids
