@@ -49,14 +49,20 @@ def hold_reads_from(engine, prompt: list[int]) -> threading.Event:
     return release
 
 
+def long_and_short(redis_url: str, seed: int):
+    """A 40-block and a 3-block prompt, both in Redis; their uncached tokens; a fresh reader (two prefetch
+    threads) whose reads of the long one are held until the event is set."""
+    long_prompt, short_prompt = tokens(seed, 40 * BLOCK) + [5], tokens(seed + 1, 3 * BLOCK) + [5]
+    written_to_redis(redis_url, [long_prompt, short_prompt])
+    expected = uncached([long_prompt, short_prompt])
+    reader = make_engine(redis_only(redis_url, prefetch_threads=2))
+    return (long_prompt, short_prompt), expected, reader, hold_reads_from(reader, long_prompt)
+
+
 def test_a_short_prefix_is_not_held_up_behind_a_long_read(redis_server):
     """The long prefix's read is held; the second prefetch thread reads the short one, which is served from
     Redis and finishes meanwhile. With one thread, its read would queue behind the held one."""
-    long_prompt, short_prompt = tokens(80, 40 * BLOCK) + [5], tokens(81, 3 * BLOCK) + [5]
-    written_to_redis(redis_server.url, [long_prompt, short_prompt])
-    expected = uncached([long_prompt, short_prompt])
-    reader = make_engine(redis_only(redis_server.url, prefetch_threads=2))
-    release = hold_reads_from(reader, long_prompt)
+    (long_prompt, short_prompt), expected, reader, release = long_and_short(redis_server.url, 80)
     reader.add_request("long", long_prompt, GREEDY)
     reader.add_request("short", short_prompt, GREEDY)
     try:
@@ -73,11 +79,7 @@ def test_a_short_prefix_is_not_held_up_behind_a_long_read(redis_server):
 def test_a_request_arriving_while_a_lone_long_read_runs_is_not_held_up_by_it(redis_server):
     """Nothing else runs while the long prefix is read (held): the steps wait for it a moment at a time, not
     for all of it, so a request arriving meanwhile is admitted and served."""
-    long_prompt, short_prompt = tokens(84, 40 * BLOCK) + [5], tokens(85, 3 * BLOCK) + [5]
-    written_to_redis(redis_server.url, [long_prompt, short_prompt])
-    expected = uncached([long_prompt, short_prompt])
-    reader = make_engine(redis_only(redis_server.url, prefetch_threads=2))
-    release = hold_reads_from(reader, long_prompt)
+    (long_prompt, short_prompt), expected, reader, release = long_and_short(redis_server.url, 84)
     reader.add_request("long", long_prompt, GREEDY)
     try:
         assert reader.step() == [] and reader.tiers.prefetching("long")
