@@ -97,6 +97,7 @@ class KVTiers:
         # between lookup and move, per hash: its CPU slot, or its staged Redis block [L, 2, bs, Hkv, D], once for
         # each load of it this step (two requests' reads from the end may meet on the same blocks in one step)
         self._cpu_pins: dict[bytes, list[int]] = {}
+        self._staged: dict[bytes, list[torch.Tensor]] = {}
         self.redis = RedisStore(config.redis) if config.redis.url else None
         self.writer = self._make_writer(config) if self.redis else None
         self._fetcher = RedisFetcher(self.redis, fingerprint, full_shape, cost_model, self.unit_of, self._unit_key,
@@ -109,7 +110,6 @@ class KVTiers:
             if self.redis and _computes_while_reading(config.redis.compute_while_reading, pin_staging) else None
         self._uncounted: list[Future[FetchOutcome]] = []  # reads done with (or of requests that ended first)
         self._granted_grace: set[str] = set()  # requests whose prefetch ``prefetching`` waited for once
-        self._staged: dict[bytes, list[torch.Tensor]] = {}
         self._pin_staging = pin_staging
         self._load_clock = load_clock
         self._untimed_loads: deque[tuple[int, int]] = deque()  # (CPU, Redis) blocks of loads not yet timed

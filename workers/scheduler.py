@@ -283,8 +283,9 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence, loading: dict[bytes, int]) -> _PrefixMatch:
         """Take the GPU blocks caching ``seq``'s leading blocks, then those that ``loading`` (hash -> block) fills
         this step for other sequences, and room for what the lower tiers hold after them (only for sequences
-        with a hasher: the engine gives them one when prefix caching is on). A hash is loaded into one block
-        per step: two sequences sharing a prefix and admitted together share its blocks."""
+        with a hasher: the engine gives them one when prefix caching is on). Two sequences sharing a prefix and
+        admitted in one step share its blocks, loaded once. (Running sequences whose reads from the end meet on
+        the same blocks in one step each load their own copy: ``KVTiers`` stages one per load.)"""
         if seq.hasher is None:
             return _PrefixMatch()
         hashes = seq.reusable_block_hashes()
