@@ -45,6 +45,8 @@ class RedisConfig:
     retry_backoff_s: float = 0.02
     breaker_failures: int = 3  # failures in a row that stop all calls ...
     breaker_reset_s: float = 2.0  # ... for this long, then one trial call
+    # the data path's connections: every read thread's and the writer's; a caller finding them all in use
+    # waits up to connect_timeout_s for one. The health probe and flushes have two of their own
     max_connections: int = 8
     # a large read split into this many MGETs on as many connections at once; 1 was fastest on a 2-core host
     # (docs/benchmarks.md), hosts with cores to spare may gain

@@ -22,7 +22,7 @@ from typing import TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
-from redis.connection import ConnectionPool
+from redis.connection import BlockingConnectionPool, ConnectionPool
 from redis.exceptions import ClusterDownError
 from redis.retry import Retry
 
@@ -35,6 +35,7 @@ T = TypeVar("T")
 # Redis unreachable or too slow: retried, and counted by the circuit breaker.
 _UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, OSError)
 _MIN_SLICE_KEYS = 8  # a parallel MGET slice is worth its thread hand-off only past this many values
+_CONTROL_CONNECTIONS = 2  # the health probe and a flush, each on its own connection beside the data path's
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,10 @@ class RedisStore:
         if config.url is None:
             raise ValueError("RedisStore needs kvstore.redis.url")
         self.config = config
-        self.client = _connect(config)
+        self.client = _connect(config, config.max_connections)  # the data path: reads and writes
+        # the health probe and flushes never take (or wait for) a data-path connection; a Redis Cluster's pools,
+        # one per node, are not bounded
+        self._control = self.client if config.cluster else _connect(config, _CONTROL_CONNECTIONS)
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
         self._lock = threading.Lock()
         self.errors = 0
@@ -183,7 +187,7 @@ class RedisStore:
     def delete(self, keys: Sequence[str]) -> int | None:
         if not keys:
             return 0
-        return self._call(lambda: self._unlink_now(list(keys)))
+        return self._call(lambda: self._unlink_now(self.client, list(keys)))
 
     def delete_matching(self, pattern: str) -> int | None:
         """UNLINK every key matching ``pattern`` (SCAN, on every primary of a cluster)."""
@@ -191,21 +195,22 @@ class RedisStore:
         def scan_and_unlink() -> int:
             deleted = 0
             batch: list[str] = []
-            for key in self.client.scan_iter(match=pattern, count=1000):
+            for key in self._control.scan_iter(match=pattern, count=1000):
                 batch.append(key)
                 if len(batch) >= 1000:
-                    deleted += self._unlink_now(batch)
+                    deleted += self._unlink_now(self._control, batch)
                     batch = []
-            return deleted + self._unlink_now(batch)
+            return deleted + self._unlink_now(self._control, batch)
 
         return self._call(scan_and_unlink)
 
-    def _unlink_now(self, keys: list[str]) -> int:
+    @staticmethod
+    def _unlink_now(client: redis.Redis | RedisCluster, keys: list[str]) -> int:
         if not keys:
             return 0
-        if isinstance(self.client, RedisCluster):
-            return sum(self.client.unlink(key) for key in keys)
-        return self.client.unlink(*keys)
+        if isinstance(client, RedisCluster):
+            return sum(client.unlink(key) for key in keys)
+        return client.unlink(*keys)
 
     def _call(self, operation: Callable[[], T]) -> T | None:
         """Run ``operation`` with retries and backoff, through the breaker; None on failure."""
@@ -243,12 +248,12 @@ class RedisStore:
             breaker = self._breaker.state
         began = time.perf_counter()
         try:
-            self.client.ping()
+            self._control.ping()
             ping_s = time.perf_counter() - began
-            if isinstance(self.client, RedisCluster):
-                info = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            if isinstance(self._control, RedisCluster):
+                info = self._control.info("memory", target_nodes=RedisCluster.PRIMARIES)
             else:
-                info = self.client.info("memory")
+                info = self._control.info("memory")
         except (redis.RedisError, OSError) as error:
             return RedisHealth(up=False, breaker=breaker, error=f"{type(error).__name__}: {error}")
         used, limit = _memory_of(info)
@@ -258,6 +263,8 @@ class RedisStore:
         if self._readers is not None:
             self._readers.shutdown(wait=True)
         self.client.close()
+        if self._control is not self.client:
+            self._control.close()
 
 
 def _slices(keys: list[str], parts: int, min_keys: int = _MIN_SLICE_KEYS) -> list[list[str]]:
@@ -284,7 +291,10 @@ def _memory_of(info: dict) -> tuple[int, int]:
     return sum(used for used, _ in per_node), sum(limit for _, limit in per_node)
 
 
-def _connect(config: RedisConfig) -> redis.Redis | RedisCluster:
+def _connect(config: RedisConfig, max_connections: int) -> redis.Redis | RedisCluster:
+    """A client whose pool opens at most ``max_connections``; a caller finding them all in use waits up to
+    ``connect_timeout_s`` for one (then the call fails like a connect that timed out), where redis-py's default
+    pool would fail it at once."""
     options = dict(
         socket_timeout=config.socket_timeout_s,
         socket_connect_timeout=config.connect_timeout_s,
@@ -299,4 +309,8 @@ def _connect(config: RedisConfig) -> redis.Redis | RedisCluster:
         options["ssl_ca_certs"] = config.ca_file
     if config.cluster:
         return RedisCluster.from_url(config.url, **options)
-    return redis.Redis.from_url(config.url, max_connections=config.max_connections, **options)
+    pool = BlockingConnectionPool.from_url(config.url, max_connections=max_connections,
+                                           timeout=config.connect_timeout_s, **options)
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # close() disconnects the pool, as Redis.from_url's client does
+    return client

@@ -4,6 +4,7 @@ absent keys as None, and a dead Redis a miss for the whole read; reads streamed 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -100,6 +101,38 @@ def test_the_read_connections_are_open_before_the_first_read(redis_server):
     finally:
         store.close()
     assert opened == 3
+
+
+def test_every_reader_the_config_allows_the_writer_and_the_probe_at_once_never_run_out_of_connections(redis_server):
+    # 2 prefetch threads x 3 connections each + the writer = 7 connections; the health probe and flushes have
+    # their own. (With redis-py's default pool the probe took one of the 7: about 50 reads and probes failed
+    # with "Too many connections" in this second, counted as Redis errors.)
+    config = RedisConfig(url=redis_server.url, read_parallelism=3, prefetch_threads=2, max_connections=7)
+    store = RedisStore(config)
+    keys = [f"kvtier:test:{i}" for i in range(48)]  # three slices of 16
+    assert store.put_many([(key, b"x" * 100_000) for key in keys])
+    ends = time.monotonic() + 1.0
+    outcomes: list[bool] = []
+
+    def repeat(call) -> None:
+        while time.monotonic() < ends:
+            outcomes.append(call())
+
+    users = [lambda: store.get_many(keys) == [b"x" * 100_000] * 48] * 2 + [
+        lambda: store.put_many([(key, b"x" * 100_000) for key in keys[:8]]),
+        lambda: store.health().up,
+        lambda: store.delete_matching("kvtier:absent:*") == 0,
+    ]
+    threads = [threading.Thread(target=repeat, args=(user,)) for user in users]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        store.close()
+    assert len(outcomes) > 20 and all(outcomes)
+    assert store.errors == 0
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
