@@ -83,8 +83,8 @@ class WriteBehind:
             job, blocks = entry
             written_before = self.written
             try:
-                for batch in _batches(job(), self.batch_blocks, self.batch_bytes):
-                    self._write(batch)
+                for batch, size in _batches(job(), self.batch_blocks, self.batch_bytes):
+                    self._write(batch, size)
             except Exception:  # a job that cannot produce its bytes: its blocks are misses later, not an outage
                 log.exception("a Redis write job failed; its blocks are not stored")
                 self.failed += blocks - (self.written - written_before)
@@ -93,25 +93,25 @@ class WriteBehind:
                     self._queued_blocks -= blocks
                     self._changed.notify_all()
 
-    def _write(self, batch: list[list[Item]]) -> None:
-        items = [item for block in batch for item in block]
-        if self.store.put_many(items):
+    def _write(self, batch: list[list[Item]], size: int) -> None:
+        if self.store.put_many([item for block in batch for item in block]):
             self.written += len(batch)
-            self.bytes_written += sum(value_size(value) for _, value in items)
+            self.bytes_written += size
         else:
             self.failed += len(batch)
 
 
-def _batches(blocks: Iterable[list[Item]], max_blocks: int, max_bytes: int) -> Iterator[list[list[Item]]]:
-    """Consecutive blocks, at most ``max_blocks`` and (past the first) ``max_bytes`` per batch."""
+def _batches(blocks: Iterable[list[Item]], max_blocks: int, max_bytes: int) -> Iterator[tuple[list[list[Item]], int]]:
+    """Consecutive blocks, at most ``max_blocks`` and (past the first) ``max_bytes`` per batch, each batch with
+    its bytes."""
     batch: list[list[Item]] = []
     size = 0
     for block in blocks:
         block_size = sum(value_size(value) for _, value in block)
         if batch and (len(batch) >= max_blocks or size + block_size > max_bytes):
-            yield batch
+            yield batch, size
             batch, size = [], 0
         batch.append(block)
         size += block_size
     if batch:
-        yield batch
+        yield batch, size

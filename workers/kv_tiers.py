@@ -209,13 +209,11 @@ class KVTiers:
         now (["redis", ...]: the read met the computation), and how many of ``max_tokens`` to compute this step
         (after those; 0: wait, the read is faster; with ``wait_for_it`` it waits here instead)."""
         staged, tokens = self._end_reads.advance(request_id, first_block, max_tokens, wait_for_it)
-        self._uncounted += self._end_reads.finished
-        self._end_reads.finished.clear()
-        self.stats["redis"].skipped_fetches += self._end_reads.skipped
-        self._end_reads.skipped = 0
-        for block_hash in self._end_reads.in_redis:  # the blocks the request computes need not be written again
+        news = self._end_reads.take_news()
+        self._uncounted += news.finished
+        self.stats["redis"].skipped_fetches += news.skipped
+        for block_hash in news.in_redis:  # the blocks the request computes need not be written again
             self._remember_in_redis(block_hash)
-        self._end_reads.in_redis.clear()
         met = self._stage_leading(staged or {}, block_hashes)
         self.stats["redis"].hit_blocks += met
         self.stats["redis"].miss_blocks -= met  # the lookup counted them as missed

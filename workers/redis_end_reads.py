@@ -39,6 +39,16 @@ class _Reading:
 
 
 @dataclass
+class EndReadNews:
+    """What the reads did since the caller last took the news (``EndReads.take_news``)."""
+
+    finished: list[Future[FetchOutcome]] = field(default_factory=list)  # reads done with: the caller counts them
+    skipped: int = 0  # reads stopped because computing the rest is faster (the tier's skipped fetches)
+    # blocks found in Redis (their manifests), for the caller not to rewrite the ones the request computes
+    in_redis: list[bytes] = field(default_factory=list)
+
+
+@dataclass
 class EndReads:
     fetcher: RedisFetcher
     executor: ThreadPoolExecutor
@@ -46,10 +56,11 @@ class EndReads:
     block_bytes: int
     block_size: int
     _reading: dict[str, _Reading] = field(default_factory=dict)
-    finished: list[Future[FetchOutcome]] = field(default_factory=list)  # reads done with: the caller counts them
-    skipped: int = 0  # reads stopped because computing the rest is faster (the tier's skipped fetches)
-    # blocks found in Redis (their manifests), for the caller not to rewrite the ones the request computes
-    in_redis: list[bytes] = field(default_factory=list)
+    _news: EndReadNews = field(default_factory=EndReadNews)
+
+    def take_news(self) -> EndReadNews:
+        news, self._news = self._news, EndReadNews()
+        return news
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._reading
@@ -78,25 +89,25 @@ class EndReads:
                 wait_for_it: bool) -> tuple[dict[bytes, torch.Tensor] | None, int]:
         """A step of the request, whose blocks from ``first_block`` on are not computed: (staged, tokens).
         - The read reached down to ``first_block``: its blocks from there on, in order, and ``max_tokens`` to
-          compute after them. The request is done with its read (its future goes to ``finished``).
+          compute after them. The request is done with its read (its future goes to the news' ``finished``).
         - The read cannot help any more (its run ends before ``first_block``, or it ended with nothing staged):
           an empty dict, likewise.
         - Otherwise None, and how many of ``max_tokens`` to compute this step before the two meet (the read is
           told not to go below them); 0 when the read is better waited for. With ``wait_for_it`` it waits for
           the read's next round instead, and answers again. Where computing all the blocks up to what the read
-          staged is faster than reading them, the read stops (counted in ``skipped``) and they are computed."""
+          staged is faster than reading them, the read stops (counted in the news' ``skipped``) and they are computed."""
         reading = self._reading[request_id]
         offset = first_block - reading.first_block
         while True:
             low, end, done, rounds = reading.read.state()
             if end is not None and not reading.reported:
                 reading.reported = True
-                self.in_redis += reading.hashes[:end]
+                self._news.in_redis += reading.hashes[:end]
             if low is not None and low <= offset < end:
                 return self._take(request_id, reading, offset, end), max_tokens
             left = (low if low is not None else len(reading.hashes)) - offset  # blocks up to the staged suffix
             if left <= 0 or (done and low == end):  # computed past all the read may give, or it gave nothing
-                self.finished.append(self.forget(request_id))
+                self._news.finished.append(self.forget(request_id))
                 return {}, max_tokens
             tokens = left * self.block_size
             if not (done or reading.stopped):
@@ -104,7 +115,7 @@ class EndReads:
                 if tokens >= left * self.block_size:  # computing the rest beats reading it: what is read is used
                     reading.stopped = True
                     reading.read.raise_floor(_NEVER)
-                    self.skipped += 1
+                    self._news.skipped += 1
             if tokens > 0 or not wait_for_it:
                 reading.read.raise_floor(offset + min(tokens, max_tokens) // self.block_size)
                 return None, min(tokens, max_tokens)
@@ -127,7 +138,7 @@ class EndReads:
         return self._compute_first(first_block, left) == 0
 
     def _take(self, request_id: str, reading: _Reading, offset: int, end: int) -> dict[bytes, torch.Tensor]:
-        self.finished.append(self.forget(request_id))
+        self._news.finished.append(self.forget(request_id))
         with reading.read.lock:
             staged = reading.read.outcome.staged
             return {block_hash: staged[block_hash] for block_hash in reading.hashes[offset:end]}
@@ -142,7 +153,7 @@ class EndReads:
 
     def stop_all(self) -> None:
         for request_id in list(self._reading):
-            self.finished.append(self.forget(request_id))
+            self._news.finished.append(self.forget(request_id))
 
     def _compute_first(self, first_block: int, num_blocks: int) -> int:
         """The cost model's meeting point for ``num_blocks`` blocks from ``first_block``, in tokens."""

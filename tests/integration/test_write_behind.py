@@ -83,9 +83,10 @@ def test_blocks_redis_did_not_take_count_as_failed_and_a_broken_job_does_not_sto
 
 def test_batches_hold_whole_blocks_within_the_limits():
     blocks = blocks_of(list("abcde"))  # 151 bytes each
-    assert [len(b) for b in _batches(blocks, max_blocks=2, max_bytes=10**6)] == [2, 2, 1]
-    assert [len(b) for b in _batches(blocks, max_blocks=8, max_bytes=400)] == [2, 2, 1]
-    assert [len(b) for b in _batches(blocks, max_blocks=8, max_bytes=10)] == [1, 1, 1, 1, 1]  # one block always goes
+    assert [(len(b), size) for b, size in _batches(blocks, max_blocks=2, max_bytes=10**6)] == [(2, 302), (2, 302),
+                                                                                               (1, 151)]
+    assert [len(b) for b, _ in _batches(blocks, max_blocks=8, max_bytes=400)] == [2, 2, 1]
+    assert [len(b) for b, _ in _batches(blocks, max_blocks=8, max_bytes=10)] == [1, 1, 1, 1, 1]  # one block always goes
     assert list(_batches([], 2, 10)) == []
 
 

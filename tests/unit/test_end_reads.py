@@ -41,7 +41,7 @@ def test_each_step_computes_up_to_where_it_would_meet_the_read():
     read.low, read.end = 80, 100  # it read 20 blocks meanwhile; the step computed 50
     assert reads.advance("r", 4 + 50, 8192, wait_for_it=False) == (None, 15 * BLOCK)  # 15 of the 30 left
     assert reads.advance("r", 4 + 50, 10 * BLOCK, wait_for_it=False) == (None, 10 * BLOCK)  # the step's budget
-    assert reads.in_redis == HASHES  # every block Redis holds: none of them needs writing again
+    assert reads.take_news().in_redis == HASHES  # every block Redis holds: none of them needs writing again
 
 
 def test_where_the_read_reaches_the_computation_its_blocks_are_taken_and_the_read_is_over():
@@ -49,7 +49,7 @@ def test_where_the_read_reaches_the_computation_its_blocks_are_taken_and_the_rea
     reading(reads, low=60, end=100)
     staged, tokens = reads.advance("r", 4 + 70, 8192, wait_for_it=False)  # computed 70 blocks: past low
     assert list(staged) == HASHES[70:100] and tokens == 8192
-    assert "r" not in reads and len(reads.finished) == 1
+    assert "r" not in reads and len(reads.take_news().finished) == 1
 
 
 def test_a_read_much_faster_than_computing_is_waited_for():
@@ -65,10 +65,10 @@ def test_where_computing_beats_reading_the_read_stops_and_what_it_staged_is_stil
     reads = end_reads(read_ms_per_block=1000.0)
     read = reading(reads, low=95, end=100)
     assert reads.advance("r", 4, 8192, wait_for_it=False) == (None, 95 * BLOCK)  # up to the staged suffix
-    assert reads.skipped == 1 and read.floor > 100  # told to stop
+    assert reads.take_news().skipped == 1 and read.floor > 100  # told to stop
     read.done = True
     staged, _ = reads.advance("r", 4 + 95, 8192, wait_for_it=False)
-    assert list(staged) == HASHES[95:] and reads.skipped == 1
+    assert list(staged) == HASHES[95:] and reads.take_news().skipped == 0  # counted once
 
 
 def test_a_read_that_can_give_nothing_more_is_dropped_and_the_request_computes_on():
