@@ -111,7 +111,8 @@ class RedisServer:
         self.process.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
+        if self.process is not None:  # (a killed server stays down)
+            self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process is not None:
