@@ -112,14 +112,16 @@ def test_default_values_give_a_bundled_redis_with_auth_and_gpu_workers(tmp_path)
     assert raycluster["spec"]["authOptions"] == {"mode": "token"}
 
 
-def test_parallel_redis_reads_and_redis_io_threads_are_set_together_from_values(tmp_path):
+def test_redis_reads_timeouts_write_queue_and_io_threads_are_set_from_values(tmp_path):
     default = render({})
     assert "--io-threads" not in by_kind(default, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     redis = loaded_config(default, tmp_path).kvstore.redis
     assert (redis.read_parallelism, redis.prefetch_threads, redis.max_connections) == (1, 2, 8)
     assert (redis.staging_memory, redis.compute_while_reading) == ("1GiB", "auto")
+    assert (redis.socket_timeout_s, redis.connect_timeout_s, redis.write_queue_blocks) == (0.25, 0.25, 4096)
     tuned = render({"redis": {"readParallelism": 12, "prefetchThreads": 3, "stagingMemory": "6GiB",
-                              "computeWhileReading": "off", "bundled": {"ioThreads": 4}}})
+                              "computeWhileReading": "off", "bundled": {"ioThreads": 4}, "socketTimeoutSeconds": 2,
+                              "connectTimeoutSeconds": 0.5, "writeQueueBlocks": 16384}})
     args = by_kind(tuned, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--io-threads") + 1] == "4" and args[args.index("--io-threads-do-reads") + 1] == "yes"
     (tmp_path / "tuned").mkdir()
@@ -127,6 +129,7 @@ def test_parallel_redis_reads_and_redis_io_threads_are_set_together_from_values(
     assert (redis.read_parallelism, redis.prefetch_threads, redis.max_connections) == (12, 3, 37)
     assert redis.staging_memory == "6GiB"
     assert redis.compute_while_reading == "off"
+    assert (redis.socket_timeout_s, redis.connect_timeout_s, redis.write_queue_blocks) == (2, 0.5, 16384)
 
 
 def test_tp2_with_four_workers_asks_kuberay_for_four_pods_of_two_gpus(tmp_path):
@@ -193,6 +196,7 @@ INVALID = {
     "external redis without url": ({"redis": {"mode": "external"}}, "redis.external.url: required"),
     "tls without secret": ({"router": {"tls": {"enabled": True}}}, "router.tls.secretName: required"),
     "bad block size": ({"engine": {"blockSize": 12}}, "engine.blockSize"),
+    "zero redis timeout": ({"redis": {"socketTimeoutSeconds": 0}}, "redis.socketTimeoutSeconds"),
 }
 
 

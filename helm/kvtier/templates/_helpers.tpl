@@ -72,6 +72,9 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- $_ := set $redis "prefetch_threads" $threads -}}
 {{- $_ := set $redis "max_connections" (max 8 (add1 (mul $readers $threads))) -}}
 {{- $_ := set $redis "staging_memory" $v.redis.stagingMemory -}}
+{{- $_ := set $redis "socket_timeout_s" $v.redis.socketTimeoutSeconds -}}
+{{- $_ := set $redis "connect_timeout_s" $v.redis.connectTimeoutSeconds -}}
+{{- $_ := set $redis "write_queue_blocks" ($v.redis.writeQueueBlocks | int) -}}
 {{- $_ := set $redis "compute_while_reading" $v.redis.computeWhileReading -}}
 {{- end -}}
 {{- $kvstore := dict "prefix_caching" $v.engine.prefixCaching "cost_model" $v.engine.costModel "cpu" (dict "enabled" $v.workers.cpuTier.enabled "capacity" $v.workers.cpuTier.capacity) "redis" $redis -}}
