@@ -29,7 +29,8 @@ class RemoteCompletion:
 def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
                   request_id: str = "") -> pb.GenerateRequest:
     request = pb.GenerateRequest(request_id=request_id, max_tokens=params.max_tokens, stop=list(params.stop),
-                                 stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+                                 stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
+                                 resumed_tokens=params.resumed_tokens)
     if isinstance(prompt, str):
         request.text = prompt
     else:

@@ -39,6 +39,7 @@ def sampling_of(request: pb.GenerateRequest) -> SamplingParams:
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        resumed_tokens=request.resumed_tokens,
     )
 
 

@@ -74,13 +74,15 @@ class RouterServicer(pb_grpc.GenerationServicer):
 
     async def _stream(self, request, request_id, token_ids, max_tokens, salt, context, arrived):
         """Proxy the worker's stream. If the worker fails, migrate: resubmit the prompt plus every token already
-        streamed to another worker, so the client's stream goes on with nothing repeated or missing."""
+        streamed to another worker, as resumed tokens, so the client's stream goes on with nothing repeated or
+        missing: the same tokens (a seeded draw included), the same text and stop strings."""
         streamed: list[int] = []
         first_token_at = None
         for _ in range(len(self.pool.workers) + 1):
             worker = self._choose(token_ids + streamed, salt)
             forwarded = with_token_ids(request, request_id, token_ids + streamed)
             forwarded.max_tokens = max_tokens - len(streamed)
+            forwarded.resumed_tokens = request.resumed_tokens + len(streamed)
             worker.in_flight += 1
             try:
                 async for response in worker.stub.Generate(forwarded, timeout=context.time_remaining()):
@@ -108,7 +110,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         prompt, params, salt = prompt_of(request), sampling_of(request), salt_of(request)
         limits = self.facts.limits
         if isinstance(prompt, str):
-            validate_text_prompt(prompt, limits)
+            validate_text_prompt(prompt, limits, params.resumed_tokens)
             prompt = self.tokenizer.encode(prompt)
         validate_request(prompt, params, limits, salt)
         return prompt, params.max_tokens, salt

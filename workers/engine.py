@@ -35,7 +35,7 @@ from workers.model_loader import fingerprint_model, load_model, resolve_dtype
 from workers.parallel import ParallelContext, check_parallel_degree
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
-from workers.sampler import sample_on_device
+from workers.sampler import sample_on_device, token_seed
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
@@ -93,7 +93,14 @@ class PreparedRequest:
 class _RequestState:
     seq: Sequence
     text: TextOutput
-    generator: torch.Generator
+    seed: int
+    generator: torch.Generator  # seeded again for each token the request samples (``token_seed``)
+
+    def generator_for_next_token(self) -> torch.Generator:
+        params = self.seq.params
+        if not params.is_greedy:
+            self.generator.manual_seed(token_seed(self.seed, params.resumed_tokens + self.seq.num_output_tokens))
+        return self.generator
 
 
 @dataclass
@@ -250,7 +257,7 @@ class LLMEngine:
         """Tokenize and validate; raises ``InvalidRequestError`` naming the field. Touches no engine state."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
-            validate_text_prompt(prompt, self.limits)
+            validate_text_prompt(prompt, self.limits, params.resumed_tokens)
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = list(prompt)
@@ -269,6 +276,7 @@ class LLMEngine:
     def submit(self, request: PreparedRequest) -> None:
         if request.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already running")
+        text = self._text_output(request)
         seed = request.params.seed
         if seed is None:
             seed = self._seed_source.randrange(2**63)
@@ -278,12 +286,18 @@ class LLMEngine:
         if self.kvstore_config.prefix_caching:
             seq.hasher = BlockHasher(self.cache_shape.block_size, salt=request.cache_salt)
         self._arrivals += 1
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        text = TextOutput(self.tokenizer, seq.prompt_token_ids, request.params.stop)
-        self._requests[seq.request_id] = _RequestState(seq, text, generator)
+        self._requests[seq.request_id] = _RequestState(seq, text, seed, torch.Generator(device=self.device))
         self.scheduler.add(seq)
         if self.tiers is not None and seq.hasher is not None:
             self._prefetch(seq)
+
+    def _text_output(self, request: PreparedRequest) -> TextOutput:
+        """The request's text; a resumed request's (``SamplingParams.resumed_tokens``) as its earlier run left it."""
+        prompt, resumed = request.prompt_token_ids, request.params.resumed_tokens
+        text = TextOutput(self.tokenizer, prompt[: len(prompt) - resumed], request.params.stop)
+        if text.replay(prompt[len(prompt) - resumed :]):
+            raise InvalidRequestError("resumed_tokens", "the resumed tokens hold a stop string: that run had ended")
+        return text
 
     def _prefetch(self, seq: Sequence) -> None:
         """Start reading the prompt's full blocks that the GPU pool lacks from Redis now, in the background, so
@@ -332,7 +346,8 @@ class LLMEngine:
         """The step's tokens on the host; reading them is the step's one wait for the device (timed)."""
         if not sampling:
             return []
-        tokens = sample_on_device(logits, [s.seq.params for s in sampling], [s.generator for s in sampling])
+        generators = [state.generator_for_next_token() for state in sampling]
+        tokens = sample_on_device(logits, [state.seq.params for state in sampling], generators)
         waited = time.perf_counter()
         host_tokens = tokens.tolist()
         self.stats.token_wait_seconds += time.perf_counter() - waited

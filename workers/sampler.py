@@ -1,8 +1,10 @@
 """Turns the last hidden state's logits into one token per sequence.
 
 Greedy rows take the argmax. Other rows apply temperature, then top-k, top-p and min-p, and draw with the
-exponential race (argmax of p / E, E ~ Exp(1)), with noise from the request's own generator: a request's
-draws depend only on its seed and its own logits, never on what else is in the batch.
+exponential race (argmax of p / E, E ~ Exp(1)), with noise from the request's own generator, seeded for each
+token by ``token_seed``: a request's draws depend only on its seed, the token's index among those it
+generated, and its own logits; never on what else is in the batch, nor on which worker (a stream resumed
+elsewhere after n tokens draws its next as the first run would have).
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ import torch
 
 from workers.sampling_params import SamplingParams
 from workers.uploads import upload
+
+
+_MASK64 = 2**64 - 1
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The seed of the draw for a request's ``index``-th generated token (0 first): SplitMix64 of the request's
+    seed stepped ``index + 1`` times, so neighbouring seeds and indices give unrelated streams."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:

@@ -16,6 +16,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the text is cut before the first of these
     stop_token_ids: tuple[int, ...] = ()  # stop after generating any of these (kept in token_ids)
     ignore_eos: bool = False
+    # the prompt's last resumed_tokens ids were generated for this request by an earlier run of it, whose
+    # stream broke (its worker died): this run draws, stops and streams text exactly as that run would have
+    # gone on (max_tokens counts only the tokens still to come)
+    resumed_tokens: int = 0
 
     @property
     def is_greedy(self) -> bool:

@@ -40,6 +40,16 @@ class TextOutput:
         self.text += self._decode_new(final=False)
         return self._cut_at_stop(max(0, checked_until - self._holdback))
 
+    def replay(self, token_ids: list[int]) -> bool:
+        """Tokens an earlier run of this request generated (a resumed stream, ``resumed_tokens``): appended, and
+        what that run would have released of their text counts as released. True if they hold a stop string
+        (that run would have stopped there)."""
+        for token_id in token_ids:
+            if self.append(token_id):
+                return True
+        self.take_delta(finished=False)
+        return False
+
     def finish(self) -> None:
         """Flush what was held as an incomplete character: the request is over."""
         if self._decoder is not None and self._read_offset < len(self._ids):

@@ -26,11 +26,13 @@ class RequestLimits:
     has_tokenizer: bool
 
 
-def validate_text_prompt(prompt: str, limits: RequestLimits) -> None:
+def validate_text_prompt(prompt: str, limits: RequestLimits, resumed_tokens: int = 0) -> None:
     if not isinstance(prompt, str):
         raise InvalidRequestError("prompt", f"must be text, got {type(prompt).__name__}")
     if not prompt:
         raise InvalidRequestError("prompt", "is empty")
+    if resumed_tokens:
+        raise InvalidRequestError("resumed_tokens", "a resumed request's prompt must be token ids")
     if not limits.has_tokenizer:
         raise InvalidRequestError("prompt", "this model has no tokenizer.json; send prompt_token_ids instead")
 
@@ -46,6 +48,7 @@ def validate_request(
     _check_prompt_ids(prompt_token_ids, limits)
     _check_sampling(params, limits)
     _check_stops(params, limits)
+    _check_resumed(len(prompt_token_ids), params.resumed_tokens)
     _check_length(len(prompt_token_ids), params.max_tokens, limits)
 
 
@@ -90,6 +93,12 @@ def _check_stops(params: SamplingParams, limits: RequestLimits) -> None:
     for index, token_id in enumerate(params.stop_token_ids):
         if not _is_int(token_id) or not 0 <= token_id < limits.vocab_size:
             raise InvalidRequestError(f"stop_token_ids[{index}]", f"{token_id!r} is not a token id")
+
+
+def _check_resumed(prompt_len: int, resumed_tokens: object) -> None:
+    if not _is_int(resumed_tokens) or not 0 <= resumed_tokens < prompt_len:
+        raise InvalidRequestError("resumed_tokens", f"must be an integer in [0, {prompt_len}) (below the prompt's "
+                                                    f"length), got {resumed_tokens!r}")
 
 
 def _check_length(prompt_len: int, max_tokens: int, limits: RequestLimits) -> None:

@@ -128,6 +128,8 @@ BAD_REQUESTS = [
     ("temperature < 0", pb.GenerateRequest(text="x", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
     ("top_p > 1", pb.GenerateRequest(text="x", sampling=pb.SamplingParams(top_p=1.5)), "top_p"),
     ("too many stops", pb.GenerateRequest(text="x", stop=[str(i) for i in range(17)]), "stop"),
+    ("all resumed", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), resumed_tokens=2), "resumed_tokens"),
+    ("resumed text", pb.GenerateRequest(text="xy", resumed_tokens=1), "resumed_tokens"),
 ]
 
 
@@ -192,16 +194,18 @@ def test_health_and_reflection(cluster):
 
 
 def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token(cluster, offline):
+    """A seeded, sampled stream: after the move it draws what the unbroken run draws, and its text is whole."""
     import ray
 
     handle, client, _ = cluster
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
     prompt = question(500) * 2
-    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=300, temperature=0.8, top_p=0.95, seed=77, ignore_eos=True)
     stream = client.stream(build_request(prompt, params))
-    received = []
+    received, text = [], ""
     for response in stream:
         received += response.delta.token_ids
+        text += response.delta.text
         if len(received) >= 20:
             break
     (busy,) = [w.worker_id for w in client.cluster_info().workers if w.load > 0]
@@ -210,9 +214,11 @@ def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token
     for response in stream:
         if response.HasField("delta"):
             received += response.delta.token_ids
+            text += response.delta.text
         else:
             final = response.final
-    assert received == offline.generate([prompt], params)[0].token_ids
+    unbroken = offline.generate([prompt], params)[0]
+    assert received == unbroken.token_ids and text == unbroken.text
     assert final.worker_id != busy and final.usage.completion_tokens == 300
     assert final.usage.prompt_tokens == len(prompt)
 

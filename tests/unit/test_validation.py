@@ -30,6 +30,8 @@ LIMITS = RequestLimits(vocab_size=100, max_model_len=64, kv_capacity_tokens=128,
         ([1], SamplingParams(seed=-1), "seed"),
         ([1], SamplingParams(stop=("",)), "stop[0]"),
         ([1], SamplingParams(stop_token_ids=(5, 100)), "stop_token_ids[1]"),
+        ([1, 2], SamplingParams(resumed_tokens=2), "resumed_tokens"),  # at least one token of the prompt itself
+        ([1, 2], SamplingParams(resumed_tokens=-1), "resumed_tokens"),
     ],
 )
 def test_each_invalid_field_is_named(prompt, params, field):
@@ -57,6 +59,8 @@ def test_text_prompt_checks():
     no_tokenizer = RequestLimits(vocab_size=100, max_model_len=64, kv_capacity_tokens=128, has_tokenizer=False)
     with pytest.raises(InvalidRequestError, match="send prompt_token_ids"):
         validate_text_prompt("hi", no_tokenizer)
+    with pytest.raises(InvalidRequestError, match="resumed_tokens: a resumed request's prompt must be token ids"):
+        validate_text_prompt("hi", LIMITS, resumed_tokens=1)
     with pytest.raises(InvalidRequestError) as caught:
         validate_request([1], SamplingParams(stop=("x",)), no_tokenizer)
     assert caught.value.field == "stop"
