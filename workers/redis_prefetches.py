@@ -1,18 +1,18 @@
 """Requests' reads of their prefixes from Redis, from the start, on the prefetch threads: a block that several
 waiting requests want is read once.
 
-A request that arrives while another's read starting at the same block is in flight (or done and not yet
-taken) shares that read for the blocks both want (``Prefetch.future``) and reads only the blocks after them on
-its own (``Prefetch.tail``: a system prompt or document shared, then each request's own question). Both wait
-for their reads; whichever is admitted first loads the shared blocks, and the other then finds them on the
-GPU (or, admitted in the same step, shares the blocks loaded for the first: ``Scheduler._match_prefix``).
-Only a read a request started for its own first block is shared: a sharer's read of its own blocks is not
-(two turns of one conversation in flight at once read the second turn's new blocks twice).
+A request's prefetch is a run of reads (``Segment``s), in block order. A request that arrives while others'
+reads are in flight (or done and not yet taken) shares, of the prefetch with the most leading blocks in common
+with it, every read up to where the two part, however many requests started them: a system prompt read for
+one request, then a document read for another that shared the system prompt, then its own question. It reads
+only the blocks after them itself. Every request waits for its reads; whichever is admitted first loads the
+shared blocks, and the others then find them on the GPU (or, admitted in the same step, share the blocks
+loaded for the first: ``Scheduler._match_prefix``).
 
-Exactly one request owns each read: the one whose lookup takes the outcome counts the read's stats (errors,
-skipped fetches, seconds), once; a sharer takes the staged blocks only. When the owner goes (aborted,
-preempted, or done with its prefix on the GPU) before its lookup, a sharer inherits the read; with none, the
-caller cancels or counts it. Step loop side, rank 0, for ``KVTiers``.
+Exactly one request owns each read: it counts the read's stats (errors, skipped fetches, seconds), once, when
+its lookup takes the outcome; a sharer takes the staged blocks only. When the owner goes (aborted, preempted,
+or done with its prefix on the GPU) before its lookup, a request still sharing the read inherits it; with
+none, the caller cancels or counts it. Step loop side, rank 0, for ``KVTiers``.
 """
 
 from __future__ import annotations
@@ -28,30 +28,39 @@ Fetch = Callable[[list[bytes], PrefixRef, int], FetchOutcome]  # RedisFetcher.fe
 
 
 @dataclass
+class Segment:
+    """One read, and which of the request's blocks it stages: a leading part of what it reads."""
+
+    future: Future[FetchOutcome]
+    hashes: list[bytes]
+    owner: bool  # whether this request counts the read (it started it, or inherited it)
+
+
+@dataclass
 class Prefetch:
-    future: Future[FetchOutcome]  # the read of the request's leading blocks: its own, or one it shares
-    hashes: list[bytes]  # those blocks, a leading part of what ``future`` reads
-    owner: bool  # whether this request counts ``future`` (it started it, or inherited it)
-    tail: Future[FetchOutcome] | None = None  # its own read of its blocks after ``hashes``
+    segments: list[Segment]  # in block order: together they read the request's blocks
+
+    @property
+    def hashes(self) -> list[bytes]:
+        return [block_hash for segment in self.segments for block_hash in segment.hashes]
 
     def futures(self) -> list[Future[FetchOutcome]]:
-        return [self.future] if self.tail is None else [self.future, self.tail]
+        return [segment.future for segment in self.segments]
 
     def outcome(self) -> FetchOutcome:
-        """What the reads staged, with the counts of those this request owns (waits for them)."""
-        leading = self.future.result()
-        outcome = FetchOutcome(dict(leading.staged))
-        if self.owner:
-            outcome.stats.add(leading.stats)
-        if self.tail is not None:
-            tail = self.tail.result()
-            outcome.staged.update(tail.staged)
-            outcome.stats.add(tail.stats)
+        """What the reads staged of this request's blocks (up to a hole: one block missing, the leading run
+        ends there), with the counts of the reads it owns (waits for them)."""
+        outcome = FetchOutcome({})
+        for segment in self.segments:
+            read = segment.future.result()
+            outcome.staged.update((h, read.staged[h]) for h in segment.hashes if h in read.staged)
+            if segment.owner:
+                outcome.stats.add(read.stats)
         return outcome
 
     def owned(self) -> list[Future[FetchOutcome]]:
         """The reads whose counts are this request's."""
-        return ([self.future] if self.owner else []) + ([self.tail] if self.tail is not None else [])
+        return [segment.future for segment in self.segments if segment.owner]
 
 
 @dataclass
@@ -61,21 +70,31 @@ class Prefetches:
     _of_request: dict[str, Prefetch] = field(default_factory=dict)
 
     def start(self, request_id: str, hashes: list[bytes], prefix: PrefixRef, first_block: int) -> bool:
-        """Read ``hashes`` (block ``first_block`` of the request's sequence first), sharing the read in flight
-        that starts with the same block for as many as it reads (then True)."""
-        shared, common = self._longest_shared(hashes)
-        if shared is None:
-            future = self.executor.submit(self.fetch, hashes, prefix, first_block)
-            self._of_request[request_id] = Prefetch(future, hashes, owner=True)
-            return False
-        tail = None
+        """Read ``hashes`` (block ``first_block`` of the request's sequence first), sharing the reads in flight
+        of the prefetch with the most of them in common (then True), and reading the rest itself."""
+        segments = self._shared_reads(hashes)
+        common = sum(len(segment.hashes) for segment in segments)
         if common < len(hashes):
-            tail = self.executor.submit(self.fetch, hashes[common:], prefix, first_block + common)
-        self._of_request[request_id] = Prefetch(shared.future, hashes[:common], owner=False, tail=tail)
-        return True
+            own = self.executor.submit(self.fetch, hashes[common:], prefix, first_block + common)
+            segments.append(Segment(own, hashes[common:], owner=True))
+        self._of_request[request_id] = Prefetch(segments)
+        return common > 0
 
-    def _longest_shared(self, hashes: list[bytes]) -> tuple[Prefetch | None, int]:
-        """The prefetch whose read starts with ``hashes[0]`` and has the most of ``hashes`` in common; how many."""
+    def _shared_reads(self, hashes: list[bytes]) -> list[Segment]:
+        """The reads, cut to the run in common, of the prefetch with the longest leading run in common with
+        ``hashes`` (none: no prefetch starts with the same block)."""
+        best, common = self._most_in_common(hashes)
+        shared: list[Segment] = []
+        taken = 0
+        for segment in best.segments if best is not None else []:
+            if taken == common:
+                break
+            count = min(len(segment.hashes), common - taken)
+            shared.append(Segment(segment.future, hashes[taken : taken + count], owner=False))
+            taken += count
+        return shared
+
+    def _most_in_common(self, hashes: list[bytes]) -> tuple[Prefetch | None, int]:
         best, best_common = None, 0
         for other in self._of_request.values():
             common = 0
@@ -99,13 +118,16 @@ class Prefetches:
 
     def forget(self, request_id: str) -> list[Future[FetchOutcome]]:
         """The request is done with its prefetch unused: the reads whose counts are the caller's now (those it
-        owned that no sharer is left to inherit)."""
+        owned that no request still sharing them inherits)."""
         prefetch = self._of_request.pop(request_id, None)
         if prefetch is None:
             return []
-        owned = prefetch.owned()
-        heir = next((other for other in self._of_request.values() if other.future is prefetch.future), None)
-        if prefetch.owner and heir is not None:
-            heir.owner = True
-            owned.remove(prefetch.future)
-        return owned
+        orphans = []
+        for future in prefetch.owned():
+            heir = next((segment for other in self._of_request.values() for segment in other.segments
+                         if segment.future is future), None)
+            if heir is None:
+                orphans.append(future)
+            else:
+                heir.owner = True
+        return orphans

@@ -129,3 +129,30 @@ def test_requests_admitted_together_share_the_blocks_one_loads_from_the_cpu_tier
         (2 * BLOCK, 8 * BLOCK), (10 * BLOCK, 0)]
     stats = engine.kv_store_stats()["cpu"]
     assert stats["hit_blocks"] == 8 and stats["bytes_out"] == 8 * engine.cache_shape.bytes_per_block
+
+
+def test_a_document_read_for_one_request_is_shared_by_the_next_though_both_share_a_system_prompt(redis_server):
+    """A 4-block system prompt, then one of two 10-block documents, then a question. a asks about the first
+    document, b and c about the second, all at once: b shares a's read of the system prompt and reads the
+    second document; c shares both reads. Redis is asked for each document's blocks once."""
+    system, documents = tokens(90, 4 * BLOCK), [tokens(91, 10 * BLOCK), tokens(92, 10 * BLOCK)]
+    prompts = [system + documents[0] + tokens(93, 5), system + documents[1] + tokens(94, 5),
+               system + documents[1] + tokens(95, 5)]
+    written_to_redis(redis_server.url, [system + document + [1] for document in documents])
+    expected = uncached(prompts)
+    reader = make_engine(redis_only(redis_server.url, prefetch_threads=2))
+    asked: list[bytes] = []
+    fetch = reader.tiers._prefetches.fetch
+
+    def recorded(hashes, prefix, first_block):
+        asked.extend(hashes)
+        return fetch(hashes, prefix, first_block)
+
+    reader.tiers._prefetches.fetch = recorded
+    for i, prompt in enumerate(prompts):
+        reader.add_request(str(i), prompt, GREEDY)
+    finished = step_until(reader, lambda finished: False)
+    assert [finished[str(i)][0] for i in range(3)] == expected
+    assert sorted(asked) == sorted(block_hashes(prompts[0], BLOCK) + block_hashes(prompts[1], BLOCK)[4:])
+    assert reader.kv_store_stats()["redis"]["shared_reads"] == 2
+    assert sum(finished[str(i)][1].redis + finished[str(i)][1].gpu for i in range(3)) == 3 * 14 * BLOCK

@@ -3,7 +3,7 @@ stages a string per block and counts one error per read)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
@@ -38,50 +38,80 @@ def test_a_request_shares_the_read_of_the_blocks_it_has_in_common_and_reads_the_
     a, b = prefetches.take("a"), prefetches.take("b")
     a_outcome, b_outcome = a.outcome(), b.outcome()
     assert sorted(reads) == [(hashes("d0", "d1", "d2", "qa"), 0), (hashes("qb", "qb2"), 3)]
-    assert list(b_outcome.staged) == hashes("d0", "d1", "d2", "qa", "qb", "qb2")
+    assert list(b_outcome.staged) == hashes("d0", "d1", "d2", "qb", "qb2")  # its own blocks only
     assert (a_outcome.stats.errors, b_outcome.stats.errors) == (1, 1)  # b counts only its own read
-    assert a.future is b.future and (a.owner, b.owner) == (True, False)
+    assert a.futures()[0] is b.futures()[0]
+    assert [(s.hashes, s.owner) for s in b.segments] == [(hashes("d0", "d1", "d2"), False), (hashes("qb", "qb2"), True)]
 
 
 def test_a_run_wholly_inside_a_read_in_flight_starts_no_read(prefetches):
     prefetches, reads = prefetches
     prefetches.start("a", hashes("d0", "d1", "d2"), PREFIX, 4)
     assert prefetches.start("b", hashes("d0", "d1"), PREFIX, 4)
-    assert prefetches.get("b").tail is None and prefetches.get("b").hashes == hashes("d0", "d1")
+    assert [(s.hashes, s.owner) for s in prefetches.get("b").segments] == [(hashes("d0", "d1"), False)]
     assert not prefetches.start("c", hashes("d1", "d2"), PREFIX, 5)  # starts elsewhere: a read of its own
-    prefetches.get("c").future.result()
+    prefetches.get("c").futures()[0].result()
     assert sorted(reads) == [(hashes("d0", "d1", "d2"), 4), (hashes("d1", "d2"), 5)]
 
 
-def test_a_sharer_s_own_read_is_not_shared_further(prefetches):
-    """c has d0-d2 in common with b, but b shares only d0 (a's read) and reads d1-d2 itself: c shares d0 and
-    reads d1-d2 again."""
+def test_a_sharer_s_own_read_is_shared_further(prefetches):
+    """A system prompt (s) read for a, a document (d1, d2) read for b, who shares s: c, asking about the same
+    document, shares both reads and reads only its question."""
     prefetches, reads = prefetches
-    prefetches.start("a", hashes("d0", "x"), PREFIX, 0)
-    prefetches.start("b", hashes("d0", "d1", "d2", "y"), PREFIX, 0)
-    prefetches.start("c", hashes("d0", "d1", "d2", "z"), PREFIX, 0)
-    c = prefetches.get("c")
-    assert c.future is prefetches.get("a").future and c.hashes == hashes("d0")
-    c.tail.result()
-    assert (hashes("d1", "d2", "z"), 1) in reads
+    prefetches.start("a", hashes("s", "x"), PREFIX, 0)
+    prefetches.start("b", hashes("s", "d1", "d2", "y"), PREFIX, 0)
+    assert prefetches.start("c", hashes("s", "d1", "d2", "z"), PREFIX, 0)
+    a, b, c = (prefetches.get(name) for name in "abc")
+    assert [s.future for s in c.segments[:2]] == [a.futures()[0], b.futures()[1]]
+    assert [(s.hashes, s.owner) for s in c.segments] == [(hashes("s"), False), (hashes("d1", "d2"), False),
+                                                         (hashes("z"), True)]
+    assert list(c.outcome().staged) == hashes("s", "d1", "d2", "z")
+    assert sorted(reads) == [(hashes("d1", "d2", "y"), 1), (hashes("s", "x"), 0), (hashes("z"), 3)]
+
+
+def test_a_hole_in_a_shared_read_ends_the_sharer_s_run_there(prefetches):
+    prefetches, _ = prefetches
+    holed = FetchOutcome({b"s": "block s"}, TierStats())  # d1 missing: the read stopped after s
+    prefetches.start("a", hashes("s", "d1", "d2"), PREFIX, 0)
+    prefetches.get("a").segments[0].future = done(holed)
+    prefetches.start("b", hashes("s", "d1", "q"), PREFIX, 0)
+    assert list(prefetches.get("b").outcome().staged) == hashes("s", "q")  # the lookup stages s alone
 
 
 def test_a_sharer_inherits_the_read_of_an_owner_that_goes_first(prefetches):
     prefetches, _ = prefetches
     prefetches.start("a", hashes("d0", "d1"), PREFIX, 0)
     prefetches.start("b", hashes("d0", "d1"), PREFIX, 0)
-    shared = prefetches.get("a").future
+    shared = prefetches.get("a").futures()[0]
     assert prefetches.forget("a") == []  # b counts it now
     b = prefetches.take("b")
-    assert b.owner and b.owned() == [shared] and b.outcome().stats.errors == 1
+    assert b.owned() == [shared] and b.outcome().stats.errors == 1
     assert len(prefetches) == 0
+
+
+def test_each_read_passes_to_an_heir_of_its_own(prefetches):
+    """c shares a's read and b's: when a and b go, c counts both; with c gone too, the caller does."""
+    prefetches, _ = prefetches
+    prefetches.start("a", hashes("s"), PREFIX, 0)
+    prefetches.start("b", hashes("s", "d"), PREFIX, 0)
+    prefetches.start("c", hashes("s", "d", "q"), PREFIX, 0)
+    reads = prefetches.get("c").futures()
+    assert prefetches.forget("a") == [] and prefetches.forget("b") == []
+    assert prefetches.get("c").owned() == reads
+    assert prefetches.forget("c") == reads and len(prefetches) == 0
 
 
 def test_the_last_request_of_a_read_leaves_its_counts_to_the_caller(prefetches):
     prefetches, _ = prefetches
     prefetches.start("a", hashes("d0"), PREFIX, 0)
     prefetches.start("b", hashes("d0", "q"), PREFIX, 0)
-    shared, tail = prefetches.get("a").future, prefetches.get("b").tail
+    shared, tail = prefetches.get("a").futures()[0], prefetches.get("b").futures()[1]
     assert prefetches.forget("b") == [tail]  # its own read; the shared one stays a's
     assert prefetches.forget("a") == [shared]
     assert prefetches.forget("a") == [] and len(prefetches) == 0
+
+
+def done(outcome: FetchOutcome) -> Future[FetchOutcome]:
+    future: Future[FetchOutcome] = Future()
+    future.set_result(outcome)
+    return future
