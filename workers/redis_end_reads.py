@@ -95,7 +95,8 @@ class EndReads:
         - Otherwise None, and how many of ``max_tokens`` to compute this step before the two meet (the read is
           told not to go below them); 0 when the read is better waited for. With ``wait_for_it`` it waits for
           the read's next round instead, and answers again. Where computing all the blocks up to what the read
-          staged is faster than reading them, the read stops (counted in the news' ``skipped``) and they are computed."""
+          staged is faster than reading them, the read stops (counted in the news' ``skipped``) and they are
+          computed."""
         reading = self._reading[request_id]
         offset = first_block - reading.first_block
         while True:

@@ -26,9 +26,11 @@ DOCUMENTS = [[random.Random(i).randrange(3, 250) for _ in range(n)] for i, n in 
 
 def random_request(rng: random.Random) -> tuple[list[int], SamplingParams, str | None]:
     document = rng.choice(DOCUMENTS)
-    prompt = document[: rng.randrange(1, len(document) + 1)] + [rng.randrange(3, 250) for _ in range(rng.randrange(1, 30))]
-    params = SamplingParams(max_tokens=rng.randrange(1, 100), temperature=rng.choice([0, 0.8]), top_p=rng.choice([1.0, 0.9]),
-                            seed=rng.randrange(1000), ignore_eos=True, stop=rng.choice([(), (), ("a",), ("\n",)]))
+    question = [rng.randrange(3, 250) for _ in range(rng.randrange(1, 30))]
+    prompt = document[: rng.randrange(1, len(document) + 1)] + question
+    params = SamplingParams(max_tokens=rng.randrange(1, 100), temperature=rng.choice([0, 0.8]),
+                            top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1000), ignore_eos=True,
+                            stop=rng.choice([(), (), ("a",), ("\n",)]))
     return prompt, params, rng.choice([None, None, "tenant"])
 
 
