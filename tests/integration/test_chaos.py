@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from cluster.client import KvtierClient, build_request
-from cluster.config import load_config
 from kvstore.config import KVStoreConfig
+from tests.local_cluster import local_cluster
 from tests.redis_server import RedisServer
 from workers.engine import LLMEngine
 from workers.engine_config import EngineConfig
@@ -36,10 +36,6 @@ def random_request(rng: random.Random) -> tuple[list[int], SamplingParams, str |
 
 @pytest.fixture(scope="module")
 def chaos_cluster(tmp_path_factory):
-    import ray
-
-    from cluster.serve import start_cluster, stop_cluster
-
     redis = RedisServer(tmp_path_factory.mktemp("chaos-redis")).start()
     overrides = {
         "kvstore": {"redis": {"url": redis.url, "breaker_reset_s": 0.5}, "cpu": {"capacity": "2MiB"}},
@@ -47,13 +43,10 @@ def chaos_cluster(tmp_path_factory):
         "workers": {"count": 2, "num_cpus": 0.5},
         "router": {"port": 0, "max_in_flight": 64},
     }
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-chaos-test")
-    handle = start_cluster(load_config(overrides=overrides))
-    client = KvtierClient(handle.address)
-    yield handle, client, redis
-    client.close()
-    stop_cluster(handle)
-    ray.shutdown()
+    with local_cluster(overrides, "kvtier-chaos-test") as handle:
+        client = KvtierClient(handle.address)
+        yield handle, client, redis
+        client.close()
     redis.stop()
 
 

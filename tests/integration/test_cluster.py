@@ -11,12 +11,12 @@ import grpc
 import pytest
 
 from cluster.client import KvtierClient, build_request
-from cluster.config import load_config
+from kvstore.config import KVStoreConfig
 from protos.kvtier.v1 import generation_pb2 as pb
+from tests.local_cluster import local_cluster
 from tests.redis_server import RedisServer
 from workers.engine import LLMEngine
 from workers.engine_config import EngineConfig
-from kvstore.config import KVStoreConfig
 from workers.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -30,23 +30,16 @@ def question(seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import ray
-
-    from cluster.serve import start_cluster, stop_cluster
-
     redis = RedisServer(tmp_path_factory.mktemp("cluster-redis")).start()
     overrides = {
         "kvstore": {"redis": {"url": redis.url}},
         "workers": {"count": 2, "num_cpus": 0.5},
         "router": {"port": 0, "max_in_flight": 4},
     }
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-test")
-    handle = start_cluster(load_config(overrides=overrides))
-    client = KvtierClient(handle.address)
-    yield handle, client, redis
-    client.close()
-    stop_cluster(handle)
-    ray.shutdown()
+    with local_cluster(overrides, "kvtier-test") as handle:
+        client = KvtierClient(handle.address)
+        yield handle, client, redis
+        client.close()
     redis.stop()
 
 

@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from cluster.client import KvtierClient, build_request
-from cluster.config import load_config
 from kvstore.config import KVStoreConfig
+from tests.local_cluster import local_cluster
 from workers.engine import LLMEngine
 from workers.engine_config import EngineConfig
 from workers.sampling_params import SamplingParams
@@ -23,23 +23,16 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def tp_cluster():
-    import ray
-
-    from cluster.serve import start_cluster, stop_cluster
-
     overrides = {
         "engine": {"tensor_parallel_size": 2, "cache": {"num_blocks": 256}},
         "kvstore": {"prefix_caching": False},
         "workers": {"count": 1, "num_cpus": 0.5},
         "router": {"port": 0},
     }
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-tp-test")
-    handle = start_cluster(load_config(overrides=overrides))
-    client = KvtierClient(handle.address)
-    yield handle, client
-    client.close()
-    stop_cluster(handle)
-    ray.shutdown()
+    with local_cluster(overrides, "kvtier-tp-test") as handle:
+        client = KvtierClient(handle.address)
+        yield handle, client
+        client.close()
 
 
 def test_a_tp2_worker_serves_and_restarts_as_a_unit_when_a_rank_dies(tp_cluster):

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import cli
 from cluster.client import KvtierClient
-from cluster.config import load_config
+from tests.local_cluster import local_cluster
 from tests.redis_server import RedisServer, free_port
 from workers.sampling_params import SamplingParams
 
@@ -31,21 +31,14 @@ def tokens(seed: int, count: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def metered_cluster(tmp_path_factory):
-    import ray
-
-    from cluster.serve import start_cluster, stop_cluster
-
     redis = RedisServer(tmp_path_factory.mktemp("ops-redis")).start()
     metrics_port = free_port()
     overrides = {"kvstore": {"redis": {"url": redis.url}}, "workers": {"count": 2, "num_cpus": 0.5},
                  "router": {"port": 0, "metrics_port": metrics_port, "stall_timeout_s": STALL_TIMEOUT_S}}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-ops-test")
-    handle = start_cluster(load_config(overrides=overrides))
-    client = KvtierClient(handle.address)
-    yield client, f"http://127.0.0.1:{metrics_port}/metrics", handle, redis
-    client.close()
-    stop_cluster(handle)
-    ray.shutdown()
+    with local_cluster(overrides, "kvtier-ops-test") as handle:
+        client = KvtierClient(handle.address)
+        yield client, f"http://127.0.0.1:{metrics_port}/metrics", handle, redis
+        client.close()
     redis.stop()
 
 

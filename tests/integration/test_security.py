@@ -11,11 +11,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.client import KvtierClient
-from cluster.config import load_config
+from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
-from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
 from router.tenancy import tenant_salt
+from tests.local_cluster import local_cluster
 from tests.pki import make_pki
 from tests.redis_server import RedisServer, free_port
 from workers.engine import LLMEngine
@@ -88,10 +88,6 @@ def test_a_wrong_redis_password_makes_every_fetch_a_counted_miss(secure_redis, t
 
 @pytest.fixture(scope="module")
 def secure_cluster(tmp_path_factory, pki, secure_redis):
-    import ray
-
-    from cluster.serve import start_cluster, stop_cluster
-
     directory = tmp_path_factory.mktemp("secure-cluster")
     (directory / "tokens.yaml").write_text("".join(f"{tenant}: [{token}]\n" for tenant, token in TOKENS.items()))
     (directory / "redis-password").write_text(REDIS_PASSWORD)
@@ -103,12 +99,9 @@ def secure_cluster(tmp_path_factory, pki, secure_redis):
         "router": {"port": 0, "health_port": free_port(), "policy": "round_robin", "auth": {"tokens_file": str(directory / "tokens.yaml")},
                    "tls": {"cert_file": pki.server.cert_file, "key_file": pki.server.key_file}},
     }
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="kvtier-security-test")
-    handle = start_cluster(load_config(overrides=overrides))
-    handle.health_port = overrides["router"]["health_port"]
-    yield handle
-    stop_cluster(handle)
-    ray.shutdown()
+    with local_cluster(overrides, "kvtier-security-test") as handle:
+        handle.health_port = overrides["router"]["health_port"]
+        yield handle
 
 
 def client_of(cluster, pki, token: str | None = None, ca_file: str | None = None) -> KvtierClient:
