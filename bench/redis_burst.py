@@ -6,7 +6,10 @@ one prefetch thread and with several; prints a Markdown table.
 
 Workloads (each run in a fresh process with empty GPU and CPU tiers, after one process wrote every prefix):
 - mixed: one request with a --long-len prefix, then --requests - 1 with --short-len prefixes of their own;
-- shared: --requests requests with the same --long-len prefix (a document) and questions of their own.
+- shared: --requests requests with the same --long-len prefix (a document) and questions of their own;
+- system: a --short-len system prompt, then one of two documents of half --long-len each (taken in turn),
+  then a question: the first request's read of the system prompt is shared by all, each document's first
+  request's read of it by the others about that document.
 A request's question is --question-len new tokens; each answers one token. ``kvstore.redis.prefetch_threads``
 reads that many requests' prefixes at once; requests wanting the same blocks share one read whatever it is.
 """
@@ -32,7 +35,7 @@ from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig  # 
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 ONE_TOKEN = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-WORKLOADS = ("mixed", "shared")
+WORKLOADS = ("mixed", "shared", "system")
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--question-len", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--threads", default="1,2", help="kvstore.redis.prefetch_threads values to compare")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="which of " + ", ".join(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per workload and thread count")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     add_output_args(parser)
@@ -57,6 +61,9 @@ def prompts(args: argparse.Namespace, workload: str) -> list[list[int]]:
     document = draw(args.long_len)
     if workload == "shared":
         return [document + draw(args.question_len) for _ in range(args.requests)]
+    if workload == "system":
+        system, halves = draw(args.short_len), [document[: args.long_len // 2], document[args.long_len // 2 :]]
+        return [system + halves[i % 2] + draw(args.question_len) for i in range(args.requests)]
     return [document + draw(args.question_len)] + [draw(args.short_len + args.question_len)
                                                    for _ in range(args.requests - 1)]
 
@@ -120,7 +127,7 @@ def main() -> None:
           "| GB Redis sent | GB loaded | shared reads |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    plan = [(w, int(t)) for w in WORKLOADS for t in args.threads.split(",")]
+    plan = [(w, int(t)) for w in args.workloads.split(",") for t in args.threads.split(",")]
     for workload, threads in progress(plan, "workloads"):
         runs = [run_child(args, workload, threads) for _ in range(args.repeats)]
         for run in runs:

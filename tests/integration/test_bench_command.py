@@ -140,11 +140,14 @@ def test_a_burst_of_redis_hits_is_timed_per_thread_count_and_the_shared_document
              "--threads", "1,2", "--repeats", "1", "--json-out", str(out)]
     done, keys = run_with_redis(tmp_path, "redis_burst.py", "--redis-url", flags, "kvtier:*")
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["workload"], row["threads"]) for row in rows] == [("mixed", 1), ("mixed", 2), ("shared", 1),
-                                                                     ("shared", 2)]
+    assert [(row["workload"], row["threads"]) for row in rows] == [
+        (workload, threads) for workload in ("mixed", "shared", "system") for threads in (1, 2)]
     assert all(row["first_ms"] > 0 and row["last_ms"] >= row["others_ms"] > 0 for row in rows)
-    assert [row["shared_reads"] for row in rows] == [0, 0, 2, 2]  # the document is read once, by the first
-    tiny_block = 32 * 1024  # blocks loaded: (180 - 1) // 16 and (52 - 1) // 16 each, the document once, at most
+    # shared: the document is read once, by the first; system: the second shares the system prompt's read,
+    # the third that and the first's read of its half of the document
+    assert [row["shared_reads"] for row in rows] == [0, 0, 2, 2, 2, 2]
+    tiny_block = 32 * 1024  # blocks loaded: (180 - 1) // 16 and (52 - 1) // 16 each, the document once, at most;
+    # system: (132 - 1) // 16 for the first, then the other half and a question, then a question
     loaded = [round(row["loaded_GB"] * 1e9 / tiny_block) for row in rows]  # (the cost model may skip a fetch)
-    assert all(0 < n <= most for n, most in zip(loaded, [11 + 2 * 3] * 2 + [10 + 3] * 2)), loaded
+    assert all(0 < n <= most for n, most in zip(loaded, [11 + 2 * 3] * 2 + [10 + 3] * 2 + [8 + 7 + 1] * 2)), loaded
     assert keys and "| workload | prefetch threads |" in done.stdout
