@@ -34,7 +34,7 @@ class _Reading:
     future: Future[FetchOutcome]
     first_block: int  # the run's first block in its sequence
     hashes: list[bytes]  # the run's block hashes
-    reported: bool = False  # whether the blocks Redis holds went to ``in_redis``
+    reported: bool = False  # whether the blocks Redis holds went to the news' ``in_redis``
     stopped: bool = False  # told to read no further: computing the rest is faster
 
 

@@ -48,8 +48,8 @@ class Prefetch:
         return [segment.future for segment in self.segments]
 
     def outcome(self) -> FetchOutcome:
-        """What the reads staged of this request's blocks (up to a hole: one block missing, the leading run
-        ends there), with the counts of the reads it owns (waits for them)."""
+        """What the reads staged of this request's blocks (where one read stopped short, a block is missing:
+        the lookup's leading run ends there), with the counts of the reads it owns (waits for them)."""
         outcome = FetchOutcome({})
         for segment in self.segments:
             read = segment.future.result()
