@@ -72,6 +72,17 @@ def block_hashes(
     return BlockHasher(block_size, salt, extra_keys).update(token_ids)
 
 
+def blocks_in_common(first: Sequence[bytes], second: Sequence[bytes]) -> int:
+    """How many leading block hashes two runs share. Hashes are chained, so runs equal so far hold the same
+    tokens at the same positions: the count of blocks one read of either serves both."""
+    common = 0
+    for mine, theirs in zip(first, second):
+        if mine != theirs:
+            break
+        common += 1
+    return common
+
+
 def model_fingerprint(model_config: Mapping[str, object], dtype: str, block_size: int, weights_identity: str) -> str:
     """Names the namespace of every stored block: the same model, dtype and block size, or nothing is shared."""
     hasher = hashlib.sha256()

@@ -153,13 +153,19 @@ class KVTiers:
         (those after its GPU hits, block ``first_block`` first) that follow what the CPU tier holds now. From
         their end backward, where computing the first of them meanwhile ends sooner (``workers.redis_end_reads``:
         the request computes from the start and ``resume`` meets the read); else from the start, and until that
-        read is done the scheduler leaves the request waiting and runs the others (``prefetching``)."""
+        read is done the scheduler leaves the request waiting and runs the others (``prefetching``). Where
+        another request reads a run they start with from the end, it waits for that instead, and reads only
+        its blocks after the run (``EndReads.follow``)."""
         if self.redis is None:
             return
         in_cpu = self.cpu.lookup(block_hashes) if self.cpu is not None else 0
         if in_cpu < len(block_hashes):
             rest, start = block_hashes[in_cpu:], first_block + in_cpu
-            if self._end_reads is None or not self._end_reads.start(request_id, rest, prefix, start):
+            if self._end_reads is not None and (common := self._end_reads.follow(request_id, rest, prefix, start)):
+                self.stats["redis"].shared_reads += 1
+                if common < len(rest):
+                    self._prefetches.start(request_id, rest[common:], prefix, start + common)
+            elif self._end_reads is None or not self._end_reads.start(request_id, rest, prefix, start):
                 self.stats["redis"].shared_reads += self._prefetches.start(request_id, rest, prefix, start)
 
     def prefetching(self, request_id: str) -> bool:
@@ -167,6 +173,8 @@ class KVTiers:
         computed beside). The first time it is asked, it waits a moment for the prefetch: a prefix that is not
         in Redis is known in one round trip, and that request need not wait a step for it (the lookup did as
         much on the step loop before there were prefetches)."""
+        if self._end_reads is not None and self._end_reads.leader_of(request_id) is not None:
+            return True  # its leader's computation and read have not met yet
         futures = self._reads_of(request_id)
         if all(future.done() for future in futures):
             return False
@@ -184,11 +192,14 @@ class KVTiers:
             wait(futures, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
     def _reads_of(self, request_id: str) -> list[Future[FetchOutcome]]:
-        """The request's Redis reads: from the end, or its prefetch (perhaps shared with others)."""
+        """The request's Redis reads: from the end, or its prefetch (perhaps shared with others), and the read
+        from the end of the request it follows."""
         if self.reading_from_end(request_id):
             return [self._end_reads.future(request_id)]
         prefetch = self._prefetches.get(request_id) if self._prefetches is not None else None
-        return [] if prefetch is None else prefetch.futures()
+        leader = self._end_reads.leader_of(request_id) if self._end_reads is not None else None
+        return ([] if prefetch is None else prefetch.futures()) + ([] if leader is None else
+                                                                   [self._end_reads.future(leader)])
 
     def forget(self, request_id: str) -> None:
         """The request is over (or preempted) before its prefetch was used: what it read is dropped (and
@@ -196,7 +207,12 @@ class KVTiers:
         self._granted_grace.discard(request_id)
         futures = self._prefetches.forget(request_id) if self._prefetches is not None else []
         if self._end_reads is not None:
+            self._end_reads.unfollow(request_id)
+            orphans = self._end_reads.orphans(request_id)
             futures.append(self._end_reads.forget(request_id))
+            for orphan, follower in orphans:  # they read the run themselves, from the start
+                futures += self._prefetches.forget(orphan)
+                self._prefetches.start(orphan, follower.hashes, follower.prefix, follower.first_block)
         self._uncounted += [future for future in futures if future is not None and not future.cancel()]
 
     def reading_from_end(self, request_id: str) -> bool:
@@ -234,6 +250,8 @@ class KVTiers:
         rest = block_hashes[len(tiers) :]
         prefetched = self._prefetches.take(request_id) if self._prefetches is not None else None
         self._granted_grace.discard(request_id)
+        if self._end_reads is not None:
+            self._end_reads.unfollow(request_id)  # what it followed is on the GPU now
         if prefetched is not None and not rest:  # the CPU tier holds the rest by now
             self._uncounted += prefetched.owned()
         elif self.reading_from_end(request_id):  # the scheduler meets that read (``resume``)

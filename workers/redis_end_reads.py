@@ -9,6 +9,12 @@ cost model's prediction (``FetchCostModel.tokens_to_compute_first``), asked agai
 left to read, so a read faster or slower than predicted moves it. The read never goes below what the steps
 computed (``EndRead.floor``), and a block missing in Redis only stops the read where it is.
 
+A request that arrives while another reads a run starting at the same block from the end (a burst of
+questions about one document) follows it: it neither reads nor computes that run, but waits until the other's
+computation and read have met, when the run is on the GPU (``follow``). Its blocks after the run, if any, it
+reads from the start meanwhile (``workers.redis_prefetches``). A leader that goes before they meet leaves its
+followers to read the run themselves (``orphans``).
+
 Step loop side, rank 0, for ``KVTiers``; blocks are counted from the start of their sequence here, from the
 start of the run in ``EndRead``.
 """
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.cost_model import FetchCostModel
+from kvstore.hashing import blocks_in_common
 from kvstore.redis_keys import PrefixRef
 from workers.redis_fetch import EndRead, FetchOutcome, RedisFetcher
 
@@ -36,6 +43,16 @@ class _Reading:
     hashes: list[bytes]  # the run's block hashes
     reported: bool = False  # whether the blocks Redis holds went to the news' ``in_redis``
     stopped: bool = False  # told to read no further: computing the rest is faster
+
+
+@dataclass(frozen=True)
+class Follower:
+    """A request waiting for another's read from the end of a run its own blocks start with."""
+
+    leader: str
+    hashes: list[bytes]  # its blocks, the first at ``first_block``: the run in common, then its own
+    prefix: PrefixRef
+    first_block: int
 
 
 @dataclass
@@ -57,6 +74,7 @@ class EndReads:
     block_size: int
     _reading: dict[str, _Reading] = field(default_factory=dict)
     _news: EndReadNews = field(default_factory=EndReadNews)
+    _followers: dict[str, Follower] = field(default_factory=dict)
 
     def take_news(self) -> EndReadNews:
         news, self._news = self._news, EndReadNews()
@@ -80,6 +98,36 @@ class EndReads:
         self._reading[request_id] = _Reading(read, self.executor.submit(self._fetch, hashes, prefix, read),
                                              first_block, hashes)
         return True
+
+    def follow(self, request_id: str, hashes: list[bytes], prefix: PrefixRef, first_block: int) -> int:
+        """Make the request a follower of one reading from the end a run that starts with ``hashes[0]`` (the
+        one with most blocks in common); how many it has in common (0: none reads such a run, no change)."""
+        best, best_common = None, 0
+        for leader, reading in self._reading.items():
+            common = blocks_in_common(hashes, reading.hashes)
+            if common > best_common:
+                best, best_common = leader, common
+        if best is not None:
+            self._followers[request_id] = Follower(best, hashes, prefix, first_block)
+        return best_common
+
+    def leader_of(self, request_id: str) -> str | None:
+        """Whom the request follows, while that one still reads from the end."""
+        follower = self._followers.get(request_id)
+        return follower.leader if follower is not None and follower.leader in self._reading else None
+
+    def unfollow(self, request_id: str) -> None:
+        self._followers.pop(request_id, None)
+
+    def orphans(self, leader: str) -> list[tuple[str, Follower]]:
+        """The followers of a leader that goes while it still reads (their run is not on the GPU): they
+        follow it no longer."""
+        if leader not in self._reading:
+            return []
+        orphaned = [(request_id, f) for request_id, f in self._followers.items() if f.leader == leader]
+        for request_id, _ in orphaned:
+            del self._followers[request_id]
+        return orphaned
 
     def _fetch(self, hashes: list[bytes], prefix: PrefixRef, read: EndRead) -> FetchOutcome:
         self.fetcher.fetch_from_end(hashes, prefix, read)

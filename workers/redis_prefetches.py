@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from kvstore.hashing import blocks_in_common
 from kvstore.redis_keys import PrefixRef
 from workers.redis_fetch import FetchOutcome
 
@@ -97,11 +98,7 @@ class Prefetches:
     def _most_in_common(self, hashes: list[bytes]) -> tuple[Prefetch | None, int]:
         best, best_common = None, 0
         for other in self._of_request.values():
-            common = 0
-            for mine, theirs in zip(hashes, other.hashes):  # chained hashes: equal so far, the same blocks
-                if mine != theirs:
-                    break
-                common += 1
+            common = blocks_in_common(hashes, other.hashes)
             if common > best_common:
                 best, best_common = other, common
         return best, best_common

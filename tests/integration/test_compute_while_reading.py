@@ -8,7 +8,9 @@ prefix take about as long (``read_as_fast_as_computing``): the first step then c
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 
 from kvstore.config import KVStoreConfig
 from kvstore.hashing import block_hashes
@@ -29,9 +31,11 @@ def expected_and_reader(redis_url: str, prompt: list[int], **redis_options) -> t
     return expected, reader
 
 
-def read_as_fast_as_computing(engine: LLMEngine, blocks: int) -> None:
+def read_as_fast_as_computing(engine: LLMEngine, blocks: int, samples: int = 1) -> None:
+    """``samples`` > 1: the rate's average forgets what it measured before."""
     model, block_bytes = engine.cost_model, engine.tiers.block_bytes
-    model.observe_fetch("redis", blocks * block_bytes, model.recompute_seconds(0, blocks * BLOCK))
+    for _ in range(samples):
+        model.observe_fetch("redis", blocks * block_bytes, model.recompute_seconds(0, blocks * BLOCK))
 
 
 def test_the_computation_and_the_read_meet_and_give_the_uncached_tokens(redis_server):
@@ -88,20 +92,111 @@ def test_a_stalled_redis_does_not_stall_the_request_it_computes_on(redis_server)
 
 
 def test_two_requests_reading_one_prefix_from_the_end_give_the_uncached_tokens(redis_server):
-    """Two questions about one document arrive together; each computes the document from its start while its
-    own read comes from the end. Both reads meet the computations, so where they meet in the same step the
-    same blocks are loaded twice (each request into its own GPU blocks; that used to fail the step's moves)."""
+    """Two questions about one document, both reading from the end (held at a gate): b arrives once a has
+    computed the document's first half, finds that on the GPU and reads the rest itself. The next step both
+    compute the same quarter, then the reads are let go: both stop at the same block, and in the following
+    step both meet them on the same blocks, so those are loaded twice (each request into its own GPU blocks;
+    that used to fail the step's moves)."""
     document = tokens(73, PREFIX_BLOCKS * BLOCK)
     prompts = [document + tokens(74, 5), document + tokens(75, 5)]
     expected, reader = expected_and_reader(redis_server.url, prompts[0])
     uncached = make_engine(KVStoreConfig(prefix_caching=False))
     expected = [expected, uncached.generate([prompts[1]], GREEDY)[0].token_ids]
+    end_reads, release = reader.tiers._end_reads, threading.Event()
+    fetch = end_reads._fetch
+
+    def held(hashes, prefix, read):
+        assert release.wait(30), "the read was never released"
+        return fetch(hashes, prefix, read)
+
+    end_reads._fetch = held
     reader.add_request("a", prompts[0], GREEDY)
+    reader.step()  # a computes the document's first half
+    read_as_fast_as_computing(reader, PREFIX_BLOCKS // 2, samples=30)  # (the step measured the prefill anew)
     reader.add_request("b", prompts[1], GREEDY)
     assert reader.tiers.reading_from_end("a") and reader.tiers.reading_from_end("b")
+    reader.step()  # each computes a quarter, the same one
+    computed = [reader._requests[name].seq.num_computed_tokens for name in "ab"]
+    assert computed[0] == computed[1] < PREFIX_BLOCKS * BLOCK
+    release.set()
+    for name in "ab":
+        end_reads.future(name).result(timeout=30)
+    loads_of = Counter()
+    stage = reader.tiers._stage_leading
+
+    def counted(staged, wanted):
+        run = stage(staged, wanted)
+        loads_of.update(wanted[:run])
+        return run
+
+    reader.tiers._stage_leading = counted
     done = reader.run_to_completion(["a", "b"])
+    assert loads_of and set(loads_of.values()) == {2}  # every block met was loaded for both
     assert [d.token_ids for d in done] == expected
     assert sum(d.usage.cached_tokens.redis for d in done) > 0  # (the cost model may stop one read: its rate
     # is shared with the other's)
     assert not reader.tiers._staged and not reader.tiers._cpu_pins
+    assert reader.block_pool.num_free == reader.block_pool.num_blocks
+
+
+def test_questions_arriving_together_follow_the_first_one_s_read_from_the_end(redis_server):
+    """Three questions about one document at once: the first computes the document while Redis reads it from
+    the end; the other two neither read nor compute it, but wait until those meet and find it on the GPU."""
+    document = tokens(76, PREFIX_BLOCKS * BLOCK)
+    prompts = [document + tokens(77 + i, 5) for i in range(3)]
+    expected, reader = expected_and_reader(redis_server.url, prompts[0])
+    expected = [expected] + [c.token_ids for c in make_engine(KVStoreConfig(prefix_caching=False)).generate(
+        prompts[1:], GREEDY)]
+    runs_read: list[int] = []
+    fetch = reader.tiers._end_reads._fetch
+
+    def recorded(hashes, prefix, read):
+        runs_read.append(len(hashes))
+        return fetch(hashes, prefix, read)
+
+    reader.tiers._end_reads._fetch = recorded
+    computed_before = reader.stats.computed_tokens
+    for i, prompt in enumerate(prompts):
+        reader.add_request(str(i), prompt, GREEDY)
+    assert [reader.tiers.reading_from_end(str(i)) for i in range(3)] == [True, False, False]
+    done = reader.run_to_completion([str(i) for i in range(3)])
+    assert [d.token_ids for d in done] == expected
+    assert runs_read == [PREFIX_BLOCKS]  # one read of the document
+    first, *others = [d.usage.cached_tokens for d in done]
+    assert 0 < first.redis <= PREFIX_BLOCKS * BLOCK and [(c.gpu, c.redis) for c in others] == [
+        (PREFIX_BLOCKS * BLOCK, 0)] * 2
+    # the document computed once (up to where the read met it), and each question's tokens (the last token
+    # generated is not computed)
+    assert reader.stats.computed_tokens - computed_before == PREFIX_BLOCKS * BLOCK - first.redis + 3 * (
+        5 + GREEDY.max_tokens - 1)
+    assert reader.kv_store_stats()["redis"]["shared_reads"] == 2
+    assert reader.block_pool.num_free == reader.block_pool.num_blocks
+
+
+def test_a_follower_whose_leader_goes_first_reads_the_document_itself(redis_server):
+    """The first question's read is held; it is aborted while the second follows it: the second reads the
+    document from Redis itself and gets the uncached tokens."""
+    document = tokens(78, PREFIX_BLOCKS * BLOCK)
+    prompts = [document + tokens(79, 5), document + tokens(80, 5)]
+    _, reader = expected_and_reader(redis_server.url, prompts[0])
+    expected = make_engine(KVStoreConfig(prefix_caching=False)).generate([prompts[1]], GREEDY)[0].token_ids
+    release, fetch = threading.Event(), reader.tiers._end_reads._fetch
+
+    def held(hashes, prefix, read):
+        assert release.wait(30), "the read was never released"
+        return fetch(hashes, prefix, read)
+
+    reader.tiers._end_reads._fetch = held
+    reader.add_request("leader", prompts[0], GREEDY)
+    reader.add_request("follower", prompts[1], GREEDY)
+    reader.step()
+    assert reader.tiers._end_reads.leader_of("follower") == "leader"
+    for _ in range(30):  # Redis as fast as 1 TB/s, so the cost model lets the follower's own read run
+        reader.cost_model.observe_fetch("redis", 10**12, 1.0)
+    reader.abort("leader")
+    release.set()
+    assert reader.tiers._end_reads.leader_of("follower") is None
+    assert reader.tiers._prefetches.get("follower").hashes == block_hashes(document, BLOCK)  # its own read
+    (done,) = [c for c in reader.run_to_completion(["follower"]) if c.request_id == "follower"]
+    assert done.token_ids == expected and done.usage.cached_tokens.redis > 0
     assert reader.block_pool.num_free == reader.block_pool.num_blocks

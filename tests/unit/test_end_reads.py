@@ -83,3 +83,23 @@ def test_a_read_that_ended_above_the_computation_is_computed_up_to():
     reads = end_reads(read_ms_per_block=0.001)  # (waiting would win, but the read is over)
     reading(reads, low=70, end=100, done=True)  # stopped at a hole at block 69
     assert reads.advance("r", 4 + 10, 8192, wait_for_it=True) == (None, 60 * BLOCK)
+
+
+def test_a_request_whose_blocks_start_a_run_read_from_the_end_follows_that_read():
+    reads = end_reads(read_ms_per_block=1.0)
+    reading(reads, low=None, end=None)  # "r" reads HASHES from the end
+    assert reads.follow("f", HASHES[:10] + [b"own"], None, 4) == 10  # ten blocks in common
+    assert reads.follow("g", [b"other"] + HASHES[1:], None, 4) == 0 and reads.leader_of("g") is None
+    assert reads.leader_of("f") == "r"
+    reads.advance("r", 4 + 100, 8192, wait_for_it=False)  # computed past the run: "r" is done with its read
+    assert reads.leader_of("f") is None  # what it followed is on the GPU
+
+
+def test_the_followers_of_a_leader_that_goes_mid_read_are_its_orphans():
+    reads = end_reads(read_ms_per_block=1.0)
+    reading(reads, low=None, end=None)
+    reads.follow("f", HASHES[:3], None, 4)
+    reads.follow("h", HASHES[:5], None, 4)
+    reads.unfollow("h")
+    assert [(request, f.hashes) for request, f in reads.orphans("r")] == [("f", HASHES[:3])]
+    assert reads.orphans("r") == [] and reads.leader_of("f") is None
