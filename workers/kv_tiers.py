@@ -197,9 +197,11 @@ class KVTiers:
         if self.reading_from_end(request_id):
             return [self._end_reads.future(request_id)]
         prefetch = self._prefetches.get(request_id) if self._prefetches is not None else None
+        futures = prefetch.futures() if prefetch is not None else []
         leader = self._end_reads.leader_of(request_id) if self._end_reads is not None else None
-        return ([] if prefetch is None else prefetch.futures()) + ([] if leader is None else
-                                                                   [self._end_reads.future(leader)])
+        if leader is not None:
+            futures.append(self._end_reads.future(leader))
+        return futures
 
     def forget(self, request_id: str) -> None:
         """The request is over (or preempted) before its prefetch was used: what it read is dropped (and
