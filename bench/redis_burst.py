@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--threads", default="1,2", help="kvstore.redis.prefetch_threads values to compare")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="which of " + ", ".join(WORKLOADS))
+    parser.add_argument("--compute-while-reading", default="auto", choices=["auto", "on", "off"],
+                        help="kvstore.redis.compute_while_reading of the measured workers")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per workload and thread count")
     parser.add_argument("--redis-url", required=True, help="a Redis the benchmark may write to (loopback)")
     add_output_args(parser)
@@ -68,9 +70,10 @@ def prompts(args: argparse.Namespace, workload: str) -> list[list[int]]:
                                                    for _ in range(args.requests - 1)]
 
 
-def engine_for(args: argparse.Namespace, threads: int) -> LLMEngine:
+def engine_for(args: argparse.Namespace, threads: int, compute_while_reading: str = "auto") -> LLMEngine:
     num_blocks = (args.long_len + args.requests * (args.short_len + args.question_len)) // 16 * 2 + 64
-    redis = RedisConfig(url=args.redis_url, prefetch_threads=threads, max_connections=max(8, threads + 2))
+    redis = RedisConfig(url=args.redis_url, prefetch_threads=threads, max_connections=max(8, threads + 2),
+                        compute_while_reading=compute_while_reading)
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                           attention_backend=args.attention_backend, cache=CacheConfig(num_blocks=num_blocks),
                           scheduler=SchedulerConfig(max_num_batched_tokens=max(8192, args.long_len)))
@@ -89,10 +92,10 @@ def write_prefixes(args: argparse.Namespace) -> None:
 def measure_in_child(args: argparse.Namespace) -> None:
     """TTFT of each request of one workload, submitted together to a fresh engine."""
     workload, threads = args.child.split(",")
-    engine = engine_for(args, int(threads))
+    engine = engine_for(args, int(threads), args.compute_while_reading)
     # the warm-up's prompt is in no cache (an earlier process's warm-up would be in Redis)
     engine.generate([random.Random().choices(range(3, 256), k=args.question_len + 16)], ONE_TOKEN)
-    sent_before = redis_bytes_sent(engine)
+    sent_before, computed_before = redis_bytes_sent(engine), engine.stats.computed_tokens
     began, first = time.perf_counter(), {}
     for i, prompt in enumerate(prompts(args, workload)):
         engine.add_request(str(i), prompt, ONE_TOKEN)
@@ -103,7 +106,8 @@ def measure_in_child(args: argparse.Namespace) -> None:
     stats = engine.kv_store_stats()["redis"]
     engine.close()
     print(json.dumps({"ttft_s": [first[i] for i in sorted(first)], "redis_sent": sent,
-                      "loaded": stats["bytes_out"], "shared_reads": stats["shared_reads"]}))
+                      "loaded": stats["bytes_out"], "shared_reads": stats["shared_reads"],
+                      "computed_tokens": engine.stats.computed_tokens - computed_before}))
 
 
 def redis_bytes_sent(engine: LLMEngine) -> int:
@@ -124,8 +128,8 @@ def main() -> None:
         return
     write_prefixes(args)
     print("| workload | prefetch threads | first request TTFT ms | others' TTFT ms, median | last TTFT ms "
-          "| GB Redis sent | GB loaded | shared reads |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| GB Redis sent | GB loaded | shared reads | tokens computed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     plan = [(w, int(t)) for w in args.workloads.split(",") for t in args.threads.split(",")]
     for workload, threads in progress(plan, "workloads"):
@@ -138,10 +142,12 @@ def main() -> None:
                "last_ms": statistics.median(max(r["ttft_s"]) for r in runs) * 1e3,
                "sent_GB": statistics.median(r["redis_sent"] for r in runs) / 1e9,
                "loaded_GB": statistics.median(r["loaded"] for r in runs) / 1e9,
-               "shared_reads": runs[0]["shared_reads"]}
+               "shared_reads": runs[0]["shared_reads"],
+               "computed_tokens": statistics.median(r["computed_tokens"] for r in runs)}
         rows.append(row)
         print(f"| {workload} | {threads} | {row['first_ms']:,.0f} | {row['others_ms']:,.0f} | {row['last_ms']:,.0f} "
-              f"| {row['sent_GB']:.3f} | {row['loaded_GB']:.3f} | {row['shared_reads']} |", flush=True)
+              f"| {row['sent_GB']:.3f} | {row['loaded_GB']:.3f} | {row['shared_reads']} "
+              f"| {row['computed_tokens']:,.0f} |", flush=True)
     write_json(args.json_out, "redis_burst", args, rows)
 
 
