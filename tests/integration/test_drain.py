@@ -4,6 +4,7 @@ finish, refuses new requests, and exits 0."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -26,13 +27,27 @@ def start_serve(tmp_path, port: int) -> subprocess.Popen:
     env = dict(os.environ, RAY_ADDRESS="")  # a Ray of its own, not the test process's
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 180
-    for line in process.stdout:
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_forward_lines, args=(process, lines), daemon=True).start()  # keeps the pipe drained
+    deadline, seen = time.monotonic() + 180, []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            raise AssertionError(f"kvtier serve exited with {process.wait()} before serving: {seen[-5:]}")
         if line.startswith("kvtier: serving"):
-            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
             return process
-        assert time.monotonic() < deadline, "kvtier serve did not start"
-    raise AssertionError(f"kvtier serve exited with {process.wait()} before serving")
+        seen.append(line)
+    process.kill()
+    raise AssertionError(f"kvtier serve did not start within 180 s (silent or stuck): {seen[-5:]}")
+
+
+def _forward_lines(process: subprocess.Popen, lines: queue.Queue) -> None:
+    for line in process.stdout:
+        lines.put(line)
+    lines.put(None)
 
 
 def test_sigterm_during_a_stream_lets_it_finish_and_exits_zero(tmp_path):
