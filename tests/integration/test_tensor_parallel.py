@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def test_killing_a_rank_fails_the_group_within_bounded_time():
         "--num-kv-blocks", "512",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, process.kill)  # a run that hangs fails the test instead of hanging it
+    watchdog.start()
     rank_pid = None
     stderr_lines = []
     for line in process.stderr:
@@ -81,8 +84,14 @@ def test_killing_a_rank_fails_the_group_within_bounded_time():
     time.sleep(1.0)  # decoding is under way
     subprocess.run(["kill", "-9", str(rank_pid)], check=True)
     killed_at = time.monotonic()
-    remaining_stderr = process.stderr.read()
-    returncode = process.wait(timeout=60)
+    try:
+        _, remaining_stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("kvtier generate --tp 2 was still running 60 s after its rank died") from None
+    finally:
+        watchdog.cancel()
+    returncode = process.returncode
     assert time.monotonic() - killed_at < 30
     assert returncode != 0
     assert f"tensor-parallel rank 1 (pid {rank_pid}) exited" in remaining_stderr, remaining_stderr
