@@ -3,9 +3,15 @@
 (``cluster.rank_actor``), all on one node.
 
 The ranks join over torch.distributed on loopback (gloo on CPU, NCCL with CUDA, one GPU per rank). Rank 0
-broadcasts each step's inputs; every collective has ``collective_timeout_s``, and rank 0 checks before each
-step that every other rank still runs, so a dead rank ends the group with a ``TensorParallelError`` naming it,
-within bounded time. The group is started and stopped as a unit.
+broadcasts each step's inputs; every collective within a step has ``collective_timeout_s``, and rank 0 checks
+before each step that every other rank still runs, so a dead rank ends the group with a ``TensorParallelError``
+naming it, within bounded time. The group is started and stopped as a unit.
+
+What a rank waits for between steps (the next step's header: an idle worker sends nothing for hours; the pool
+sizes: rank 0 may still be loading its weights) goes over a second group of the same ranks with no practical
+timeout (``Collectives.send_header``). On the default group's timeout an idle worker's ranks used to give up
+after ``collective_timeout_s`` of idleness, and its next request failed. A rank whose peer dies meanwhile
+still learns it at once: the peer's sockets close.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from workers.step_packet import HostBatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_BETWEEN_STEPS_TIMEOUT = timedelta(days=365)  # waits between steps: as long as a worker may stay idle
 
 
 def backend_for(device: torch.device) -> str:
@@ -55,15 +62,18 @@ def rendezvous(rank: int, world_size: int, port: int, timeout_s: float) -> dist.
                          wait_for_workers=False)
 
 
-def init_group(rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float) -> None:
-    """Join the default process group over ``store``; a failure leaves nothing behind that would stop this
-    process forming another group."""
+def init_group(rank: int, world_size: int, store: dist.Store, device: torch.device,
+               timeout_s: float) -> Collectives:
+    """Join the default process group over ``store``, and the group for waits between steps; the collectives
+    over both. A failure leaves nothing behind that would stop this process forming another group."""
     try:
         dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
+        between_steps = dist.new_group(list(range(world_size)), timeout=_BETWEEN_STEPS_TIMEOUT)
     except BaseException:
         _forget_failed_group()
         raise
+    return Collectives(device, between_steps)
 
 
 def _forget_failed_group() -> None:
@@ -77,10 +87,12 @@ def _forget_failed_group() -> None:
 
 
 class Collectives:
-    """The broadcasts rank 0 and the other ranks exchange, on the device the backend needs."""
+    """The broadcasts rank 0 and the other ranks exchange, on the device the backend needs: within a step on
+    the default group (``collective_timeout_s``), between steps on ``between_steps`` (no practical timeout)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, between_steps: dist.ProcessGroup | None = None) -> None:
         self.device = collective_device(device)
+        self.between_steps = between_steps
 
     def send(self, tensor: torch.Tensor) -> None:
         dist.broadcast(tensor.to(self.device), src=0)
@@ -90,9 +102,18 @@ class Collectives:
         dist.broadcast(tensor, src=0)
         return tensor.cpu()
 
+    def send_header(self, tensor: torch.Tensor) -> None:
+        """What the other ranks wait for between steps: the next message's header, or the pool sizes."""
+        dist.broadcast(tensor.to(self.device), src=0, group=self.between_steps)
+
+    def receive_header(self, size: int) -> torch.Tensor:
+        tensor = torch.empty(size, dtype=torch.long, device=self.device)
+        dist.broadcast(tensor, src=0, group=self.between_steps)
+        return tensor.cpu()
+
     def receive_message(self) -> HostBatch | TierOps | None:
         """The next step's batch or tier moves, or None when rank 0 says stop."""
-        header = self.receive(step_packet.HEADER_SIZE)
+        header = self.receive_header(step_packet.HEADER_SIZE)
         command = header[0].item()
         if command == step_packet.STOP:
             return None
@@ -120,18 +141,17 @@ RankLauncher = Callable[[int, int, EngineConfig], RankProcesses]  # (world size,
 class TPGroup:
     def __init__(self, config: EngineConfig, device: torch.device, launch: RankLauncher | None = None) -> None:
         self.world_size = config.tensor_parallel_size
-        self.collectives = Collectives(device)
         store = rendezvous(0, self.world_size, 0, config.collective_timeout_s)
         self.ranks = (launch or spawn_local_ranks)(self.world_size, store.port, config)
         try:
-            init_group(0, self.world_size, store, device, config.collective_timeout_s)
+            self.collectives = init_group(0, self.world_size, store, device, config.collective_timeout_s)
         except Exception:
             self.ranks.kill()
             raise
 
     def broadcast_sizes(self, num_blocks: int, num_cpu_slots: int) -> None:
         """Rank 0 sized the pools; every rank allocates the same number of GPU blocks and CPU slots."""
-        self._guarded(lambda: self.collectives.send(torch.tensor([num_blocks, num_cpu_slots], dtype=torch.long)))
+        self._guarded(lambda: self.collectives.send_header(torch.tensor([num_blocks, num_cpu_slots], dtype=torch.long)))
 
     def run_tier_ops(self, ops: TierOps, run: Callable[[], T]) -> T:
         """Send ``ops`` to the other ranks, then ``run`` this rank's part (their collectives meet)."""
@@ -139,7 +159,7 @@ class TPGroup:
         body = torch.tensor(ops.flat(), dtype=torch.long)
 
         def tier_step() -> T:
-            self.collectives.send(header)
+            self.collectives.send_header(header)
             if body.numel():
                 self.collectives.send(body)
             return run()
@@ -151,7 +171,7 @@ class TPGroup:
         header, body = step_packet.pack(batch)
 
         def step() -> T:
-            self.collectives.send(header)
+            self.collectives.send_header(header)
             self.collectives.send(body)
             return run()
 
@@ -160,7 +180,7 @@ class TPGroup:
     def stop(self, timeout_s: float = 10.0) -> None:
         try:
             if self.ranks.ended() is None:
-                self.collectives.send(step_packet.stop_header())
+                self.collectives.send_header(step_packet.stop_header())
             if not self.ranks.wait(timeout_s):
                 raise TimeoutError(f"ranks still running after {timeout_s} s")
         except (RuntimeError, TimeoutError) as error:

@@ -28,23 +28,22 @@ from workers.model_loader import load_model, resolve_dtype
 from workers.parallel import ParallelContext
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
-from workers.tp_group import Collectives, init_group, rank_device, rendezvous
+from workers.tp_group import init_group, rank_device, rendezvous
 
 log = logging.getLogger("kvtier.rank")
 
 
 def serve(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
     device = rank_device(resolve_device(config.device), rank)
-    init_group(rank, world_size, rendezvous(rank, world_size, port, config.collective_timeout_s), device,
-               config.collective_timeout_s)
+    collectives = init_group(rank, world_size, rendezvous(rank, world_size, port, config.collective_timeout_s),
+                             device, config.collective_timeout_s)
     parallel = ParallelContext(rank, world_size)
     model_dir = resolve_model_dir(config.model)
     model_config = load_model_config(model_dir)
     dtype = resolve_dtype(config.dtype, model_config)
     model = load_model(model_dir, dtype, str(device), make_backend(config.attention_backend, str(device)), False,
                        parallel)
-    collectives = Collectives(device)
-    num_blocks, num_cpu_slots = collectives.receive(2).tolist()
+    num_blocks, num_cpu_slots = collectives.receive_header(2).tolist()
     kv_heads = parallel.kv_heads(model_config)
     shape = KVCacheShape(num_blocks, model_config.num_layers, config.cache.block_size, kv_heads.size,
                          model_config.head_dim, dtype)

@@ -24,7 +24,8 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def tp_cluster():
     overrides = {
-        "engine": {"tensor_parallel_size": 2, "cache": {"num_blocks": 256}},
+        # a dead rank is usually seen at once (its sockets close); at worst a collective waits out this timeout
+        "engine": {"tensor_parallel_size": 2, "cache": {"num_blocks": 256}, "collective_timeout_s": 10},
         "kvstore": {"prefix_caching": False},
         "workers": {"count": 1, "num_cpus": 0.5},
         "router": {"port": 0},

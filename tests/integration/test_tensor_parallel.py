@@ -195,3 +195,19 @@ def test_a_group_that_failed_to_form_leaves_the_process_able_to_form_another(mon
     plain = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), prompt)
     engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
     assert generate_and_close(engine, prompt).token_ids == plain.token_ids
+
+
+def test_a_group_left_idle_longer_than_its_collective_timeout_still_serves():
+    """Between steps the ranks wait with no timeout: before, they gave up after ``collective_timeout_s`` of an
+    idle worker (here 2 s), and its next request failed with the group down."""
+    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
+                          collective_timeout_s=2)
+    engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
+    prompt = TINY_PREFIX[:50]
+    try:
+        first = engine.generate([prompt], TINY_GREEDY)[0].token_ids
+        time.sleep(4)
+        assert engine.tp_group.ranks.ended() is None
+        assert engine.generate([prompt], TINY_GREEDY)[0].token_ids == first
+    finally:
+        engine.close()
