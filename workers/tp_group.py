@@ -90,7 +90,7 @@ class Collectives:
     """The broadcasts rank 0 and the other ranks exchange, on the device the backend needs: within a step on
     the default group (``collective_timeout_s``), between steps on ``between_steps`` (no practical timeout)."""
 
-    def __init__(self, device: torch.device, between_steps: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, device: torch.device, between_steps: dist.ProcessGroup) -> None:
         self.device = collective_device(device)
         self.between_steps = between_steps
 
@@ -151,7 +151,8 @@ class TPGroup:
 
     def broadcast_sizes(self, num_blocks: int, num_cpu_slots: int) -> None:
         """Rank 0 sized the pools; every rank allocates the same number of GPU blocks and CPU slots."""
-        self._guarded(lambda: self.collectives.send_header(torch.tensor([num_blocks, num_cpu_slots], dtype=torch.long)))
+        sizes = torch.tensor([num_blocks, num_cpu_slots], dtype=torch.long)
+        self._guarded(lambda: self.collectives.send_header(sizes))
 
     def run_tier_ops(self, ops: TierOps, run: Callable[[], T]) -> T:
         """Send ``ops`` to the other ranks, then ``run`` this rank's part (their collectives meet)."""
