@@ -71,3 +71,18 @@ def test_a_tp2_worker_serves_and_restarts_as_a_unit_when_a_rank_dies(tp_cluster)
             pass
         time.sleep(0.5)
     assert client.complete(prompt, GREEDY, timeout_s=60).token_ids == expected
+
+
+def test_a_tp2_worker_left_idle_past_its_collective_timeout_still_serves(tp_cluster):
+    """Idle for longer than ``collective_timeout_s`` (10 s here), the same worker process answers (its ranks
+    used to give up waiting for the next step, and the worker restarted)."""
+    import ray
+
+    handle, client = tp_cluster
+    (worker,) = handle.workers.values()
+    prompt = [(i * 11) % 250 + 3 for i in range(40)]
+    first = client.complete(prompt, GREEDY, timeout_s=60).token_ids
+    pid = ray.get(worker.pid.remote())
+    time.sleep(12)
+    assert client.complete(prompt, GREEDY, timeout_s=60).token_ids == first
+    assert ray.get(worker.pid.remote()) == pid
