@@ -78,5 +78,9 @@ class WorkerActor:
         """Test hook: stall this worker's step loop for ``seconds``."""
         self._engine.hold_steps_for_test(seconds)
 
+    def fail_next_step_for_test(self, message: str) -> None:
+        """Test hook: this worker's next engine step fails (then it exits, and Ray restarts it)."""
+        self._engine.fail_next_step_for_test(message)
+
     def pid(self) -> int:
         return os.getpid()

@@ -16,9 +16,9 @@ import grpc
 
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
-from router.errors import map_errors
+from router.errors import WorkerUnavailable, map_errors
 from router.requests import FINISH_REASONS, prompt_of, salt_of, sampling_of
-from workers.async_engine import AsyncEngine
+from workers.async_engine import AsyncEngine, EngineFailed
 from workers.engine import RequestOutput
 from workers.validation import InvalidRequestError
 
@@ -37,13 +37,16 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         request_id = request.request_id or uuid.uuid4().hex
         stream = self.engine.generate(request_id, prompt_of(request), sampling_of(request), salt_of(request))
         first_token_at = None
-        async for output in stream:
-            if first_token_at is None and output.new_token_ids:
-                first_token_at = time.monotonic()
-            if output.new_token_ids or output.new_text:
-                yield pb.GenerateResponse(delta=pb.Delta(token_ids=output.new_token_ids, text=output.new_text))
-            if output.finished:
-                yield pb.GenerateResponse(final=self._final(output, request_id, arrived, first_token_at))
+        try:
+            async for output in stream:
+                if first_token_at is None and output.new_token_ids:
+                    first_token_at = time.monotonic()
+                if output.new_token_ids or output.new_text:
+                    yield pb.GenerateResponse(delta=pb.Delta(token_ids=output.new_token_ids, text=output.new_text))
+                if output.finished:
+                    yield pb.GenerateResponse(final=self._final(output, request_id, arrived, first_token_at))
+        except EngineFailed as error:  # the router moves the stream to another worker
+            raise WorkerUnavailable(f"worker {self.worker_id}: {error}") from error
 
     def _final(self, output: RequestOutput, request_id: str, arrived: float, first: float | None) -> pb.Final:
         now = time.monotonic()

@@ -21,12 +21,17 @@ class NoHealthyWorker(Exception):
     """No worker can take the request: UNAVAILABLE."""
 
 
+class WorkerUnavailable(Exception):
+    """This worker cannot serve the request now (its engine failed and restarts), another may: UNAVAILABLE, so
+    the router moves the stream on."""
+
+
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, NoHealthyWorker):
+    if isinstance(error, (NoHealthyWorker, WorkerUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(error)
     if isinstance(error, grpc.aio.AioRpcError):  # a worker's status passes through
         return error.code(), error.details() or ""

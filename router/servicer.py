@@ -77,9 +77,12 @@ class RouterServicer(pb_grpc.GenerationServicer):
         streamed to another worker, as resumed tokens, so the client's stream goes on with nothing repeated or
         missing: the same tokens (a seeded draw included), the same text and stop strings."""
         streamed: list[int] = []
-        first_token_at = None
+        first_token_at, failure = None, ""
         for _ in range(len(self.pool.workers) + 1):
-            worker = self._choose(token_ids + streamed, salt)
+            try:
+                worker = self._choose(token_ids + streamed, salt)
+            except NoHealthyWorker as error:
+                raise NoHealthyWorker(f"{error}{failure}") from None
             forwarded = with_token_ids(request, request_id, token_ids + streamed)
             forwarded.max_tokens = max_tokens - len(streamed)
             forwarded.resumed_tokens = request.resumed_tokens + len(streamed)
@@ -98,12 +101,13 @@ class RouterServicer(pb_grpc.GenerationServicer):
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
                 self.pool.mark_unhealthy(worker.worker_id, f"request failed: {error.code().name}")
+                failure = f" (the last one to fail: {error.details() or error.code().name})"
                 self.metrics.migrations.inc()
                 log.warning("migrating %s after %d tokens: worker %s failed", request_id, len(streamed),
                             worker.worker_id)
             finally:
                 worker.in_flight -= 1
-        raise NoHealthyWorker(f"request {request_id}: every worker failed")
+        raise NoHealthyWorker(f"request {request_id}: every worker failed{failure}")
 
     def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
         """(prompt token ids, max_tokens with its default applied, cache salt), or InvalidRequestError."""

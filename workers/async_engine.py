@@ -19,6 +19,11 @@ from workers.validation import InvalidRequestError
 log = logging.getLogger(__name__)
 
 
+class EngineFailed(RuntimeError):
+    """The engine is broken (a step failed: a dead tensor-parallel rank, ...) and its host restarts it: no
+    fault of the request, which another worker can serve."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_fatal: Callable[[Exception], None] | None = None) -> None:
         """``on_fatal`` is called once a step has failed (after every open stream got the error): the engine is
@@ -33,6 +38,7 @@ class AsyncEngine:
         self._kv_subscribers: list[asyncio.Queue] = []
         self._new_kv_subscribers: list[asyncio.Queue] = []
         self._held_until = 0.0  # test hook: no step before this time.monotonic()
+        self._failure_for_test: Exception | None = None  # test hook: the next step raises this
 
     def subscribe_kv_events(self) -> asyncio.Queue:
         """A queue of ("snapshot", {tier: hashes}) first, then ("events", [KVEvent, ...]) as blocks move."""
@@ -61,7 +67,7 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; leaving early (or cancellation) aborts it."""
         if self.failed is not None:
-            raise RuntimeError(f"the engine failed and is being restarted: {self.failed}")
+            raise EngineFailed(f"the engine failed and is being restarted: {self.failed}")
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         request = self.engine.prepare_request(request_id, prompt, params, cache_salt)
@@ -90,6 +96,15 @@ class AsyncEngine:
         """Test hook: the step loop takes no step for ``seconds`` (a stalled engine, as the router sees it)."""
         self._held_until = time.monotonic() + seconds
 
+    def fail_next_step_for_test(self, message: str) -> None:
+        """Test hook: the next step raises instead of running (a broken engine, as its streams see it)."""
+        self._failure_for_test = RuntimeError(message)
+
+    def _step(self) -> list[RequestOutput]:
+        if self._failure_for_test is not None:
+            raise self._failure_for_test
+        return self.engine.step()
+
     def _wake(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
@@ -103,7 +118,7 @@ class AsyncEngine:
             while time.monotonic() < self._held_until:
                 await asyncio.sleep(0.05)
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
+                outputs = await asyncio.to_thread(self._step)
             except Exception as error:  # the engine is broken: every open stream gets the error
                 log.exception("engine step failed; failing %d open streams", len(self._streams))
                 self.failed = error
@@ -146,5 +161,7 @@ class AsyncEngine:
 
     def _fail_all(self, error: Exception) -> None:
         for queue in self._streams.values():
-            queue.put_nowait(error)
+            failed = EngineFailed(f"the engine failed: {type(error).__name__}: {error}")
+            failed.__cause__ = error
+            queue.put_nowait(failed)
         self._streams.clear()

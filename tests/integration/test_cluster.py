@@ -216,6 +216,36 @@ def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token
     assert final.usage.prompt_tokens == len(prompt)
 
 
+def test_a_stream_whose_worker_s_engine_fails_moves_on_to_another_worker(cluster, offline):
+    """A step fails mid-stream (as with a dead tensor-parallel rank): the worker answers UNAVAILABLE, so the
+    router moves the stream on; the client gets the unbroken run's tokens and text, and no error (before, it
+    got INTERNAL). The worker exits and Ray restarts it."""
+    import ray
+
+    handle, client, _ = cluster
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+    prompt = question(600) * 2
+    params = SamplingParams(max_tokens=200, temperature=0.8, seed=5, ignore_eos=True)
+    stream = client.stream(build_request(prompt, params))
+    received, text, final = [], "", None
+    for response in stream:
+        received += response.delta.token_ids
+        text += response.delta.text
+        if len(received) >= 20:
+            break
+    (busy,) = [w.worker_id for w in client.cluster_info().workers if w.load > 0]
+    ray.get(handle.workers[busy].fail_next_step_for_test.remote("a step failed (test)"))
+    for response in stream:
+        if response.HasField("delta"):
+            received += response.delta.token_ids
+            text += response.delta.text
+        else:
+            final = response.final
+    unbroken = offline.generate([prompt], params)[0]
+    assert (received, text) == (unbroken.token_ids, unbroken.text) and final.worker_id != busy
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+
+
 def test_a_deadline_ends_the_stream_with_deadline_exceeded(cluster):
     _, client, _ = cluster
     request = build_request(question(800) * 4, SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
