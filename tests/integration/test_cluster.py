@@ -186,31 +186,37 @@ def test_health_and_reflection(cluster):
     assert "kvtier.v1.Generation" in names
 
 
-def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token(cluster, offline):
-    """A seeded, sampled stream: after the move it draws what the unbroken run draws, and its text is whole."""
-    import ray
-
+def broken_mid_stream(cluster, offline, params: SamplingParams, prompt: list[int], break_worker) -> tuple:
+    """Stream ``prompt``, call ``break_worker(handle, worker id)`` on the worker serving it after 20 tokens,
+    read the rest: (tokens, text, final message, the broken worker's id, the unbroken run)."""
     handle, client, _ = cluster
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
-    prompt = question(500) * 2
-    params = SamplingParams(max_tokens=300, temperature=0.8, top_p=0.95, seed=77, ignore_eos=True)
     stream = client.stream(build_request(prompt, params))
-    received, text = [], ""
+    received, text, final = [], "", None
     for response in stream:
         received += response.delta.token_ids
         text += response.delta.text
         if len(received) >= 20:
             break
     (busy,) = [w.worker_id for w in client.cluster_info().workers if w.load > 0]
-    ray.kill(handle.workers[busy], no_restart=False)
-    final = None
+    break_worker(handle, busy)
     for response in stream:
         if response.HasField("delta"):
             received += response.delta.token_ids
             text += response.delta.text
         else:
             final = response.final
-    unbroken = offline.generate([prompt], params)[0]
+    return received, text, final, busy, offline.generate([prompt], params)[0]
+
+
+def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token(cluster, offline):
+    """A seeded, sampled stream: after the move it draws what the unbroken run draws, and its text is whole."""
+    import ray
+
+    prompt = question(500) * 2
+    params = SamplingParams(max_tokens=300, temperature=0.8, top_p=0.95, seed=77, ignore_eos=True)
+    received, text, final, busy, unbroken = broken_mid_stream(
+        cluster, offline, params, prompt, lambda handle, busy: ray.kill(handle.workers[busy], no_restart=False))
     assert received == unbroken.token_ids and text == unbroken.text
     assert final.worker_id != busy and final.usage.completion_tokens == 300
     assert final.usage.prompt_tokens == len(prompt)
@@ -222,27 +228,14 @@ def test_a_stream_whose_worker_s_engine_fails_moves_on_to_another_worker(cluster
     got INTERNAL). The worker exits and Ray restarts it."""
     import ray
 
-    handle, client, _ = cluster
-    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
-    prompt = question(600) * 2
+    def fail_a_step(handle, busy):
+        ray.get(handle.workers[busy].fail_next_step_for_test.remote("a step failed (test)"))
+
     params = SamplingParams(max_tokens=200, temperature=0.8, seed=5, ignore_eos=True)
-    stream = client.stream(build_request(prompt, params))
-    received, text, final = [], "", None
-    for response in stream:
-        received += response.delta.token_ids
-        text += response.delta.text
-        if len(received) >= 20:
-            break
-    (busy,) = [w.worker_id for w in client.cluster_info().workers if w.load > 0]
-    ray.get(handle.workers[busy].fail_next_step_for_test.remote("a step failed (test)"))
-    for response in stream:
-        if response.HasField("delta"):
-            received += response.delta.token_ids
-            text += response.delta.text
-        else:
-            final = response.final
-    unbroken = offline.generate([prompt], params)[0]
+    received, text, final, busy, unbroken = broken_mid_stream(cluster, offline, params, question(600) * 2,
+                                                              fail_a_step)
     assert (received, text) == (unbroken.token_ids, unbroken.text) and final.worker_id != busy
+    _, client, _ = cluster
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
 
 
