@@ -78,9 +78,12 @@ class WorkerActor:
         """Test hook: stall this worker's step loop for ``seconds``."""
         self._engine.hold_steps_for_test(seconds)
 
-    def fail_next_step_for_test(self, message: str) -> None:
-        """Test hook: this worker's next engine step fails (then it exits, and Ray restarts it)."""
-        self._engine.fail_next_step_for_test(message)
+    def fail_next_step_for_test(self, message: str, rank_died: bool) -> None:
+        """Test hook: this worker's next engine step fails, as if a tensor-parallel rank died or with an error
+        of no known cause (then it exits, and Ray restarts it)."""
+        from workers.parallel import TensorParallelError
+
+        self._engine.fail_next_step_for_test(TensorParallelError(message) if rank_died else RuntimeError(message))
 
     def pid(self) -> int:
         return os.getpid()

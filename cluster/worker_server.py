@@ -20,6 +20,7 @@ from router.errors import WorkerUnavailable, map_errors
 from router.requests import FINISH_REASONS, prompt_of, salt_of, sampling_of
 from workers.async_engine import AsyncEngine, EngineFailed
 from workers.engine import RequestOutput
+from workers.parallel import TensorParallelError
 from workers.validation import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         arrived = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
         stream = self.engine.generate(request_id, prompt_of(request), sampling_of(request), salt_of(request))
-        first_token_at = None
+        first_token_at, broken_before = None, self.engine.failed is not None
         try:
             async for output in stream:
                 if first_token_at is None and output.new_token_ids:
@@ -45,8 +46,12 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
                     yield pb.GenerateResponse(delta=pb.Delta(token_ids=output.new_token_ids, text=output.new_text))
                 if output.finished:
                     yield pb.GenerateResponse(final=self._final(output, request_id, arrived, first_token_at))
-        except EngineFailed as error:  # the router moves the stream to another worker
-            raise WorkerUnavailable(f"worker {self.worker_id}: {error}") from error
+        except EngineFailed as error:
+            # this worker's fault (a rank died, or it broke before the request came): the router moves it on; a
+            # step error of no known cause may be the request's, so it is not tried on every worker in turn
+            if broken_before or isinstance(error.__cause__, TensorParallelError):
+                raise WorkerUnavailable(f"worker {self.worker_id}: {error}") from error
+            raise
 
     def _final(self, output: RequestOutput, request_id: str, arrived: float, first: float | None) -> pb.Final:
         now = time.monotonic()

@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class EngineFailed(RuntimeError):
-    """The engine is broken (a step failed: a dead tensor-parallel rank, ...) and its host restarts it: no
-    fault of the request, which another worker can serve."""
+    """The engine is broken (a step failed) and its host restarts it; ``__cause__`` is what the step raised."""
 
 
 class AsyncEngine:
@@ -67,7 +66,7 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; leaving early (or cancellation) aborts it."""
         if self.failed is not None:
-            raise EngineFailed(f"the engine failed and is being restarted: {self.failed}")
+            raise EngineFailed(f"the engine failed and is being restarted: {self.failed}") from self.failed
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         request = self.engine.prepare_request(request_id, prompt, params, cache_salt)
@@ -96,9 +95,10 @@ class AsyncEngine:
         """Test hook: the step loop takes no step for ``seconds`` (a stalled engine, as the router sees it)."""
         self._held_until = time.monotonic() + seconds
 
-    def fail_next_step_for_test(self, message: str) -> None:
-        """Test hook: the next step raises instead of running (a broken engine, as its streams see it)."""
-        self._failure_for_test = RuntimeError(message)
+    def fail_next_step_for_test(self, failure: Exception) -> None:
+        """Test hook: the next step raises ``failure`` instead of running (a broken engine, as its streams see
+        it)."""
+        self._failure_for_test = failure
 
     def _step(self) -> list[RequestOutput]:
         if self._failure_for_test is not None:

@@ -222,21 +222,38 @@ def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token
     assert final.usage.prompt_tokens == len(prompt)
 
 
-def test_a_stream_whose_worker_s_engine_fails_moves_on_to_another_worker(cluster, offline):
-    """A step fails mid-stream (as with a dead tensor-parallel rank): the worker answers UNAVAILABLE, so the
+def test_a_stream_whose_worker_loses_a_rank_moves_on_to_another_worker(cluster, offline):
+    """A step fails mid-stream as with a dead tensor-parallel rank: the worker answers UNAVAILABLE, so the
     router moves the stream on; the client gets the unbroken run's tokens and text, and no error (before, it
     got INTERNAL). The worker exits and Ray restarts it."""
     import ray
 
-    def fail_a_step(handle, busy):
-        ray.get(handle.workers[busy].fail_next_step_for_test.remote("a step failed (test)"))
+    def lose_a_rank(handle, busy):
+        ray.get(handle.workers[busy].fail_next_step_for_test.remote("rank 1 died (test)", rank_died=True))
 
     params = SamplingParams(max_tokens=200, temperature=0.8, seed=5, ignore_eos=True)
     received, text, final, busy, unbroken = broken_mid_stream(cluster, offline, params, question(600) * 2,
-                                                              fail_a_step)
+                                                              lose_a_rank)
     assert (received, text) == (unbroken.token_ids, unbroken.text) and final.worker_id != busy
     _, client, _ = cluster
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+
+
+def test_a_step_error_of_no_known_cause_is_not_carried_to_every_worker(cluster, offline):
+    """The request itself may be what broke the step: the client gets INTERNAL, and only that worker restarts
+    (moved on, such a request could take every worker down in turn)."""
+    import ray
+
+    def break_a_step(handle, busy):
+        ray.get(handle.workers[busy].fail_next_step_for_test.remote("a step raised (test)", rank_died=False))
+
+    with pytest.raises(grpc.RpcError) as caught:
+        broken_mid_stream(cluster, offline, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+                          question(601) * 2, break_a_step)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL and "a step raised (test)" in caught.value.details()
+    _, client, _ = cluster
+    wait_until(lambda: not all(w.healthy for w in client.cluster_info().workers), timeout_s=30)  # it exits,
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))  # and Ray restarts it
 
 
 def test_a_deadline_ends_the_stream_with_deadline_exceeded(cluster):
