@@ -94,22 +94,20 @@ class Collectives:
         self.device = collective_device(device)
         self.between_steps = between_steps
 
-    def send(self, tensor: torch.Tensor) -> None:
-        dist.broadcast(tensor.to(self.device), src=0)
+    def send(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+        dist.broadcast(tensor.to(self.device), src=0, group=group)
 
-    def receive(self, size: int) -> torch.Tensor:
+    def receive(self, size: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
         tensor = torch.empty(size, dtype=torch.long, device=self.device)
-        dist.broadcast(tensor, src=0)
+        dist.broadcast(tensor, src=0, group=group)
         return tensor.cpu()
 
     def send_header(self, tensor: torch.Tensor) -> None:
         """What the other ranks wait for between steps: the next message's header, or the pool sizes."""
-        dist.broadcast(tensor.to(self.device), src=0, group=self.between_steps)
+        self.send(tensor, self.between_steps)
 
     def receive_header(self, size: int) -> torch.Tensor:
-        tensor = torch.empty(size, dtype=torch.long, device=self.device)
-        dist.broadcast(tensor, src=0, group=self.between_steps)
-        return tensor.cpu()
+        return self.receive(size, self.between_steps)
 
     def receive_message(self) -> HostBatch | TierOps | None:
         """The next step's batch or tier moves, or None when rank 0 says stop."""
