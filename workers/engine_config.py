@@ -79,6 +79,7 @@ class EngineConfig:
     seed: int = 0  # seeds requests that bring no seed of their own, in arrival order
     tensor_parallel_size: int = 1  # ranks that split every layer's heads and KV cache
     collective_timeout_s: float = 60.0  # a rank silent this long takes its tensor-parallel group down
+    rank_start_timeout_s: float = 600.0  # how long rank 0 waits for the other ranks' processes to start and join
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA with the triton backend; else ignored)
     cuda_graph_max_batch: int = 128  # the largest decode batch with a graph; larger ones run eagerly
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -95,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s: must be > 0, got {self.collective_timeout_s}")
+        if self.rank_start_timeout_s <= 0:
+            raise ValueError(f"rank_start_timeout_s: must be > 0, got {self.rank_start_timeout_s}")
         if self.cuda_graph_max_batch < 1:
             raise ValueError(f"cuda_graph_max_batch: must be >= 1, got {self.cuda_graph_max_batch}")
         if self.attention_backend not in ("torch", "triton"):

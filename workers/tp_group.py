@@ -7,6 +7,11 @@ broadcasts each step's inputs; every collective within a step has ``collective_t
 before each step that every other rank still runs, so a dead rank ends the group with a ``TensorParallelError``
 naming it, within bounded time. The group is started and stopped as a unit.
 
+Rank 0 waits up to ``rank_start_timeout_s`` for the other ranks to start (a process or Ray actor to launch, torch
+to import: tens of seconds on a busy node) and says at once if one ends first (``wait_for_ranks_to_join``);
+only then do the ranks form the group, whose own rendezvous has ``collective_timeout_s``. On that shorter
+timeout a busy node's restarted worker used to fail to form its group and stay down.
+
 What a rank waits for between steps (the next step's header: an idle worker sends nothing for hours; the pool
 sizes: rank 0 may still be loading its weights) goes over a second group of the same ranks with no practical
 timeout (``Collectives.send_header``). On the default group's timeout an idle worker's ranks used to give up
@@ -62,6 +67,15 @@ def rendezvous(rank: int, world_size: int, port: int, timeout_s: float) -> dist.
                          wait_for_workers=False)
 
 
+def announce_joining(store: dist.Store, rank: int) -> None:
+    """Rank ``rank`` has started and is about to join the group (``wait_for_ranks_to_join``)."""
+    store.set(_joining_key(rank), "1")
+
+
+def _joining_key(rank: int) -> str:
+    return f"kvtier/rank/{rank}/joining"
+
+
 def init_group(rank: int, world_size: int, store: dist.Store, device: torch.device,
                timeout_s: float) -> Collectives:
     """Join the default process group over ``store``, and the group for waits between steps; the collectives
@@ -73,7 +87,7 @@ def init_group(rank: int, world_size: int, store: dist.Store, device: torch.devi
     except BaseException:
         _forget_failed_group()
         raise
-    return Collectives(device, between_steps)
+    return Collectives(device, between_steps, timedelta(seconds=timeout_s))
 
 
 def _forget_failed_group() -> None:
@@ -88,11 +102,14 @@ def _forget_failed_group() -> None:
 
 class Collectives:
     """The broadcasts rank 0 and the other ranks exchange, on the device the backend needs: within a step on
-    the default group (``collective_timeout_s``), between steps on ``between_steps`` (no practical timeout)."""
+    the default group (``collective_timeout_s``), between steps on ``between_steps``: no practical timeout for
+    the ranks that wait there, ``send_timeout`` for rank 0, which sends only when it has work for them (a rank
+    that does not take it within that is dead or stuck)."""
 
-    def __init__(self, device: torch.device, between_steps: dist.ProcessGroup) -> None:
+    def __init__(self, device: torch.device, between_steps: dist.ProcessGroup, send_timeout: timedelta) -> None:
         self.device = collective_device(device)
         self.between_steps = between_steps
+        self.send_timeout = send_timeout
 
     def send(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
         dist.broadcast(tensor.to(self.device), src=0, group=group)
@@ -103,8 +120,16 @@ class Collectives:
         return tensor.cpu()
 
     def send_header(self, tensor: torch.Tensor) -> None:
-        """What the other ranks wait for between steps: the next message's header, or the pool sizes."""
-        self.send(tensor, self.between_steps)
+        """What the other ranks wait for between steps: the next message's header. Raises RuntimeError after
+        ``send_timeout`` (the group's own timeout is a year): gloo's sender waits for its receivers, and they
+        wait for it at once after each step. Gloo only: gloo's broadcast
+        blocks the host anyway, while a bounded wait on an NCCL work would stall the host on the device every
+        step (NCCL's watchdog bounds it instead)."""
+        work = dist.broadcast(tensor.to(self.device), src=0, group=self.between_steps, async_op=True)
+        if self.device.type == "cpu":
+            work.wait(self.send_timeout)
+        else:
+            work.wait()
 
     def receive_header(self, size: int) -> torch.Tensor:
         return self.receive(size, self.between_steps)
@@ -142,15 +167,30 @@ class TPGroup:
         store = rendezvous(0, self.world_size, 0, config.collective_timeout_s)
         self.ranks = (launch or spawn_local_ranks)(self.world_size, store.port, config)
         try:
+            self.wait_for_ranks_to_join(store, config.rank_start_timeout_s)
             self.collectives = init_group(0, self.world_size, store, device, config.collective_timeout_s)
         except Exception:
             self.ranks.kill()
             raise
 
+    def wait_for_ranks_to_join(self, store: dist.Store, timeout_s: float) -> None:
+        """Until every other rank has announced itself: a ``TensorParallelError`` if one ends first, a
+        ``TimeoutError`` naming the missing ranks after ``timeout_s``."""
+        keys = [_joining_key(rank) for rank in range(1, self.world_size)]
+        deadline = time.monotonic() + timeout_s
+        while not store.check(keys):
+            self.check_alive()
+            if time.monotonic() >= deadline:
+                missing = [rank for rank in range(1, self.world_size) if not store.check([_joining_key(rank)])]
+                raise TimeoutError(f"tensor-parallel ranks {missing} did not start within rank_start_timeout_s "
+                                   f"({timeout_s:g} s)")
+            time.sleep(0.05)
+
     def broadcast_sizes(self, num_blocks: int, num_cpu_slots: int) -> None:
         """Rank 0 sized the pools; every rank allocates the same number of GPU blocks and CPU slots."""
         sizes = torch.tensor([num_blocks, num_cpu_slots], dtype=torch.long)
-        self._guarded(lambda: self.collectives.send_header(sizes))
+        # unbounded: a rank may still be loading its weights (it waits for these on the between-steps group)
+        self._guarded(lambda: self.collectives.send(sizes, self.collectives.between_steps))
 
     def run_tier_ops(self, ops: TierOps, run: Callable[[], T]) -> T:
         """Send ``ops`` to the other ranks, then ``run`` this rank's part (their collectives meet)."""

@@ -28,15 +28,16 @@ from workers.model_loader import load_model, resolve_dtype
 from workers.parallel import ParallelContext
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
-from workers.tp_group import init_group, rank_device, rendezvous
+from workers.tp_group import announce_joining, init_group, rank_device, rendezvous
 
 log = logging.getLogger("kvtier.rank")
 
 
 def serve(config: EngineConfig, rank: int, world_size: int, port: int) -> None:
     device = rank_device(resolve_device(config.device), rank)
-    collectives = init_group(rank, world_size, rendezvous(rank, world_size, port, config.collective_timeout_s),
-                             device, config.collective_timeout_s)
+    store = rendezvous(rank, world_size, port, config.collective_timeout_s)
+    announce_joining(store, rank)
+    collectives = init_group(rank, world_size, store, device, config.collective_timeout_s)
     parallel = ParallelContext(rank, world_size)
     model_dir = resolve_model_dir(config.model)
     model_config = load_model_config(model_dir)

@@ -15,6 +15,7 @@ import pytest
 from tests.hf_reference import hf_greedy, random_prompts, save_random_model
 from workers.engine import LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.parallel import TensorParallelError
 from workers.sampling_params import SamplingParams
 
 PROMPT_LENGTHS = [1, 17, 100, 300]
@@ -173,19 +174,21 @@ def test_a_one_rank_group_runs_the_distributed_path():
 
 
 def test_a_group_that_failed_to_form_leaves_the_process_able_to_form_another(monkeypatch):
-    """Rank 1 dies before the group forms: rank 0 fails within its collective timeout, and the next group this
-    process starts forms and gives the tokens of tp=1 (torch's name for the failed group is not reused)."""
+    """Rank 1 announces itself, then dies before the group forms: rank 0 fails within its collective timeout,
+    and the next group this process starts forms and gives the tokens of tp=1 (torch's name for the failed
+    group is not reused)."""
     import workers.tp_group as tp_group
 
-    def ranks_that_die(world_size, port, config):
+    def ranks_that_die_after_announcing(world_size, port, config):
         ranks = spawn_local_ranks(world_size, port, config)
         ranks.kill()
+        tp_group.announce_joining(tp_group.rendezvous(1, world_size, port, 10), 1)
         return ranks
 
     spawn_local_ranks = tp_group.spawn_local_ranks
     config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
                           collective_timeout_s=3)
-    monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_die)
+    monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_die_after_announcing)
     began = time.monotonic()
     with pytest.raises(Exception, match="timeout"):
         LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
@@ -195,6 +198,59 @@ def test_a_group_that_failed_to_form_leaves_the_process_able_to_form_another(mon
     plain = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), prompt)
     engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
     assert generate_and_close(engine, prompt).token_ids == plain.token_ids
+
+
+def test_a_rank_that_dies_before_joining_is_named_at_once(monkeypatch):
+    import workers.tp_group as tp_group
+
+    def ranks_that_die(world_size, port, config):
+        ranks = spawn_local_ranks(world_size, port, config)
+        ranks.kill()
+        return ranks
+
+    spawn_local_ranks = tp_group.spawn_local_ranks
+    monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_die)
+    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
+                          collective_timeout_s=30)
+    began = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited"):
+        LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
+    assert time.monotonic() - began < 5  # not the collective timeout
+
+
+def test_a_rank_that_starts_slower_than_the_collective_timeout_still_joins(monkeypatch):
+    """A busy node may take longer than ``collective_timeout_s`` (here 2 s) to start a rank (4 s here): rank 0
+    waits for it up to ``rank_start_timeout_s``. Before, the group's rendezvous timed out, and a restarted
+    cluster worker stayed down."""
+    import workers.tp_group as tp_group
+
+    def ranks_that_start_late(world_size, port, config):
+        ranks = tp_group.LocalRanks([])
+
+        def start_late() -> None:
+            time.sleep(4)
+            ranks.processes.append(tp_group._spawn_rank(1, world_size, port, config))
+
+        threading.Thread(target=start_late, daemon=True).start()
+        return ranks
+
+    monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_start_late)
+    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
+                          collective_timeout_s=2)
+    prompt = TINY_PREFIX[:50]
+    plain = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), prompt)
+    engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
+    assert generate_and_close(engine, prompt).token_ids == plain.token_ids
+
+
+def test_ranks_that_never_start_are_named_after_rank_start_timeout_s(monkeypatch):
+    import workers.tp_group as tp_group
+
+    monkeypatch.setattr(tp_group, "spawn_local_ranks", lambda world_size, port, config: tp_group.LocalRanks([]))
+    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
+                          rank_start_timeout_s=1)
+    with pytest.raises(TimeoutError, match=r"ranks \[1\] did not start within rank_start_timeout_s \(1 s\)"):
+        LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
 
 
 def test_a_group_left_idle_longer_than_its_collective_timeout_still_serves():
@@ -210,4 +266,38 @@ def test_a_group_left_idle_longer_than_its_collective_timeout_still_serves():
         assert engine.tp_group.ranks.ended() is None
         assert engine.generate([prompt], TINY_GREEDY)[0].token_ids == first
     finally:
+        engine.close()
+
+
+def test_a_rank_that_stops_taking_steps_fails_the_next_step_within_the_collective_timeout():
+    """Rank 1 is alive but stuck (SIGSTOP: its sockets stay open): rank 0's next step header, sent on the
+    between-steps group whose own timeout is a year, gives up after ``collective_timeout_s`` (2 s) instead of
+    waiting for ever."""
+    import os
+    import signal
+
+    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
+                          collective_timeout_s=2)
+    engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
+    (rank,) = engine.tp_group.ranks.processes
+    outcome: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            engine.generate([TINY_PREFIX[:50]], TINY_GREEDY)
+        except TensorParallelError as error:
+            outcome.append(error)
+
+    try:
+        engine.generate([TINY_PREFIX[:50]], TINY_GREEDY)
+        os.kill(rank.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        stuck = threading.Thread(target=generate, daemon=True)
+        stuck.start()
+        stuck.join(timeout=30)
+        assert not stuck.is_alive(), "rank 0 still waits for the stopped rank"
+        assert time.monotonic() - began < 2 + 5
+        assert outcome and "collective failed" in str(outcome[0])
+    finally:
+        rank.kill()
         engine.close()
