@@ -120,11 +120,11 @@ class Collectives:
         return tensor.cpu()
 
     def send_header(self, tensor: torch.Tensor) -> None:
-        """What the other ranks wait for between steps: the next message's header. Raises RuntimeError after
-        ``send_timeout`` (the group's own timeout is a year): gloo's sender waits for its receivers, and they
-        wait for it at once after each step. Gloo only: gloo's broadcast
-        blocks the host anyway, while a bounded wait on an NCCL work would stall the host on the device every
-        step (NCCL's watchdog bounds it instead)."""
+        """What the other ranks wait for between steps: the next message's header. With gloo it raises
+        RuntimeError after ``send_timeout`` (the group's own timeout is a year): gloo's sender waits until its
+        receivers post theirs, which they do at once after each step, so a rank that has not by then is stuck.
+        With NCCL the wait stays unbounded here: a bounded wait would stall the host on the device every step
+        (NCCL's watchdog bounds it instead)."""
         work = dist.broadcast(tensor.to(self.device), src=0, group=self.between_steps, async_op=True)
         if self.device.type == "cpu":
             work.wait(self.send_timeout)
