@@ -177,14 +177,10 @@ class TPGroup:
         """Until every other rank has announced itself: a ``TensorParallelError`` if one ends first, a
         ``TimeoutError`` naming the missing ranks after ``timeout_s``."""
         keys = [_joining_key(rank) for rank in range(1, self.world_size)]
-        deadline = time.monotonic() + timeout_s
-        while not store.check(keys):
-            self.check_alive()
-            if time.monotonic() >= deadline:
-                missing = [rank for rank in range(1, self.world_size) if not store.check([_joining_key(rank)])]
-                raise TimeoutError(f"tensor-parallel ranks {missing} did not start within rank_start_timeout_s "
-                                   f"({timeout_s:g} s)")
-            time.sleep(0.05)
+        if not self._wait_while_ranks_run(lambda: store.check(keys), timeout_s):
+            missing = [rank for rank in range(1, self.world_size) if not store.check([_joining_key(rank)])]
+            raise TimeoutError(f"tensor-parallel ranks {missing} did not start within rank_start_timeout_s "
+                               f"({timeout_s:g} s)")
 
     def broadcast_sizes(self, num_blocks: int, num_cpu_slots: int) -> None:
         """Rank 0 sized the pools; every rank allocates the same number of GPU blocks and CPU slots."""
@@ -244,12 +240,18 @@ class TPGroup:
 
     def _name_the_dead_rank(self, grace_s: float) -> None:
         """A peer's socket can close a moment before its process is reapable: wait briefly to name it."""
-        deadline = time.monotonic() + grace_s
-        while True:
+        self._wait_while_ranks_run(lambda: False, grace_s)
+
+    def _wait_while_ranks_run(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        """Poll ``done`` every 50 ms for up to ``timeout_s``, raising ``TensorParallelError`` as soon as a rank
+        has ended; whether ``done`` came true."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
             self.check_alive()
             if time.monotonic() >= deadline:
-                return
+                return False
             time.sleep(0.05)
+        return True
 
 
 class LocalRanks:

@@ -112,6 +112,10 @@ def tiny_engine(tp: int, kvstore: KVStoreConfig, num_blocks: int = 256) -> LLMEn
     return LLMEngine.from_config(config, kvstore, progress=False)
 
 
+def tiny_tp2_config(**timeouts: float) -> EngineConfig:
+    return EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64), **timeouts)
+
+
 def redis_tier(url: str) -> KVStoreConfig:
     return KVStoreConfig(cpu=CpuTierConfig(enabled=False), redis=RedisConfig(url=url))
 
@@ -186,8 +190,7 @@ def test_a_group_that_failed_to_form_leaves_the_process_able_to_form_another(mon
         return ranks
 
     spawn_local_ranks = tp_group.spawn_local_ranks
-    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
-                          collective_timeout_s=3)
+    config = tiny_tp2_config(collective_timeout_s=3)
     monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_die_after_announcing)
     began = time.monotonic()
     with pytest.raises(Exception, match="timeout"):
@@ -210,8 +213,7 @@ def test_a_rank_that_dies_before_joining_is_named_at_once(monkeypatch):
 
     spawn_local_ranks = tp_group.spawn_local_ranks
     monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_die)
-    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
-                          collective_timeout_s=30)
+    config = tiny_tp2_config(collective_timeout_s=30)
     began = time.monotonic()
     with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited"):
         LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
@@ -235,8 +237,7 @@ def test_a_rank_that_starts_slower_than_the_collective_timeout_still_joins(monke
         return ranks
 
     monkeypatch.setattr(tp_group, "spawn_local_ranks", ranks_that_start_late)
-    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
-                          collective_timeout_s=2)
+    config = tiny_tp2_config(collective_timeout_s=2)
     prompt = TINY_PREFIX[:50]
     plain = generate_and_close(tiny_engine(1, KVStoreConfig(prefix_caching=False)), prompt)
     engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
@@ -247,8 +248,7 @@ def test_ranks_that_never_start_are_named_after_rank_start_timeout_s(monkeypatch
     import workers.tp_group as tp_group
 
     monkeypatch.setattr(tp_group, "spawn_local_ranks", lambda world_size, port, config: tp_group.LocalRanks([]))
-    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
-                          rank_start_timeout_s=1)
+    config = tiny_tp2_config(rank_start_timeout_s=1)
     with pytest.raises(TimeoutError, match=r"ranks \[1\] did not start within rank_start_timeout_s \(1 s\)"):
         LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
 
@@ -256,8 +256,7 @@ def test_ranks_that_never_start_are_named_after_rank_start_timeout_s(monkeypatch
 def test_a_group_left_idle_longer_than_its_collective_timeout_still_serves():
     """Between steps the ranks wait with no timeout: before, they gave up after ``collective_timeout_s`` of an
     idle worker (here 2 s), and its next request failed with the group down."""
-    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
-                          collective_timeout_s=2)
+    config = tiny_tp2_config(collective_timeout_s=2)
     engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
     prompt = TINY_PREFIX[:50]
     try:
@@ -276,8 +275,7 @@ def test_a_rank_that_stops_taking_steps_fails_the_next_step_within_the_collectiv
     import os
     import signal
 
-    config = EngineConfig(model="tiny", tensor_parallel_size=2, cache=CacheConfig(num_blocks=64),
-                          collective_timeout_s=2)
+    config = tiny_tp2_config(collective_timeout_s=2)
     engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
     (rank,) = engine.tp_group.ranks.processes
     outcome: list[BaseException] = []
