@@ -132,6 +132,21 @@ def test_redis_reads_timeouts_write_queue_and_io_threads_are_set_from_values(tmp
     assert (redis.socket_timeout_s, redis.connect_timeout_s, redis.write_queue_blocks) == (2, 0.5, 16384)
 
 
+
+def test_engine_and_router_timeouts_are_set_from_values_and_the_head_outlives_its_drain(tmp_path):
+    default = loaded_config(render({}), tmp_path)
+    assert (default.engine.collective_timeout_s, default.engine.rank_start_timeout_s) == (60, 600)
+    assert (default.router.stall_timeout_s, default.router.drain_timeout_s) == (30, 60)
+    tuned = render({"engine": {"collectiveTimeoutSeconds": 120, "rankStartTimeoutSeconds": 1800.5},
+                    "router": {"stallTimeoutSeconds": 300, "drainTimeoutSeconds": 600}})
+    (tmp_path / "tuned").mkdir()
+    config = loaded_config(tuned, tmp_path / "tuned")
+    assert (config.engine.collective_timeout_s, config.engine.rank_start_timeout_s) == (120, 1800.5)
+    assert (config.router.stall_timeout_s, config.router.drain_timeout_s) == (300, 600)
+    (raycluster,) = by_kind(tuned, "RayCluster")
+    head_pod = containers(raycluster)["head"][1]
+    assert head_pod["terminationGracePeriodSeconds"] == 660  # SIGKILL never cuts the drain short
+
 def test_tp2_with_four_workers_asks_kuberay_for_four_pods_of_two_gpus(tmp_path):
     objects = render(TP2_FOUR_WORKERS)
     config = loaded_config(objects, tmp_path)
@@ -197,6 +212,8 @@ INVALID = {
     "tls without secret": ({"router": {"tls": {"enabled": True}}}, "router.tls.secretName: required"),
     "bad block size": ({"engine": {"blockSize": 12}}, "engine.blockSize"),
     "zero redis timeout": ({"redis": {"socketTimeoutSeconds": 0}}, "redis.socketTimeoutSeconds"),
+    "zero collective timeout": ({"engine": {"collectiveTimeoutSeconds": 0}}, "engine.collectiveTimeoutSeconds"),
+    "negative drain": ({"router": {"drainTimeoutSeconds": -1}}, "router.drainTimeoutSeconds"),
 }
 
 

@@ -57,7 +57,7 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- $v := .Values -}}
 {{- $cache := dict "block_size" ($v.engine.blockSize | int) "memory" ($v.engine.kvCacheMemory | toString) -}}
 {{- $scheduler := dict "max_num_seqs" ($v.engine.maxNumSeqs | int) "max_num_batched_tokens" ($v.engine.maxNumBatchedTokens | int) -}}
-{{- $engine := dict "model" $v.model.name "dtype" $v.model.dtype "device" "auto" "tensor_parallel_size" ($v.workers.tensorParallelSize | int) "attention_backend" $v.engine.attentionBackend "cuda_graphs" $v.engine.cudaGraphs "cuda_graph_max_batch" ($v.engine.cudaGraphMaxBatch | int) "cache" $cache "scheduler" $scheduler -}}
+{{- $engine := dict "model" $v.model.name "dtype" $v.model.dtype "device" "auto" "tensor_parallel_size" ($v.workers.tensorParallelSize | int) "attention_backend" $v.engine.attentionBackend "cuda_graphs" $v.engine.cudaGraphs "cuda_graph_max_batch" ($v.engine.cudaGraphMaxBatch | int) "collective_timeout_s" $v.engine.collectiveTimeoutSeconds "rank_start_timeout_s" $v.engine.rankStartTimeoutSeconds "cache" $cache "scheduler" $scheduler -}}
 {{- if $v.model.maxModelLen }}{{ $_ := set $engine "max_model_len" ($v.model.maxModelLen | int) }}{{ end -}}
 {{- $redis := dict -}}
 {{- if ne $v.redis.mode "none" -}}
@@ -86,7 +86,7 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- end -}}
 {{- $auth := dict -}}
 {{- if $v.router.auth.enabled }}{{ $auth = dict "tokens_file" "/etc/kvtier/auth/tokens.yaml" }}{{ end -}}
-{{- $router := dict "host" "0.0.0.0" "port" ($v.router.port | int) "health_port" ($v.probes.healthPort | int) "policy" $v.router.policy "max_in_flight" ($v.router.maxInFlight | int) "tls" $tls "auth" $auth -}}
+{{- $router := dict "host" "0.0.0.0" "port" ($v.router.port | int) "health_port" ($v.probes.healthPort | int) "policy" $v.router.policy "max_in_flight" ($v.router.maxInFlight | int) "stall_timeout_s" $v.router.stallTimeoutSeconds "drain_timeout_s" ($v.router.drainTimeoutSeconds | int) "tls" $tls "auth" $auth -}}
 {{- if $v.metrics.enabled }}{{ $_ := set $router "metrics_port" ($v.metrics.port | int) }}{{ end -}}
 {{- $ray := dict "address" "auto" "namespace" "kvtier" "connect_timeout_s" ($v.ray.connectTimeoutSeconds | int) "auth" (ternary "token" "disabled" $v.ray.auth.enabled) -}}
 {{- toYaml (dict "engine" $engine "kvstore" $kvstore "workers" $workers "router" $router "ray" $ray) -}}
