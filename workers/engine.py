@@ -232,6 +232,7 @@ class LLMEngine:
             self.cost_model, self._apply_tier_ops, self.kv_events, pin_staging=self.device.type == "cuda",
             gather_piece_blocks=GATHER_PIECE_BLOCKS if self.tp_group is None else 0,  # with ranks: not pinned
             load_clock=self.mover.settled_load_seconds if self.mover.time_loads else None,
+            gpu_hits=self._gpu_hits,
         )
 
     def _capture_decode_graphs(self) -> None:
@@ -303,9 +304,13 @@ class LLMEngine:
         """Start reading the prompt's full blocks that the GPU pool lacks from Redis now, in the background, so
         the read runs beside the steps taken until the request is admitted (``KVTiers.prefetch``)."""
         hashes = seq.reusable_block_hashes()
-        on_gpu = len(self.block_pool.match_prefix(hashes))
+        on_gpu = self._gpu_hits(hashes)
         if on_gpu < len(hashes):
             self.tiers.prefetch(seq.request_id, hashes[on_gpu:], seq.prefix_ref, on_gpu)
+
+    def _gpu_hits(self, block_hashes: list[bytes]) -> int:
+        """How many leading blocks of ``block_hashes`` the GPU pool caches."""
+        return len(self.block_pool.match_prefix(block_hashes))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; False if it is unknown or already finished."""

@@ -38,7 +38,7 @@ from kvstore.tier_policy import LRUTierPolicy
 from kvstore.write_behind import Item, WriteBehind
 from workers.block_mover import GatheredBlocks, TierOps
 from workers.kv_cache import KVCacheShape
-from workers.redis_end_reads import EndReads
+from workers.redis_end_reads import EndReads, Follower
 from workers.redis_fetch import FetchOutcome, RedisFetcher
 from workers.redis_prefetches import Prefetch, Prefetches
 from workers.redis_staging import host_bytes
@@ -84,6 +84,7 @@ class KVTiers:
         pin_staging: bool = False,  # stage Redis blocks in pinned memory (CUDA: asynchronous uploads)
         gather_piece_blocks: int = 0,  # the pieces of the gathers for Redis, besides single blocks (0: none)
         load_clock: LoadClock | None = None,  # None: loads finish inside ``apply`` and the host clock times them
+        gpu_hits: Callable[[list[bytes]], int] | None = None,  # how many leading hashes the GPU pool caches
     ) -> None:
         self.events = events or KVEventLog()
         self.shape = full_shape
@@ -112,6 +113,7 @@ class KVTiers:
         self._granted_grace: set[str] = set()  # requests whose prefetch ``prefetching`` waited for once
         self._pin_staging = pin_staging
         self._load_clock = load_clock
+        self._gpu_hits = gpu_hits
         self._untimed_loads: deque[tuple[int, int]] = deque()  # (CPU, Redis) blocks of loads not yet timed
         self._settle_lock = threading.Lock()
         self._known_in_redis: OrderedDict[bytes, None] = OrderedDict()
@@ -212,10 +214,17 @@ class KVTiers:
             self._end_reads.unfollow(request_id)
             orphans = self._end_reads.orphans(request_id)
             futures.append(self._end_reads.forget(request_id))
-            for orphan, follower in orphans:  # they read the run themselves, from the start
-                futures += self._prefetches.forget(orphan)
-                self._prefetches.start(orphan, follower.hashes, follower.prefix, follower.first_block)
+            for orphan, follower in orphans:
+                self._read_orphaned_run(orphan, follower)
         self._uncounted += [future for future in futures if future is not None and not future.cancel()]
+
+    def _read_orphaned_run(self, request_id: str, follower: Follower) -> None:
+        """A follower whose leader went before its read and computation met reads the run itself, from the
+        start, but for the leading blocks the GPU pool caches now (those the leader computed); its read of its
+        blocks after the run goes on."""
+        run = follower.hashes[: follower.in_common]
+        on_gpu = self._gpu_hits(run) if self._gpu_hits is not None else 0
+        self._prefetches.start_before(request_id, run[on_gpu:], follower.prefix, follower.first_block + on_gpu)
 
     def reading_from_end(self, request_id: str) -> bool:
         return self._end_reads is not None and request_id in self._end_reads

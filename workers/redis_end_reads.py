@@ -13,7 +13,7 @@ A request that arrives while another reads a run starting at the same block from
 questions about one document) follows it: it neither reads nor computes that run, but waits until the other's
 computation and read have met, when the run is on the GPU (``follow``). Its blocks after the run, if any, it
 reads from the start meanwhile (``workers.redis_prefetches``). A leader that goes before they meet leaves its
-followers to read the run themselves (``orphans``).
+followers to read the run themselves (``orphans``), from its first block the leader has not computed.
 
 Step loop side, rank 0, for ``KVTiers``; blocks are counted from the start of their sequence here, from the
 start of the run in ``EndRead``.
@@ -53,6 +53,7 @@ class Follower:
     hashes: list[bytes]  # its blocks, the first at ``first_block``: the run in common, then its own
     prefix: PrefixRef
     first_block: int
+    in_common: int  # how many of ``hashes`` the leader's run holds; the follower reads the rest meanwhile
 
 
 @dataclass
@@ -108,7 +109,7 @@ class EndReads:
             if common > best_common:
                 best, best_common = leader, common
         if best is not None:
-            self._followers[request_id] = Follower(best, hashes, prefix, first_block)
+            self._followers[request_id] = Follower(best, hashes, prefix, first_block, best_common)
         return best_common
 
     def leader_of(self, request_id: str) -> str | None:

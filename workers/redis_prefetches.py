@@ -81,6 +81,14 @@ class Prefetches:
         self._of_request[request_id] = Prefetch(segments)
         return common > 0
 
+    def start_before(self, request_id: str, hashes: list[bytes], prefix: PrefixRef, first_block: int) -> None:
+        """Read ``hashes`` (block ``first_block`` first) as ``start`` does, for a request whose prefetch, if it
+        has one, reads the blocks right after them: those reads stay, after the new ones."""
+        later = self._of_request.pop(request_id, None)
+        self.start(request_id, hashes, prefix, first_block)
+        if later is not None:
+            self._of_request[request_id].segments += later.segments
+
     def _shared_reads(self, hashes: list[bytes]) -> list[Segment]:
         """The reads, cut to the run in common, of the prefetch with the longest leading run in common with
         ``hashes`` (none: no prefetch starts with the same block)."""

@@ -173,12 +173,13 @@ def test_questions_arriving_together_follow_the_first_one_s_read_from_the_end(re
     assert reader.block_pool.num_free == reader.block_pool.num_blocks
 
 
-def test_a_follower_whose_leader_goes_first_reads_the_document_itself(redis_server):
-    """The first question's read is held; it is aborted while the second follows it: the second reads the
-    document from Redis itself and gets the uncached tokens."""
+def test_a_follower_whose_leader_goes_first_reads_the_rest_of_the_document_itself(redis_server):
+    """The first question's read is held while it computes the document's first blocks; it is aborted while
+    the second follows it: the second reads from Redis the blocks the first did not compute, finds those it
+    did on the GPU, keeps its read of its own question's blocks, and gets the uncached tokens."""
     document = tokens(78, PREFIX_BLOCKS * BLOCK)
-    prompts = [document + tokens(79, 5), document + tokens(80, 5)]
-    _, reader = expected_and_reader(redis_server.url, prompts[0])
+    prompts = [document + tokens(79, 5), document + tokens(80, 2 * BLOCK + 5)]
+    _, reader = expected_and_reader(redis_server.url, prompts[1])  # the follower's question is in Redis too
     expected = make_engine(KVStoreConfig(prefix_caching=False)).generate([prompts[1]], GREEDY)[0].token_ids
     release, fetch = threading.Event(), reader.tiers._end_reads._fetch
 
@@ -191,12 +192,20 @@ def test_a_follower_whose_leader_goes_first_reads_the_document_itself(redis_serv
     reader.add_request("follower", prompts[1], GREEDY)
     reader.step()
     assert reader.tiers._end_reads.leader_of("follower") == "leader"
+    computed = reader._requests["leader"].seq.num_computed_tokens // BLOCK
+    assert 0 < computed < PREFIX_BLOCKS
+    question = block_hashes(prompts[1], BLOCK)[PREFIX_BLOCKS:]
+    (question_read,) = reader.tiers._prefetches.get("follower").futures()
     for _ in range(30):  # Redis as fast as 1 TB/s, so the cost model lets the follower's own read run
         reader.cost_model.observe_fetch("redis", 10**12, 1.0)
     reader.abort("leader")
     release.set()
     assert reader.tiers._end_reads.leader_of("follower") is None
-    assert reader.tiers._prefetches.get("follower").hashes == block_hashes(document, BLOCK)  # its own read
+    prefetch = reader.tiers._prefetches.get("follower")
+    assert prefetch.hashes == block_hashes(document, BLOCK)[computed:] + question  # its own read, of the rest
+    assert prefetch.futures()[-1] is question_read
     (done,) = [c for c in reader.run_to_completion(["follower"]) if c.request_id == "follower"]
-    assert done.token_ids == expected and done.usage.cached_tokens.redis > 0
+    assert done.token_ids == expected
+    cached = done.usage.cached_tokens
+    assert (cached.gpu, cached.redis) == (computed * BLOCK, (PREFIX_BLOCKS + 2 - computed) * BLOCK)
     assert reader.block_pool.num_free == reader.block_pool.num_blocks

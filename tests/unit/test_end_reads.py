@@ -101,5 +101,5 @@ def test_the_followers_of_a_leader_that_goes_mid_read_are_its_orphans():
     reads.follow("f", HASHES[:3], None, 4)
     reads.follow("h", HASHES[:5], None, 4)
     reads.unfollow("h")
-    assert [(request, f.hashes) for request, f in reads.orphans("r")] == [("f", HASHES[:3])]
+    assert [(request, f.hashes, f.in_common) for request, f in reads.orphans("r")] == [("f", HASHES[:3], 3)]
     assert reads.orphans("r") == [] and reads.leader_of("f") is None

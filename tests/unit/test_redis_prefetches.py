@@ -111,6 +111,23 @@ def test_the_last_request_of_a_read_leaves_its_counts_to_the_caller(prefetches):
     assert prefetches.forget("a") == [] and len(prefetches) == 0
 
 
+def test_blocks_read_before_a_prefetch_keep_its_reads_after_them(prefetches):
+    """An orphaned follower f reads its run (d1, d2: d0 is on the GPU) before the question it was reading
+    already; no read in flight starts with d1, so it reads them itself, and its read of the question stays."""
+    prefetches, reads = prefetches
+    prefetches.start("f", hashes("q"), PREFIX, 3)
+    prefetches.start("b", hashes("d2", "x"), PREFIX, 2)
+    question = prefetches.get("f").futures()[0]
+    prefetches.start_before("f", hashes("d1", "d2"), PREFIX, 1)
+    f = prefetches.get("f")
+    assert [(s.hashes, s.owner) for s in f.segments] == [(hashes("d1", "d2"), True), (hashes("q"), True)]
+    assert f.futures()[1] is question
+    assert list(f.outcome().staged) == hashes("d1", "d2", "q")
+    prefetches.start_before("g", hashes("d2"), PREFIX, 2)  # with no prefetch of its own: a plain start
+    assert [(s.hashes, s.owner) for s in prefetches.get("g").segments] == [(hashes("d2"), False)]
+    assert sorted(reads) == [(hashes("d1", "d2"), 1), (hashes("d2", "x"), 2), (hashes("q"), 3)]
+
+
 def done(outcome: FetchOutcome) -> Future[FetchOutcome]:
     future: Future[FetchOutcome] = Future()
     future.set_result(outcome)
