@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.connection import BlockingConnectionPool, ConnectionPool
-from redis.exceptions import ClusterDownError
+from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
 
 from kvstore import resp
@@ -32,8 +32,9 @@ from kvstore.config import RedisConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Redis unreachable or too slow: retried, and counted by the circuit breaker.
-_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, OSError)
+# Redis unreachable or too slow: retried, and counted by the circuit breaker. A Redis Cluster none of whose
+# nodes answers, or whose slot map has a hole (a primary down), raises RedisClusterException, not a RedisError.
+_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException, OSError)
 _MIN_SLICE_KEYS = 8  # a parallel MGET slice is worth its thread hand-off only past this many values
 _CONTROL_CONNECTIONS = 2  # the health probe and a flush, each on its own connection beside the data path's
 
@@ -62,10 +63,12 @@ class RedisStore:
         if config.url is None:
             raise ValueError("RedisStore needs kvstore.redis.url")
         self.config = config
-        self.client = _connect(config, config.max_connections)  # the data path: reads and writes
+        self._connect_lock = threading.Lock()
+        # the data path's client (reads and writes); a Redis Cluster's is made on first use (``client``)
+        self._client = None if config.cluster else _connect(config, config.max_connections)
         # the health probe and flushes never take (or wait for) a data-path connection; a Redis Cluster's pools,
-        # one per node, are not bounded
-        self._control = self.client if config.cluster else _connect(config, _CONTROL_CONNECTIONS)
+        # one per node, are not bounded, so it has one client
+        self._control_client = None if config.cluster else _connect(config, _CONTROL_CONNECTIONS)
         self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
         self._lock = threading.Lock()
         self.errors = 0
@@ -73,11 +76,26 @@ class RedisStore:
         self._readers = ThreadPoolExecutor((parallel - 1) * config.prefetch_threads, "kvtier-redis-read") \
             if parallel > 1 else None
 
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """The data path's client. Making a Redis Cluster's asks a node for the slot map, so it is made on first
+        use, in a call: a cluster down when the worker starts fails that call (counted, through the breaker)
+        and the next one tries again, where failing here would keep the worker from starting at all."""
+        if self._client is None:
+            with self._connect_lock:
+                if self._client is None:
+                    self._client = _connect(self.config, self.config.max_connections)
+        return self._client
+
+    @property
+    def _control(self) -> redis.Redis | RedisCluster:
+        return self.client if self._control_client is None else self._control_client
+
     def open_read_connections(self) -> bool:
         """Connect the ``read_parallelism`` connections a large read uses, so that the first read (which the cost
         model times to decide whether Redis beats recomputing) does not pay for connecting them. False, logged,
         when Redis cannot be reached now: reads connect when it can."""
-        if isinstance(self.client, RedisCluster):
+        if self.config.cluster:
             return True  # one pool per node; each connects on its first read
         pool, held = self.client.connection_pool, []
         try:
@@ -254,7 +272,7 @@ class RedisStore:
                 info = self._control.info("memory", target_nodes=RedisCluster.PRIMARIES)
             else:
                 info = self._control.info("memory")
-        except (redis.RedisError, OSError) as error:
+        except (redis.RedisError, RedisClusterException, OSError) as error:
             return RedisHealth(up=False, breaker=breaker, error=f"{type(error).__name__}: {error}")
         used, limit = _memory_of(info)
         return RedisHealth(up=True, breaker=breaker, ping_s=ping_s, used_memory_bytes=used, max_memory_bytes=limit)
@@ -262,9 +280,9 @@ class RedisStore:
     def close(self) -> None:
         if self._readers is not None:
             self._readers.shutdown(wait=True)
-        self.client.close()
-        if self._control is not self.client:
-            self._control.close()
+        for client in (self._client, self._control_client):
+            if client is not None:
+                client.close()
 
 
 def _slices(keys: list[str], parts: int, min_keys: int = _MIN_SLICE_KEYS) -> list[list[str]]:

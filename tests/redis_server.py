@@ -146,10 +146,10 @@ class RedisClusterNodes:
             ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )
-        self._wait_until_ok()
+        self.wait_until_ok()
         return self
 
-    def _wait_until_ok(self, timeout_s: float = 30.0) -> None:
+    def wait_until_ok(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             states = [node.client().cluster("info") for node in self.nodes]

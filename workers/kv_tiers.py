@@ -241,6 +241,7 @@ class KVTiers:
         self.stats["redis"].skipped_fetches += news.skipped
         for block_hash in news.in_redis:  # the blocks the request computes need not be written again
             self._remember_in_redis(block_hash)
+        self._forget_in_redis(news.absent)
         met = self._stage_leading(staged or {}, block_hashes)
         self.stats["redis"].hit_blocks += met
         self.stats["redis"].miss_blocks -= met  # the lookup counted them as missed
@@ -281,14 +282,19 @@ class KVTiers:
             outcome = prefetched.outcome()
             if not outcome.staged or rest[0] in outcome.staged:
                 return outcome
-            self.stats["redis"].add(outcome.stats)  # the hits before it shrank since (evicted): read from there
+            self._take_counts(outcome)  # the hits before it shrank since (evicted): read from there
         return self._fetcher.fetch(rest, prefix, first_block)
 
     def _take(self, outcome: FetchOutcome, wanted: list[bytes]) -> int:
         """Stage the leading run of ``wanted`` that ``outcome`` read and count what it counted; the rest of what
         it read is dropped (the GPU or CPU tier came to hold those blocks since the prefetch began)."""
-        self.stats["redis"].add(outcome.stats)
+        self._take_counts(outcome)
         return self._stage_leading(outcome.staged, wanted)
+
+    def _take_counts(self, outcome: FetchOutcome) -> None:
+        """A read's counts, and what it found Redis lacks."""
+        self.stats["redis"].add(outcome.stats)
+        self._forget_in_redis(outcome.absent)
 
     def _stage_leading(self, staged: dict[bytes, torch.Tensor], wanted: list[bytes]) -> int:
         """Stage the leading run of ``wanted`` that ``staged`` holds, until the step's moves; its length."""
@@ -307,7 +313,7 @@ class KVTiers:
                 log.warning("a Redis read for a request that ended first failed: %r", future.exception())
                 self.stats["redis"].errors += 1
             else:
-                self.stats["redis"].add(future.result().stats)
+                self._take_counts(future.result())
 
     def cancel(self, block_hashes: list[bytes], tiers: list[str]) -> None:
         """Undo ``lookup`` for loads that will not happen (the request could not be admitted)."""
@@ -479,6 +485,11 @@ class KVTiers:
             shape=(shape.num_layers, 2, shape.block_size, end - start, shape.head_dim),
             head_start=start, head_end=end, total_heads=shape.num_kv_heads,
         )
+
+    def _forget_in_redis(self, block_hashes: list[bytes]) -> None:
+        """Redis does not hold these (any more): written again when computed, whoever wrote them before."""
+        for block_hash in block_hashes:
+            self._known_in_redis.pop(block_hash, None)
 
     def _remember_in_redis(self, block_hash: bytes) -> None:
         self._known_in_redis[block_hash] = None

@@ -41,7 +41,7 @@ class _Reading:
     future: Future[FetchOutcome]
     first_block: int  # the run's first block in its sequence
     hashes: list[bytes]  # the run's block hashes
-    reported: bool = False  # whether the blocks Redis holds went to the news' ``in_redis``
+    reported: bool = False  # whether the blocks Redis holds (and lacks) went to the news
     stopped: bool = False  # told to read no further: computing the rest is faster
 
 
@@ -64,6 +64,7 @@ class EndReadNews:
     skipped: int = 0  # reads stopped because computing the rest is faster (the tier's skipped fetches)
     # blocks found in Redis (their manifests), for the caller not to rewrite the ones the request computes
     in_redis: list[bytes] = field(default_factory=list)
+    absent: list[bytes] = field(default_factory=list)  # blocks Redis answered it does not hold (``FetchOutcome``)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class EndReads:
             if end is not None and not reading.reported:
                 reading.reported = True
                 self._news.in_redis += reading.hashes[:end]
+                self._news.absent += reading.read.outcome.absent  # (set before ``end``)
             if low is not None and low <= offset < end:
                 return self._take(request_id, reading, offset, end), max_tokens
             left = (low if low is not None else len(reading.hashes)) - offset  # blocks up to the staged suffix

@@ -42,6 +42,10 @@ class FetchOutcome:
 
     staged: dict[bytes, torch.Tensor] = field(default_factory=dict)  # hash -> [L, 2, bs, Hkv, D]
     stats: TierStats = field(default_factory=TierStats)
+    # the blocks after the staged run, where Redis answered that it does not hold the first of them (its
+    # manifest or a unit missing or corrupt): no lookup can use them now, so they are written again when
+    # computed (evicted, expired, lost in a restart, or a write that failed)
+    absent: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -110,8 +114,10 @@ class RedisFetcher:
             verified = self._fetch_batch(batch, prefix, outcome)
             seconds = time.perf_counter() - began
             outcome.stats.transfer_seconds += seconds
-            self.cost_model.observe_fetch("redis", verified * block_bytes, seconds)
-            if verified < len(batch):
+            self.cost_model.observe_fetch("redis", (verified or 0) * block_bytes, seconds)
+            if verified is None or verified < len(batch):
+                if verified is not None:
+                    outcome.absent = block_hashes[found + verified :]
                 break
         return outcome
 
@@ -121,8 +127,10 @@ class RedisFetcher:
         stats = read.outcome.stats
         try:
             layouts = self._layouts(block_hashes, prefix, stats)
-            high = len(layouts)
+            high = len(layouts or [])
             with read.lock:
+                if layouts is not None:
+                    read.outcome.absent = block_hashes[high:]
                 read.end = read.low = high
                 read._changed()
             while True:
@@ -169,12 +177,15 @@ class RedisFetcher:
             return _PROBE_BLOCKS * parallel
         return max(_BATCH_BLOCKS, _PROBE_BLOCKS * parallel)
 
-    def _fetch_batch(self, hashes: list[bytes], prefix: PrefixRef, outcome: FetchOutcome) -> int:
-        """Manifests, then units, for up to a batch of blocks; stages the leading verified run."""
+    def _fetch_batch(self, hashes: list[bytes], prefix: PrefixRef, outcome: FetchOutcome) -> int | None:
+        """Manifests, then units, for up to a batch of blocks; stages the leading verified run and returns its
+        length (None, counted: Redis could not be read)."""
         layouts = self._layouts(hashes, prefix, outcome.stats)
+        if layouts is None:
+            return None
         read_blocks = self._read_blocks(hashes[: len(layouts)], layouts, prefix, outcome.stats)
         if read_blocks is None:
-            return 0
+            return None
         blocks, sound = read_blocks
         verified = sound.index(False) if False in sound else len(sound)
         outcome.staged.update(zip(hashes[:verified], blocks))
@@ -195,12 +206,14 @@ class RedisFetcher:
             return None
         return blocks, self._sound_blocks(staged, hashes, prefix, stats)
 
-    def _layouts(self, hashes: list[bytes], prefix: PrefixRef, stats: TierStats) -> list[list[tuple[int, int]]]:
-        """The head ranges of each leading block whose manifest is there and sound."""
+    def _layouts(self, hashes: list[bytes], prefix: PrefixRef,
+                 stats: TierStats) -> list[list[tuple[int, int]]] | None:
+        """The head ranges of each leading block whose manifest is there and sound (None, counted: Redis could
+        not be read)."""
         values = self.redis.get_many([manifest_key(self.fingerprint, prefix, h) for h in hashes])
         if values is None:
             stats.errors += 1
-            return []
+            return None
         layouts = []
         for block_hash, value in zip(hashes, values):
             ranges = self._decode_manifest(block_hash, value, prefix, stats)

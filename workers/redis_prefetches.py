@@ -55,6 +55,8 @@ class Prefetch:
         for segment in self.segments:
             read = segment.future.result()
             outcome.staged.update((h, read.staged[h]) for h in segment.hashes if h in read.staged)
+            ours = set(segment.hashes)
+            outcome.absent += [h for h in read.absent if h in ours]
             if segment.owner:
                 outcome.stats.add(read.stats)
         return outcome

@@ -133,6 +133,61 @@ def test_redis_killed_mid_workload_loses_no_request_and_reconnects(redis_server)
     assert fresh.generate([prompts[5]], GREEDY)[0].usage.cached_tokens.redis == 48
 
 
+
+def test_a_prefix_redis_lost_is_written_again_when_it_is_recomputed(redis_server):
+    """Redis loses what a worker wrote (a restart without persistence, maxmemory's LRU, a TTL): when the
+    worker computes the prefix again, its lookup having found Redis without it, it writes it again, so other
+    workers get it; a worker remembering it as written would never write it again."""
+    prefix = tokens(24, 160)
+    kvstore = redis_only(redis_server.url)
+    engine = make_engine(kvstore, num_blocks=12)
+    engine.generate([prefix + tokens(25, 9)], GREEDY)
+    engine.tiers.writer.flush()
+    redis_server.client().flushall()  # what a restarted Redis holds
+    engine.generate([tokens(26, 185)], GREEDY)  # 12 blocks: the prefix leaves the GPU pool
+    stored = engine.kv_store_stats()["redis"]["stored_blocks"]
+    engine.generate([prefix + tokens(27, 9)], GREEDY)  # computed again from the start
+    engine.tiers.writer.flush()
+    assert engine.kv_store_stats()["redis"]["stored_blocks"] - stored == 10  # the prefix's 10 blocks, again
+    (done,) = make_engine(kvstore).generate([prefix + tokens(28, 9)], GREEDY)
+    assert done.usage.cached_tokens.redis == 160
+
+
+def test_a_redis_cluster_down_at_start_and_mid_workload_fails_no_request(tmp_path):
+    """Every node of a 3-node Redis Cluster down: an engine starts and serves (the cluster client is made
+    once a node answers), every request completes with the uncached tokens, the probe says down; once the
+    nodes are back the engine writes again and another engine reads what it wrote; down again mid-workload,
+    nothing fails."""
+    from tests.redis_server import RedisClusterNodes
+
+    cluster = RedisClusterNodes(tmp_path / "cluster").start()
+    try:
+        kvstore = redis_only(cluster.url, cluster=True, breaker_reset_s=0.2)
+        prompts = [tokens(29 + i, 64) for i in range(5)]
+        expected = [c.token_ids for c in make_engine(KVStoreConfig(prefix_caching=False)).generate(prompts, GREEDY)]
+        for node in cluster.nodes:
+            node.kill()
+        engine = make_engine(kvstore)
+        assert [c.token_ids for c in engine.generate(prompts[:2], GREEDY)] == expected[:2]
+        assert engine.kv_store_stats()["redis"]["errors"] > 0
+        health = engine.tiers.redis.health()
+        assert not health.up and "RedisClusterException" in health.error
+        for node in cluster.nodes:
+            node.start()
+        cluster.wait_until_ok()
+        time.sleep(0.3)  # past breaker_reset_s: the next call is a trial
+        assert engine.generate([prompts[2]], GREEDY)[0].token_ids == expected[2]
+        assert engine.tiers.writer.flush() and engine.tiers.redis.health().up
+        assert engine.generate([prompts[3]], GREEDY)[0].token_ids == expected[3]
+        assert engine.tiers.writer.flush() and sum(cluster.key_counts()) > 0
+        (reused,) = make_engine(kvstore).generate([prompts[3]], GREEDY)
+        assert reused.token_ids == expected[3] and reused.usage.cached_tokens.redis == 48
+        for node in cluster.nodes:
+            node.kill()
+        assert engine.generate([prompts[4]], GREEDY)[0].token_ids == expected[4]
+    finally:
+        cluster.stop()
+
 @pytest.mark.parametrize("damage", ["flip a payload byte", "truncate", "wrong model", "garbage"])
 def test_corrupt_values_are_detected_deleted_and_recomputed(redis_server, damage):
     prompt = tokens(30, 80) + tokens(31, 7)

@@ -73,8 +73,10 @@ def test_where_computing_beats_reading_the_read_stops_and_what_it_staged_is_stil
 
 def test_a_read_that_can_give_nothing_more_is_dropped_and_the_request_computes_on():
     reads = end_reads(read_ms_per_block=1.0)
-    reading(reads, low=40, end=40, done=True)  # a block missing at the end: nothing staged
-    assert reads.advance("r", 4, 8192, wait_for_it=False) == ({}, 8192) and "r" not in reads
+    reading(reads, low=40, end=40, done=True).outcome.absent = HASHES[40:]  # block 40's manifest was missing:
+    assert reads.advance("r", 4, 8192, wait_for_it=False) == ({}, 8192) and "r" not in reads  # nothing staged
+    news = reads.take_news()
+    assert (news.in_redis, news.absent) == (HASHES[:40], HASHES[40:])  # the request writes blocks 40 on
     reading(reads, low=None, end=None)
     assert reads.advance("r", 4 + 100, 8192, wait_for_it=False) == ({}, 8192)  # computed past the whole run
 

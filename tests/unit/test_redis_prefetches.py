@@ -10,7 +10,7 @@ import pytest
 from kvstore.redis_keys import PrefixRef
 from kvstore.stats import TierStats
 from workers.redis_fetch import FetchOutcome
-from workers.redis_prefetches import Prefetches
+from workers.redis_prefetches import Prefetch, Prefetches, Segment
 
 PREFIX = PrefixRef(salt=None, root_hash=b"d0")
 
@@ -127,6 +127,15 @@ def test_blocks_read_before_a_prefetch_keep_its_reads_after_them(prefetches):
     assert [(s.hashes, s.owner) for s in prefetches.get("g").segments] == [(hashes("d2"), False)]
     assert sorted(reads) == [(hashes("d1", "d2"), 1), (hashes("d2", "x"), 2), (hashes("q"), 3)]
 
+
+def test_a_sharer_learns_what_a_shared_read_found_missing_among_its_own_blocks():
+    prefetches = Prefetches(executor=None, fetch=None)
+    read = FetchOutcome({b"d0": "block d0"}, absent=hashes("d1", "qa"))  # d1 missing: d1 and what follows
+    prefetches._of_request["a"] = Prefetch([Segment(done(read), hashes("d0", "d1", "qa"), owner=True)])
+    prefetches._of_request["b"] = Prefetch([Segment(done(read), hashes("d0", "d1"), owner=False),
+                                            Segment(done(FetchOutcome({b"qb": "block qb"})), hashes("qb"), True)])
+    assert prefetches.take("a").outcome().absent == hashes("d1", "qa")
+    assert prefetches.take("b").outcome().absent == hashes("d1")  # not a's question
 
 def done(outcome: FetchOutcome) -> Future[FetchOutcome]:
     future: Future[FetchOutcome] = Future()
