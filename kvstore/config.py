@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+_HOST_PORT = re.compile(r"^[^\s:/]+:[0-9]{1,5}$")  # host:port of a Redis Cluster node
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
           "gb": 10**9, "tb": 10**12}
@@ -35,6 +36,9 @@ class CpuTierConfig:
 class RedisConfig:
     url: str | None = None  # redis://[user:password@]host:port/db or rediss:// for TLS; None: no Redis tier
     cluster: bool = False  # the url names one node of a Redis Cluster
+    # more nodes of that Redis Cluster, "host:port": the slot map is asked of the first that answers, so a
+    # worker starts while the url's node is down
+    cluster_nodes: tuple[str, ...] = ()
     username: str | None = None  # overrides the url's
     password_file: str | None = None  # read once at start; overrides the url's password
     ca_file: str | None = None  # CA bundle for rediss://
@@ -71,6 +75,11 @@ class RedisConfig:
     def __post_init__(self) -> None:
         if self.url is not None and not re.match(r"^rediss?://", self.url):
             raise ValueError(f"url: {self.url!r} must start with redis:// or rediss://")
+        if self.cluster_nodes and not self.cluster:
+            raise ValueError("cluster_nodes: set, but cluster is false")
+        for index, node in enumerate(self.cluster_nodes):
+            if not _HOST_PORT.match(node):
+                raise ValueError(f"cluster_nodes[{index}]: {node!r} is not host:port")
         for name in ("socket_timeout_s", "connect_timeout_s", "breaker_reset_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")

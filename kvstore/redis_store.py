@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import BlockingConnectionPool, ConnectionPool
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
@@ -326,7 +326,8 @@ def _connect(config: RedisConfig, max_connections: int) -> redis.Redis | RedisCl
     if config.url.startswith("rediss://") and config.ca_file:
         options["ssl_ca_certs"] = config.ca_file
     if config.cluster:
-        return RedisCluster.from_url(config.url, **options)
+        more_nodes = [ClusterNode(host, int(port)) for host, port in (n.rsplit(":", 1) for n in config.cluster_nodes)]
+        return RedisCluster.from_url(config.url, startup_nodes=more_nodes, **options)
     pool = BlockingConnectionPool.from_url(config.url, max_connections=max_connections,
                                            timeout=config.connect_timeout_s, **options)
     client = redis.Redis(connection_pool=pool)

@@ -14,6 +14,7 @@ from tests.helm.k8s import CHART, ChartRenderError, render, validate
 
 EXTERNAL_REDIS_CLUSTER = {
     "redis": {"mode": "external", "external": {"url": "rediss://redis-0.redis.cache:6379/0", "cluster": True,
+                                               "clusterNodes": ["redis-1.redis.cache:6379", "redis-2.redis.cache:6379"],
                                                "caSecretName": "redis-ca"},
               "auth": {"existingSecret": "redis-auth", "username": "kvtier"}},
 }
@@ -166,6 +167,7 @@ def test_an_external_redis_cluster_with_tls_is_reached_as_configured(tmp_path):
     objects = render(EXTERNAL_REDIS_CLUSTER)
     redis = loaded_config(objects, tmp_path).kvstore.redis
     assert (redis.url, redis.cluster, redis.username) == ("rediss://redis-0.redis.cache:6379/0", True, "kvtier")
+    assert redis.cluster_nodes == ("redis-1.redis.cache:6379", "redis-2.redis.cache:6379")
     assert redis.ca_file == "/etc/kvtier/redis-ca/ca.crt"
     assert not by_kind(objects, "StatefulSet") and not by_kind(objects, "Secret")  # nothing bundled
 
@@ -214,6 +216,8 @@ INVALID = {
     "zero redis timeout": ({"redis": {"socketTimeoutSeconds": 0}}, "redis.socketTimeoutSeconds"),
     "zero collective timeout": ({"engine": {"collectiveTimeoutSeconds": 0}}, "engine.collectiveTimeoutSeconds"),
     "negative drain": ({"router": {"drainTimeoutSeconds": -1}}, "router.drainTimeoutSeconds"),
+    "cluster node without port": ({"redis": {"mode": "external", "external": {
+        "url": "redis://r:6379/0", "cluster": True, "clusterNodes": ["r2"]}}}, "redis.external.clusterNodes.0"),
 }
 
 

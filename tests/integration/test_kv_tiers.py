@@ -188,6 +188,24 @@ def test_a_redis_cluster_down_at_start_and_mid_workload_fails_no_request(tmp_pat
     finally:
         cluster.stop()
 
+
+def test_a_redis_cluster_whose_url_node_does_not_answer_is_reached_through_its_other_nodes(tmp_path):
+    from tests.redis_server import RedisClusterNodes, free_port
+
+    cluster = RedisClusterNodes(tmp_path / "cluster").start()
+    try:
+        nodes = tuple(f"127.0.0.1:{node.port}" for node in cluster.nodes)
+        kvstore = redis_only(f"redis://127.0.0.1:{free_port()}/0", cluster=True, cluster_nodes=nodes)
+        prompt = tokens(34, 100)
+        writer = make_engine(kvstore)
+        expected = writer.generate([prompt], GREEDY)[0].token_ids
+        assert writer.tiers.writer.flush() and sum(cluster.key_counts()) > 0
+        assert writer.kv_store_stats()["redis"]["errors"] == 0
+        (done,) = make_engine(kvstore).generate([prompt], GREEDY)
+        assert done.usage.cached_tokens.redis == 96 and done.token_ids == expected
+    finally:
+        cluster.stop()
+
 @pytest.mark.parametrize("damage", ["flip a payload byte", "truncate", "wrong model", "garbage"])
 def test_corrupt_values_are_detected_deleted_and_recomputed(redis_server, damage):
     prompt = tokens(30, 80) + tokens(31, 7)

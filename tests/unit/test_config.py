@@ -32,6 +32,11 @@ def test_yaml_and_overrides_merge_with_overrides_winning(tmp_path):
         ({"router": {"policy": "random"}}, "router.policy: 'random' is unknown"),
         ({"workers": {"count": 0}}, "workers.count: must be >= 1"),
         ({"kvstore": {"redis": {"staging_memory": "big"}}}, "kvstore.redis.staging_memory: 'big' is not a size"),
+        ({"kvstore": {"redis": {"cluster_nodes": ["a:1"]}}}, "kvstore.redis.cluster_nodes: set, but cluster is false"),
+        ({"kvstore": {"redis": {"cluster": True, "cluster_nodes": ["a:1", "b"]}}},
+         "kvstore.redis.cluster_nodes[1]: 'b' is not host:port"),
+        ({"kvstore": {"redis": {"cluster": True, "cluster_nodes": "a:1"}}},
+         "kvstore.redis.cluster_nodes: must be a list, got str"),
     ],
 )
 def test_errors_name_the_key_path(data, message):

@@ -64,6 +64,7 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- $redis = dict "url" (include "kvtier.redisUrl" .) "cluster" (and (eq $v.redis.mode "external") $v.redis.external.cluster) -}}
 {{- if $v.redis.auth.enabled }}{{ $_ := set $redis "password_file" "/etc/kvtier/redis-auth/password" }}{{ end -}}
 {{- if and (eq $v.redis.mode "external") $v.redis.auth.username }}{{ $_ := set $redis "username" $v.redis.auth.username }}{{ end -}}
+{{- if and (eq $v.redis.mode "external") $v.redis.external.cluster $v.redis.external.clusterNodes }}{{ $_ := set $redis "cluster_nodes" $v.redis.external.clusterNodes }}{{ end -}}
 {{- if and (eq $v.redis.mode "external") $v.redis.external.caSecretName }}{{ $_ := set $redis "ca_file" "/etc/kvtier/redis-ca/ca.crt" }}{{ end -}}
 {{- if $v.redis.ttlSeconds }}{{ $_ := set $redis "ttl_s" ($v.redis.ttlSeconds | int) }}{{ end -}}
 {{- $readers := $v.redis.readParallelism | int -}}
