@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import BlockingConnectionPool, ConnectionPool
-from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import AskError, ClusterDownError, RedisClusterException
 from redis.retry import Retry
 
 from kvstore import resp
@@ -242,15 +242,22 @@ class RedisStore:
             except _UNAVAILABLE as error:
                 self._on_failure(error, attempt)
                 continue
-            except redis.RedisError as error:  # Redis answered with an error (OOM, ...): no retry, no breaker
-                with self._lock:
+            except redis.RedisError as error:  # Redis answered with an error (OOM, ...): no retry, and it is up
+                with self._lock:  # (a trial call that ended so must close the breaker, or it stays half-open)
                     self.errors += 1
-                log.warning("redis refused a call: %s", error)
+                    self._breaker.record_success()
+                log.warning("redis refused a call: %s%s", error, self._hint(error))
                 return None
             with self._lock:
                 self._breaker.record_success()
             return result
         return None
+
+    def _hint(self, error: redis.RedisError) -> str:
+        if isinstance(error, AskError) and not self.config.cluster:  # (MovedError is an AskError)
+            return (" (a MOVED or ASK reply: this Redis is a node of a Redis Cluster; set kvstore.redis.cluster: "
+                    "true, or redis.external.cluster in the Helm chart)")
+        return ""
 
     def _on_failure(self, error: Exception, attempt: int) -> None:
         with self._lock:

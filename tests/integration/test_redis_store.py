@@ -164,6 +164,39 @@ def test_a_write_redis_refuses_is_a_failed_write_and_the_connection_stays_usable
         store.close()
 
 
+def test_a_trial_call_that_redis_answers_with_an_error_closes_the_breaker(start_redis):
+    """Redis stalls (the breaker opens), comes back full (noeviction), and refuses the trial write: it answered,
+    so the breaker closes and the next read goes out. (It used to stay half-open, refusing every call after.)"""
+    server = start_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    store = RedisStore(RedisConfig(url=server.url, max_retries=0, socket_timeout_s=0.1, breaker_reset_s=0.2))
+    try:
+        server.pause()
+        for _ in range(3):
+            assert store.get_many(["kvtier:test:k"]) is None
+        server.resume()
+        assert store.health().breaker == "open"
+        time.sleep(0.3)
+        big = [(f"kvtier:test:{i}", (b"h", bytes(500_000))) for i in range(12)]
+        assert not store.put_many(big)  # the trial: refused, out of memory
+        assert store.health().breaker == "closed" and store.get_many(["kvtier:test:k"]) == [None]
+    finally:
+        store.close()
+
+
+def test_a_redis_cluster_node_used_as_a_plain_redis_says_what_to_set(tmp_path, caplog):
+    from tests.redis_server import RedisClusterNodes
+
+    cluster = RedisClusterNodes(tmp_path / "cluster").start()
+    store = RedisStore(RedisConfig(url=cluster.url))
+    try:
+        keys = [f"kvtier:test:{{{i}}}" for i in range(20)]  # some in other nodes' slots
+        with caplog.at_level("WARNING", logger="kvstore.redis_store"):
+            missed = [key for key in keys if store.get_many([key]) is None]
+        assert missed and "set kvstore.redis.cluster: true" in caplog.text
+    finally:
+        store.close()
+        cluster.stop()
+
 def test_a_write_sent_to_a_node_that_no_longer_owns_the_slot_follows_the_move(tmp_path):
     """Writes go to the node redis-py's slot map names; where a node answers MOVED (the map is stale), the
     write is redone through redis-py, which follows the move. Here every write is first sent to the wrong node."""
