@@ -248,6 +248,10 @@ class RedisStore:
                     self._breaker.record_success()
                 log.warning("redis refused a call: %s%s", error, self._hint(error))
                 return None
+            except Exception:  # not Redis's doing (a bug): raised, but a trial call must not stay in flight
+                with self._lock:
+                    self._breaker.record_failure()
+                raise
             with self._lock:
                 self._breaker.record_success()
             return result

@@ -179,6 +179,16 @@ def test_a_trial_call_that_redis_answers_with_an_error_closes_the_breaker(start_
         big = [(f"kvtier:test:{i}", (b"h", bytes(500_000))) for i in range(12)]
         assert not store.put_many(big)  # the trial: refused, out of memory
         assert store.health().breaker == "closed" and store.get_many(["kvtier:test:k"]) == [None]
+        for _ in range(3):
+            store._breaker.record_failure()
+        time.sleep(0.3)
+
+        def broken():
+            raise ValueError("a bug in the caller")
+
+        with pytest.raises(ValueError):
+            store._call(broken)  # a trial that raised something else ends too: the breaker opens again
+        assert store.health().breaker == "open"
     finally:
         store.close()
 
