@@ -40,7 +40,8 @@ class RedisConfig:
     # worker starts while the url's node is down
     cluster_nodes: tuple[str, ...] = ()
     username: str | None = None  # overrides the url's
-    password_file: str | None = None  # read once at start; overrides the url's password
+    password_file: str | None = None  # overrides the url's password; read at every new connection, so a
+    # rotated password needs no restart (it must be readable at start)
     ca_file: str | None = None  # CA bundle for rediss://
     ttl_s: int | None = None  # expire stored blocks after this many seconds
     socket_timeout_s: float = 0.25  # every Redis call is a miss after this long

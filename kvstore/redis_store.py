@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import BlockingConnectionPool, ConnectionPool
+from redis.credentials import CredentialProvider
 from redis.exceptions import AskError, ClusterDownError, RedisClusterException
 from redis.retry import Retry
 
@@ -330,17 +332,47 @@ def _connect(config: RedisConfig, max_connections: int) -> redis.Redis | RedisCl
         retry=Retry(NoBackoff(), 0),  # retries are ours, bounded, and go through the breaker
         retry_on_timeout=False,
     )
-    if config.username is not None:
-        options["username"] = config.username
-    if config.password_file is not None:
-        options["password"] = Path(config.password_file).read_text().strip()
-    if config.url.startswith("rediss://") and config.ca_file:
+    url, credentials = _credentials_apart(config)
+    if credentials is not None:
+        credentials.get_credentials()  # a password file that cannot be read is an error at start
+        options["credential_provider"] = credentials
+    if url.startswith("rediss://") and config.ca_file:
         options["ssl_ca_certs"] = config.ca_file
     if config.cluster:
         more_nodes = [ClusterNode(host, int(port)) for host, port in (n.rsplit(":", 1) for n in config.cluster_nodes)]
-        return RedisCluster.from_url(config.url, startup_nodes=more_nodes, **options)
-    pool = BlockingConnectionPool.from_url(config.url, max_connections=max_connections,
+        return RedisCluster.from_url(url, startup_nodes=more_nodes, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections,
                                            timeout=config.connect_timeout_s, **options)
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # close() disconnects the pool, as Redis.from_url's client does
     return client
+
+
+@dataclass(frozen=True)
+class _Credentials(CredentialProvider):
+    """The AUTH of each new connection. The password file is read at every connect, so a rotated password (a
+    mounted Secret's file is replaced in place) reaches the next connection without a restart."""
+
+    username: str | None
+    password: str | None
+    password_file: str | None
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = Path(self.password_file).read_text().strip() if self.password_file else self.password
+        return (self.username, password) if self.username else (password,)
+
+
+def _credentials_apart(config: RedisConfig) -> tuple[str, _Credentials | None]:
+    """The url without its user and password, and the credentials: ``username`` and ``password_file`` where
+    set, else the url's."""
+    parts = urlsplit(config.url)
+    username = config.username if config.username is not None else _unquoted(parts.username)
+    password = _unquoted(parts.password)
+    if password is None and config.password_file is None:
+        return config.url, None
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host)), _Credentials(username, password, config.password_file)
+
+
+def _unquoted(text: str | None) -> str | None:
+    return unquote(text) if text else None

@@ -207,6 +207,30 @@ def test_a_redis_cluster_node_used_as_a_plain_redis_says_what_to_set(tmp_path, c
         store.close()
         cluster.stop()
 
+def test_the_password_file_wins_over_the_urls_and_a_rotated_one_reaches_new_connections(tmp_path):
+    """The url's password is stale and the file's is right: the file's is used. Then the password is rotated
+    (Redis's requirepass and the file, as a Secret's update does) and the server drops every connection: the
+    store reconnects with the new one, without being made again."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis", password="first-password").start()
+    password_file = tmp_path / "password"
+    password_file.write_text("first-password\n")
+    url = f"redis://:stale-password@127.0.0.1:{server.port}/0"
+    store = RedisStore(RedisConfig(url=url, password_file=str(password_file)))
+    try:
+        assert store.put_many([("kvtier:test:k", b"v")]) and store.get_many(["kvtier:test:k"]) == [b"v"]
+        admin = server.client()
+        admin.config_set("requirepass", "second-password")
+        password_file.write_text("second-password\n")
+        server.password = "second-password"
+        server.client().client_kill_filter(_type="normal", skipme=True)  # every connection of the store
+        assert store.get_many(["kvtier:test:k"]) == [b"v"]  # (its first attempt finds the connection closed)
+        assert store.health().up
+    finally:
+        store.close()
+        server.stop()
+
 def test_a_write_sent_to_a_node_that_no_longer_owns_the_slot_follows_the_move(tmp_path):
     """Writes go to the node redis-py's slot map names; where a node answers MOVED (the map is stale), the
     write is redone through redis-py, which follows the move. Here every write is first sent to the wrong node."""
