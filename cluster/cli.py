@@ -63,9 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=run_generate)
     cache = commands.add_parser("cache", help="manage the shared KV cache")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
-    flush = cache_commands.add_parser("flush", help="delete a model's (or one cache salt's) blocks from Redis")
+    flush = cache_commands.add_parser(
+        "flush", help="delete a model's (or one cache salt's) blocks from Redis; with --server, from every tier "
+        "of a running cluster too (every worker's GPU and CPU tiers)")
     _add_model_flags(flush)
-    flush.add_argument("--cache-salt", help="only this salt's blocks (default: every salt of the model)")
+    flush.add_argument("--cache-salt", help="only this salt's blocks in Redis (default: every salt of the model)")
+    flush.add_argument("--server", help="flush a running cluster through its router (host:port): its model, "
+                       "every worker's GPU and CPU tiers, and Redis")
+    _add_connection_flags(flush)
     flush.add_argument("--quiet", action="store_true")
     flush.set_defaults(handler=run_cache_flush)
     serve = commands.add_parser("serve", help="start a kvtier cluster (Ray workers and the gRPC router)")
@@ -274,6 +279,8 @@ def _print_status(client, args: argparse.Namespace) -> int:
 
 
 def run_cache_flush(args: argparse.Namespace) -> int:
+    if args.server:
+        return _flush_cluster(args)
     from kvstore.redis_keys import flush_pattern
     from kvstore.redis_store import RedisStore
     from workers.model_loader import model_fingerprint_of
@@ -292,6 +299,30 @@ def run_cache_flush(args: argparse.Namespace) -> int:
     print(f"deleted {deleted} keys (block units and manifests) of {scope}model {config.engine.model} "
           f"({fingerprint[:16]}) from Redis")
     return 0
+
+
+
+def _flush_cluster(args: argparse.Namespace) -> int:
+    """Exit 0 only when every worker and Redis were flushed."""
+    import grpc
+
+    client = connect(args)
+    try:
+        response = client.flush_cache(args.cache_salt)
+    except grpc.RpcError as error:
+        print(f"kvtier: error: {args.server}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    for worker_id, flushed in sorted(response.workers.items()):
+        print(f"{worker_id}: dropped {flushed.gpu_blocks} GPU blocks and {flushed.cpu_blocks} CPU-tier blocks")
+    scope = f" of cache salt {args.cache_salt!r}" if args.cache_salt is not None else ""
+    print(f"Redis: deleted {response.redis_keys} keys (block units and manifests){scope}")
+    for worker_id, why in sorted(response.not_flushed.items()):
+        print(f"kvtier: error: {worker_id} was not flushed: {why}", file=sys.stderr)
+    if response.redis_error:
+        print(f"kvtier: error: {response.redis_error}", file=sys.stderr)
+    return 1 if response.not_flushed or response.redis_error else 0
 
 
 if __name__ == "__main__":

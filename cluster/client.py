@@ -85,5 +85,9 @@ class KvtierClient:
     def stats(self, timeout_s: float = 30.0) -> pb.Stats:
         return self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata, timeout=timeout_s)
 
+    def flush_cache(self, cache_salt: str | None = None, timeout_s: float = 300.0) -> pb.FlushCacheResponse:
+        request = pb.FlushCacheRequest(cache_salt=cache_salt) if cache_salt is not None else pb.FlushCacheRequest()
+        return self.stub.FlushCache(request, metadata=self.metadata, timeout=timeout_s)
+
     def close(self) -> None:
         self.channel.close()

@@ -103,6 +103,17 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         tier_stats = {tier: pb.TierStats(counters=values) for tier, values in tiers.items()}
         return pb.Stats(workers={self.worker_id: pb.WorkerStats(engine=counters, tiers=tier_stats)})
 
+    @map_errors
+    async def FlushCache(self, request: pb.FlushCacheRequest, context) -> pb.FlushCacheResponse:
+        salt = salt_of(request)
+        dropped = await self.engine.flush_cache(salt=salt, all_salts=salt is None,
+                                                redis=not request.local_tiers_only)
+        flushed = pb.FlushedBlocks(gpu_blocks=dropped["gpu"], cpu_blocks=dropped["cpu"])
+        response = pb.FlushCacheResponse(workers={self.worker_id: flushed}, redis_keys=dropped["redis"] or 0)
+        if dropped["redis"] is None:
+            response.redis_error = f"Redis did not answer worker {self.worker_id}'s flush"
+        return response
+
     async def WatchKVEvents(self, request, context: grpc.aio.ServicerContext):
         queue = self.engine.subscribe_kv_events()
         try:

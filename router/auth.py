@@ -1,9 +1,10 @@
 """Bearer-token auth for the router's gRPC endpoint, as one server interceptor.
 
 Every call except the health and reflection services must carry ``authorization: Bearer <token>``; one
-without a known token ends ``UNAUTHENTICATED`` before any servicer code runs. A ``Generate`` call's cache salt
-is replaced by its tenant's (``router.tenancy.tenant_salt``), so the servicer, the workers and every KV tier
-only ever see salts the server derived: two tenants' identical prompts never share a block anywhere.
+without a known token ends ``UNAUTHENTICATED`` before any servicer code runs. A ``Generate`` or ``FlushCache``
+call's cache salt is replaced by its tenant's (``router.tenancy.tenant_salt``), so the servicer, the workers
+and every KV tier only ever see salts the server derived: two tenants' identical prompts never share a block
+anywhere, and a tenant's flush deletes only its own blocks from Redis.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from protos.kvtier.v1 import generation_pb2 as pb
 from router.tenancy import TokenTable, tenant_salt
 
 GENERATE_METHOD = "/kvtier.v1.Generation/Generate"
+FLUSH_METHOD = "/kvtier.v1.Generation/FlushCache"
 _OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                   "grpc.reflection.v1.ServerReflection")
 
@@ -41,6 +43,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
             return _refusing(handler)
         if details.method == GENERATE_METHOD:
             return _with_tenant_salt(handler, tenant)
+        if details.method == FLUSH_METHOD:
+            return _flushing_tenant_salt(handler, tenant)
         return handler
 
 
@@ -64,10 +68,26 @@ def _with_tenant_salt(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMe
     generate = handler.unary_stream
 
     async def salted(request: pb.GenerateRequest, context):
-        client_salt = request.cache_salt if request.HasField("cache_salt") else None
-        request.cache_salt = tenant_salt(tenant, client_salt)
+        _salt_for(request, tenant)
         async for response in generate(request, context):
             yield response
 
     return grpc.unary_stream_rpc_method_handler(salted, request_deserializer=handler.request_deserializer,
                                                 response_serializer=handler.response_serializer)
+
+
+def _flushing_tenant_salt(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
+    """FlushCache (unary-unary) of the tenant's own salt only: it can never delete another tenant's blocks."""
+    flush = handler.unary_unary
+
+    async def salted(request: pb.FlushCacheRequest, context):
+        _salt_for(request, tenant)
+        return await flush(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(salted, request_deserializer=handler.request_deserializer,
+                                               response_serializer=handler.response_serializer)
+
+
+def _salt_for(request: pb.GenerateRequest | pb.FlushCacheRequest, tenant: str) -> None:
+    client_salt = request.cache_salt if request.HasField("cache_salt") else None
+    request.cache_salt = tenant_salt(tenant, client_salt)

@@ -160,6 +160,40 @@ class RouterServicer(pb_grpc.GenerationServicer):
         )
 
     @map_errors
+    async def FlushCache(self, request: pb.FlushCacheRequest, context) -> pb.FlushCacheResponse:
+        """Every healthy worker drops its GPU and CPU tiers and writes what its queue holds; then one of them
+        deletes from Redis, so no write queued before the flush lands after it. An unhealthy worker is named in
+        ``not_flushed`` (restarted, it starts empty)."""
+        response = pb.FlushCacheResponse()
+        healthy = [worker for worker in self.pool.workers.values() if worker.healthy]
+        for worker in self.pool.workers.values():
+            if not worker.healthy:
+                response.not_flushed[worker.worker_id] = "unhealthy"
+        flushed = await self._flush_on(healthy, _flush_request(request, local_tiers_only=True), response, context)
+        if not flushed:
+            raise NoHealthyWorker(f"no worker could flush its tiers: {dict(response.not_flushed)}")
+        if not request.local_tiers_only:
+            redis = await flushed[0].stub.FlushCache(_flush_request(request, local_tiers_only=False),
+                                                     timeout=context.time_remaining())
+            response.redis_keys, response.redis_error = redis.redis_keys, redis.redis_error
+        return response
+
+    async def _flush_on(self, workers, request: pb.FlushCacheRequest, response: pb.FlushCacheResponse, context):
+        """``request`` on every one of ``workers`` at once; their counts go into ``response``; those that answered."""
+        answers = await asyncio.gather(*(w.stub.FlushCache(request, timeout=context.time_remaining())
+                                         for w in workers), return_exceptions=True)
+        flushed = []
+        for worker, answer in zip(workers, answers):
+            if isinstance(answer, grpc.RpcError):
+                response.not_flushed[worker.worker_id] = f"{answer.code().name}: {answer.details()}"
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                response.workers.MergeFrom(answer.workers)
+                flushed.append(worker)
+        return flushed
+
+    @map_errors
     async def GetStats(self, request, context) -> pb.Stats:
         return await self.worker_stats(_STATS_TIMEOUT_S)
 
@@ -177,6 +211,13 @@ class RouterServicer(pb_grpc.GenerationServicer):
             else:
                 stats.workers.MergeFrom(answer.workers)
         return stats
+
+
+def _flush_request(request: pb.FlushCacheRequest, local_tiers_only: bool) -> pb.FlushCacheRequest:
+    forwarded = pb.FlushCacheRequest()
+    forwarded.CopyFrom(request)
+    forwarded.local_tiers_only = local_tiers_only
+    return forwarded
 
 
 def _client_view(final: pb.Final, prompt_tokens: int, streamed: int, arrived: float, first: float | None) -> None:

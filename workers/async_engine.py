@@ -36,6 +36,7 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self._kv_subscribers: list[asyncio.Queue] = []
         self._new_kv_subscribers: list[asyncio.Queue] = []
+        self._flushes: list[tuple[asyncio.Future, dict]] = []  # flush_cache calls, run between steps
         self._held_until = 0.0  # test hook: no step before this time.monotonic()
         self._failure_for_test: Exception | None = None  # test hook: the next step raises this
 
@@ -86,6 +87,16 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def flush_cache(self, **options) -> dict[str, int]:
+        """``LLMEngine.flush_cache(**options)``, run by the step loop between two steps (in a thread: a Redis
+        flush waits for the writes queued before it and scans the keyspace)."""
+        if self.failed is not None:
+            raise EngineFailed(f"the engine failed and is being restarted: {self.failed}") from self.failed
+        done = asyncio.get_running_loop().create_future()
+        self._flushes.append((done, options))
+        self._wake()
+        return await done
+
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:
             self._to_abort.append(request_id)
@@ -113,6 +124,7 @@ class AsyncEngine:
         """Owns the engine: between steps it applies queued requests, aborts and subscriptions."""
         while True:
             self._apply_queued()
+            await self._run_flushes()
             if not self.engine.has_unfinished():
                 return
             while time.monotonic() < self._held_until:
@@ -133,6 +145,20 @@ class AsyncEngine:
                     if output.finished:
                         del self._streams[output.request_id]
             self._publish_kv_events()
+
+    async def _run_flushes(self) -> None:
+        flushes, self._flushes = self._flushes, []
+        for done, options in flushes:
+            try:
+                dropped = await asyncio.to_thread(self.engine.flush_cache, **options)
+            except Exception as error:  # (a flush that failed is its caller's error; the engine serves on)
+                if not done.cancelled():
+                    done.set_exception(error)
+            else:
+                if not done.cancelled():
+                    done.set_result(dropped)
+        if flushes:
+            self._publish_kv_events()  # the router's index drops what the tiers dropped
 
     def _publish_kv_events(self) -> None:
         events, overflowed = self.engine.kv_events.drain()

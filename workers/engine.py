@@ -384,14 +384,16 @@ class LLMEngine:
             flops = sum(work.flops(chunk.start, chunk.num_tokens) for chunk in plan.chunks) if work else 0.0
             self.cost_model.observe_prefill(plan.num_tokens, forward_seconds, flops)
 
-    def flush_cache(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
-        """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), Redis for this model
-        (or only ``salt``'s blocks when ``all_salts`` is False). Returns blocks dropped per tier."""
+    def flush_cache(self, salt: str | None = None, all_salts: bool = True,
+                    redis: bool = True) -> dict[str, int | None]:
+        """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), and unless ``redis`` is
+        False, Redis's for this model (or only ``salt``'s blocks when ``all_salts`` is False). Returns blocks
+        dropped per tier (Redis: keys, None when it did not answer)."""
         self.mover.settle_gathers()  # uncached blocks can be overwritten next step, reported as reused or not
         dropped = {"gpu": self.block_pool.reset_cache(), "cpu": 0, "redis": 0}
         self._pending_stores = []
         if self.tiers is not None:
-            dropped.update(self.tiers.flush(salt, all_salts))
+            dropped.update(self.tiers.flush(salt, all_salts, redis))
         return dropped
 
     def kv_snapshot(self) -> dict[str, list[bytes]]:

@@ -434,9 +434,11 @@ class KVTiers:
 
     # --- flush, stats, close -------------------------------------------------------------------------------
 
-    def flush(self, salt: str | None = None, all_salts: bool = True) -> dict[str, int]:
-        """Drop this model's blocks (or one salt's) from the CPU tier and Redis; counts per tier."""
-        dropped = {"cpu": 0, "redis": 0}
+    def flush(self, salt: str | None = None, all_salts: bool = True, redis: bool = True) -> dict[str, int | None]:
+        """Drop this model's blocks (or one salt's) from the CPU tier and (unless ``redis`` is False) Redis;
+        counts per tier (Redis: keys, None when it did not answer). The blocks remembered as written are
+        forgotten either way: Redis may not hold them."""
+        dropped: dict[str, int | None] = {"cpu": 0, "redis": 0}
         if self.cpu:
             held = self.cpu.lru_order()
             dropped["cpu"] = self.cpu.clear()
@@ -444,9 +446,9 @@ class KVTiers:
             self.events.record("cpu", False, [h for h in held if h not in kept])
         self._known_in_redis.clear()
         if self.redis is not None:
-            self.writer.flush()
-            deleted = self.redis.delete_matching(flush_pattern(self.fingerprint, salt, any_salt=all_salts))
-            dropped["redis"] = deleted or 0
+            self.writer.flush()  # (what is queued lands before a delete, this worker's or another's)
+        if self.redis is not None and redis:
+            dropped["redis"] = self.redis.delete_matching(flush_pattern(self.fingerprint, salt, any_salt=all_salts))
         return dropped
 
     def sync_writer_stats(self) -> None:

@@ -306,6 +306,29 @@ def test_the_cli_against_the_cluster_prints_what_the_offline_cli_prints(cluster)
     assert "worker-0" in status.stdout and "worker-1" in status.stdout and "policy cache_aware" in status.stdout
 
 
+def test_a_flush_through_the_router_empties_every_tier_of_every_worker(cluster, offline):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    handle, client, redis = cluster
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+    document = [random.Random(88).randrange(3, 250) for _ in range(400)]
+    client.complete(document + question(801), GREEDY)
+    assert client.complete(document + question(802), GREEDY).usage["cached_tokens"]["gpu"] >= 384  # it is cached
+    kvtier = str(Path(sys.executable).parent / "kvtier")
+    flushed = subprocess.run([kvtier, "cache", "flush", "--server", handle.address], capture_output=True, text=True,
+                             timeout=120)
+    assert flushed.returncode == 0, flushed.stderr
+    lines = flushed.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["worker-0", "worker-1"]
+    gpu_dropped = sum(int(line.split("dropped ")[1].split(" ")[0]) for line in lines[:2])
+    assert gpu_dropped >= 25 and lines[2].startswith("Redis: deleted ")  # the document's 25 blocks, at least
+    assert int(lines[2].split()[2]) > 0 and not redis.client().keys("kvtier:*")
+    after = client.complete(document + question(803), GREEDY)
+    assert after.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}  # computed again, everywhere
+    assert after.token_ids == expected(offline, document + question(803))
+
 # Last: the router comes back on a new port, so the module's client no longer reaches it.
 def test_a_restarted_router_routes_from_a_rebuilt_index(cluster):
     import ray

@@ -174,3 +174,22 @@ def test_two_tenants_identical_prompts_share_no_block_in_any_tier(secure_cluster
         assert other.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}
     acme.close()
     globex.close()
+
+
+def test_a_tenants_flush_deletes_its_own_blocks_from_redis_and_no_one_elses(secure_cluster, pki, secure_redis):
+    acme = client_of(secure_cluster, pki, TOKENS["acme"])
+    globex = client_of(secure_cluster, pki, TOKENS["globex"])
+    mine, theirs = prompt(7), prompt(8)
+    acme.complete(mine, GREEDY)
+    globex.complete(theirs, GREEDY)
+    wait_for_redis_to_settle(secure_redis)
+    before = secure_redis.client().dbsize()
+    response = acme.flush_cache()  # no salt asked: acme's own (the router puts it in)
+    assert not response.not_flushed and not response.redis_error
+    assert 0 < response.redis_keys < before and secure_redis.client().dbsize() == before - response.redis_keys
+    assert set(response.workers) == {"worker-0", "worker-1"}
+    again = globex.complete(theirs, GREEDY)  # globex's blocks are still in Redis (the GPU tiers were flushed)
+    assert again.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 144}
+    assert acme.complete(mine, GREEDY).usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}
+    acme.close()
+    globex.close()

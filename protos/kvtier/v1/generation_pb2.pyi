@@ -148,6 +148,48 @@ class TokenizeResponse(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class FlushCacheRequest(_message.Message):
+    __slots__ = ("cache_salt", "local_tiers_only")
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_TIERS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    cache_salt: str
+    local_tiers_only: bool
+    def __init__(self, cache_salt: _Optional[str] = ..., local_tiers_only: _Optional[bool] = ...) -> None: ...
+
+class FlushCacheResponse(_message.Message):
+    __slots__ = ("workers", "redis_keys", "not_flushed", "redis_error")
+    class WorkersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FlushedBlocks
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FlushedBlocks, _Mapping]] = ...) -> None: ...
+    class NotFlushedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REDIS_KEYS_FIELD_NUMBER: _ClassVar[int]
+    NOT_FLUSHED_FIELD_NUMBER: _ClassVar[int]
+    REDIS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.MessageMap[str, FlushedBlocks]
+    redis_keys: int
+    not_flushed: _containers.ScalarMap[str, str]
+    redis_error: str
+    def __init__(self, workers: _Optional[_Mapping[str, FlushedBlocks]] = ..., redis_keys: _Optional[int] = ..., not_flushed: _Optional[_Mapping[str, str]] = ..., redis_error: _Optional[str] = ...) -> None: ...
+
+class FlushedBlocks(_message.Message):
+    __slots__ = ("gpu_blocks", "cpu_blocks")
+    GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    gpu_blocks: int
+    cpu_blocks: int
+    def __init__(self, gpu_blocks: _Optional[int] = ..., cpu_blocks: _Optional[int] = ...) -> None: ...
+
 class GetClusterInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -60,6 +60,11 @@ class GenerationStub:
                 request_serializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.Stats.FromString,
                 _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/kvtier.v1.Generation/FlushCache',
+                request_serializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.FlushCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.FlushCacheResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -101,6 +106,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FlushCache(self, request, context):
+        """Drops the model's cached blocks from every tier: every worker's GPU and CPU tiers, and Redis.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.GetStatsRequest.FromString,
                     response_serializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.Stats.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.FlushCacheRequest.FromString,
+                    response_serializer=protos_dot_kvtier_dot_v1_dot_generation__pb2.FlushCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class Generation:
             '/kvtier.v1.Generation/GetStats',
             protos_dot_kvtier_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
             protos_dot_kvtier_dot_v1_dot_generation__pb2.Stats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.v1.Generation/FlushCache',
+            protos_dot_kvtier_dot_v1_dot_generation__pb2.FlushCacheRequest.SerializeToString,
+            protos_dot_kvtier_dot_v1_dot_generation__pb2.FlushCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,
