@@ -87,7 +87,7 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    async def flush_cache(self, **options) -> dict[str, int]:
+    async def flush_cache(self, **options) -> dict[str, int | None]:
         """``LLMEngine.flush_cache(**options)``, run by the step loop between two steps (in a thread: a Redis
         flush waits for the writes queued before it and scans the keyspace)."""
         if self.failed is not None:
