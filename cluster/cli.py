@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flush", help="delete a model's (or one cache salt's) blocks from Redis; with --server, from every tier "
         "of a running cluster too (every worker's GPU and CPU tiers)")
     _add_model_flags(flush)
-    flush.add_argument("--cache-salt", help="only this salt's blocks in Redis (default: every salt of the model)")
+    flush.add_argument("--cache-salt", help="only this salt's blocks (default: every salt of the model)")
     flush.add_argument("--server", help="flush a running cluster through its router (host:port): its model, "
                        "every worker's GPU and CPU tiers, and Redis")
     _add_connection_flags(flush)

@@ -144,6 +144,14 @@ class BlockPool:
         self._block_of.clear()
         return dropped
 
+    def uncache(self, block_hashes: Iterable[bytes]) -> int:
+        """Forget these hashes (a flush of some): a free block that cached one is plain free storage now, one in
+        use stays its holder's. How many were cached; nothing counts as evicted."""
+        block_ids = [self._block_of[h] for h in block_hashes if h in self._block_of]
+        for block_id in block_ids:
+            self._uncache(block_id, evicted=False)
+        return len(block_ids)
+
     def _uncache(self, block_id: int, evicted: bool) -> None:
         block_hash = self._hash_of.pop(block_id, None)
         if block_hash is not None:

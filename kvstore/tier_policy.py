@@ -34,6 +34,10 @@ class LRUTierPolicy:
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._ready
 
+    def holds(self, block_hash: bytes) -> bool:
+        """Ready, or on its way in (``prepare_store`` without ``complete_store`` yet)."""
+        return block_hash in self._ready or block_hash in self._storing
+
     def lookup(self, block_hashes: Sequence[bytes]) -> int:
         """How many leading hashes are ready to load."""
         count = 0
@@ -97,7 +101,11 @@ class LRUTierPolicy:
 
     def clear(self) -> int:
         """Drop every ready entry that no load pins; returns how many were dropped."""
-        dropped = [h for h in self._ready if h not in self._pins]
+        return self.drop(list(self._ready))
+
+    def drop(self, block_hashes: Sequence[bytes]) -> int:
+        """Drop these hashes' ready entries that no load pins (their slots are free again); how many."""
+        dropped = [h for h in block_hashes if h in self._ready and h not in self._pins]
         for block_hash in dropped:
             self._free_slots.append(self._ready.pop(block_hash))
         return len(dropped)

@@ -4,7 +4,7 @@ Every call except the health and reflection services must carry ``authorization:
 without a known token ends ``UNAUTHENTICATED`` before any servicer code runs. A ``Generate`` or ``FlushCache``
 call's cache salt is replaced by its tenant's (``router.tenancy.tenant_salt``), so the servicer, the workers
 and every KV tier only ever see salts the server derived: two tenants' identical prompts never share a block
-anywhere, and a tenant's flush deletes only its own blocks from Redis.
+anywhere, and a tenant's flush drops only its own blocks.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.block_pool import BlockPool
+from kvstore.salt_index import SaltIndex
 from kvstore.config import KVStoreConfig
 from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
@@ -166,6 +167,8 @@ class LLMEngine:
         self._forward_timer = ForwardTimer(device)
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model, work=self.model_config.prefill_work())
         self.tiers = self._set_up_tiers(kv_cache)
+        cpu_slots = self.tiers.cpu.num_slots if self.tiers is not None and self.tiers.cpu is not None else 0
+        self._salts = SaltIndex(prune_above=2 * (cache_shape.num_blocks + cpu_slots))  # for a salt's flush
         self._pending_stores: list = []
         self.scheduler = Scheduler(
             config.scheduler, self.block_pool, cache_shape.block_size, lower_tiers=self.tiers, stats=self.kv_stats,
@@ -289,6 +292,8 @@ class LLMEngine:
         self._arrivals += 1
         self._requests[seq.request_id] = _RequestState(seq, text, seed, torch.Generator(device=self.device))
         self.scheduler.add(seq)
+        if seq.hasher is not None:  # (the blocks it may load, whatever tier they come from)
+            self._salts.add(seq.reusable_block_hashes(), request.cache_salt, self._held_locally)
         if self.tiers is not None and seq.hasher is not None:
             self._prefetch(seq)
 
@@ -339,6 +344,8 @@ class LLMEngine:
         self._observe_step(plan, self._forward_timer.seconds())
         self.scheduler.mark_computed(plan)
         newly_cached = self.scheduler.cache_full_blocks(plan)
+        for block_hash, _, prefix in newly_cached:
+            self._salts.add([block_hash], prefix.salt, self._held_locally)
         outputs += [self._append_token(state, token) for state, token in zip(sampling, tokens)]
         if self.tiers is not None:
             self._pending_stores += newly_cached
@@ -386,15 +393,23 @@ class LLMEngine:
 
     def flush_cache(self, salt: str | None = None, all_salts: bool = True,
                     redis: bool = True) -> dict[str, int | None]:
-        """Drop cached blocks: the GPU and CPU tiers whole (they do not index by salt), and unless ``redis`` is
-        False, Redis's for this model (or only ``salt``'s blocks when ``all_salts`` is False). Returns blocks
+        """Drop this model's cached blocks, or only ``salt``'s when ``all_salts`` is False: from the GPU and CPU
+        tiers (a block a running request holds stays its own) and, unless ``redis`` is False, Redis. Returns blocks
         dropped per tier (Redis: keys, None when it did not answer)."""
         self.mover.settle_gathers()  # uncached blocks can be overwritten next step, reported as reused or not
-        dropped = {"gpu": self.block_pool.reset_cache(), "cpu": 0, "redis": 0}
-        self._pending_stores = []
+        local = None if all_salts else self._salts.hashes_of(salt)  # None: every block
+        gpu = self.block_pool.reset_cache() if local is None else self.block_pool.uncache(local)
+        dropped = {"gpu": gpu, "cpu": 0, "redis": 0}
+        self._pending_stores = [] if local is None else [s for s in self._pending_stores if s[2].salt != salt]
         if self.tiers is not None:
-            dropped.update(self.tiers.flush(salt, all_salts, redis))
+            dropped.update(self.tiers.flush(salt, all_salts, redis, local))
+        self._salts.prune(self._held_locally)
         return dropped
+
+    def _held_locally(self, block_hash: bytes) -> bool:
+        """Whether the GPU pool or the CPU tier holds the block."""
+        cpu = self.tiers.cpu if self.tiers is not None else None
+        return self.block_pool.cached_block(block_hash) is not None or (cpu is not None and cpu.holds(block_hash))
 
     def kv_snapshot(self) -> dict[str, list[bytes]]:
         """The blocks this worker holds per local tier (what a freshly subscribed router indexes)."""

@@ -434,14 +434,15 @@ class KVTiers:
 
     # --- flush, stats, close -------------------------------------------------------------------------------
 
-    def flush(self, salt: str | None = None, all_salts: bool = True, redis: bool = True) -> dict[str, int | None]:
-        """Drop this model's blocks (or one salt's) from the CPU tier and (unless ``redis`` is False) Redis;
-        counts per tier (Redis: keys, None when it did not answer). The blocks remembered as written are
-        forgotten either way: Redis may not hold them."""
+    def flush(self, salt: str | None = None, all_salts: bool = True, redis: bool = True,
+              local: list[bytes] | None = None) -> dict[str, int | None]:
+        """Drop this model's blocks (or one salt's) from Redis (unless ``redis`` is False) and from the CPU tier:
+        every block, or only ``local``'s (the salt's, which the CPU tier cannot tell); counts per tier (Redis:
+        keys, None when it did not answer). The blocks remembered as written are forgotten either way."""
         dropped: dict[str, int | None] = {"cpu": 0, "redis": 0}
         if self.cpu:
             held = self.cpu.lru_order()
-            dropped["cpu"] = self.cpu.clear()
+            dropped["cpu"] = self.cpu.clear() if local is None else self.cpu.drop(local)
             kept = set(self.cpu.lru_order())  # entries a load in flight pins stay
             self.events.record("cpu", False, [h for h in held if h not in kept])
         self._known_in_redis.clear()

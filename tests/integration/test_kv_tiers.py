@@ -112,6 +112,27 @@ def test_cache_salts_isolate_tenants_in_every_tier(redis_server):
     assert other.token_ids == same.token_ids
 
 
+def test_a_flush_of_one_salt_drops_its_blocks_from_every_tier_and_no_one_elses(redis_server):
+    """Tenants a and b each cache a document on the GPU; a's is also spilled to the CPU tier (a third document
+    evicts it from the 16-block pool). Flushing salt a drops a's blocks from the GPU pool, the CPU tier and
+    Redis; b's stay in all three."""
+    document = tokens(13, 96)
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity="1MiB"), redis=RedisConfig(url=redis_server.url))
+    engine = make_engine(kvstore, num_blocks=16)
+    engine.generate([document + tokens(14, 5)], GREEDY, cache_salt="a")
+    engine.generate([tokens(15, 96) + tokens(16, 5)], GREEDY, cache_salt="c")  # a's blocks go to the CPU tier
+    engine.generate([document + tokens(17, 5)], GREEDY, cache_salt="b")
+    engine.tiers.writer.flush()
+    keys_before = redis_server.client().dbsize()
+    dropped = engine.flush_cache(salt="a", all_salts=False)
+    assert dropped["cpu"] > 0 and 0 < dropped["redis"] < keys_before  # a's units and manifests only
+    assert redis_server.client().dbsize() == keys_before - dropped["redis"]
+    (a,) = engine.generate([document + tokens(18, 5)], GREEDY, cache_salt="a")
+    (b,) = engine.generate([document + tokens(19, 5)], GREEDY, cache_salt="b")
+    assert a.usage.cached_tokens.total == 0 and b.usage.cached_tokens.gpu == 96
+    (c,) = make_engine(kvstore).generate([tokens(15, 96) + tokens(20, 5)], GREEDY, cache_salt="c")
+    assert c.usage.cached_tokens.redis == 96  # another salt's blocks in Redis, untouched
+
 def test_redis_killed_mid_workload_loses_no_request_and_reconnects(redis_server):
     kvstore = redis_only(redis_server.url, breaker_reset_s=0.2)
     prompts = [tokens(20 + i, 64) for i in range(6)]

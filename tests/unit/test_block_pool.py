@@ -66,9 +66,21 @@ def test_zero_blocks_is_rejected():
 
 
 def test_pure_modules_import_without_torch():
-    pure = ["kvstore.block_pool", "kvstore.copy_runs", "kvstore.tier_policy", "kvstore.write_behind", "kvstore.codec",
-            "kvstore.resp",
+    pure = ["kvstore.block_pool", "kvstore.copy_runs", "kvstore.tier_policy", "kvstore.salt_index",
+            "kvstore.write_behind", "kvstore.codec", "kvstore.resp",
             "workers.scheduler", "workers.sequence", "workers.table_rows", "workers.validation", "workers.model_config"]
     code = f"import sys\nfor m in {pure!r}: __import__(m)\nprint(sorted(k for k in sys.modules if k.split('.')[0] == 'torch'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_uncaching_some_hashes_leaves_free_blocks_plain_and_used_ones_with_their_holder():
+    pool = BlockPool(4)
+    a, b, c = pool.allocate(3)
+    for block_id, block_hash in ((a, b"ha"), (b, b"hb"), (c, b"hc")):
+        pool.cache(block_id, block_hash)
+    pool.free([a, b])  # c stays in use
+    assert pool.uncache([b"ha", b"hc", b"absent"]) == 2
+    assert pool.cached_block(b"ha") is None and pool.cached_block(b"hc") is None and pool.cached_block(b"hb") == b
+    assert pool.ref_count(c) == 1 and pool.free_ids() == [3, a, b]
+    assert pool.allocate(2) == [3, a] and pool.take_evicted() == []  # a held nothing any more: no eviction

@@ -70,3 +70,13 @@ def test_clear_keeps_pinned_entries():
     stored(policy, A, B, C)
     policy.prepare_load([B])
     assert policy.clear() == 2 and policy.lru_order() == [B]
+
+
+def test_dropping_some_hashes_frees_their_slots_but_keeps_pinned_and_incoming_ones():
+    policy = LRUTierPolicy(4)
+    policy.complete_store([h for h, _ in policy.prepare_store([b"a", b"b", b"c"])], ok=True)
+    policy.prepare_load([b"b"])  # pinned
+    incoming = policy.prepare_store([b"d"])
+    assert policy.drop([b"a", b"b", b"d", b"x"]) == 1  # only a: b is pinned, d not stored yet
+    assert policy.lru_order() == [b"c", b"b"] and policy.holds(b"d") and not policy.holds(b"a")
+    assert incoming == [(b"d", 3)] and policy.prepare_store([b"e"]) == [(b"e", 0)]  # a's slot is free again
