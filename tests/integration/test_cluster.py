@@ -329,6 +329,19 @@ def test_a_flush_through_the_router_empties_every_tier_of_every_worker(cluster, 
     assert after.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}  # computed again, everywhere
     assert after.token_ids == expected(offline, document + question(803))
 
+def test_a_flush_names_a_worker_it_could_not_flush(cluster):
+    import ray
+
+    handle, client, _ = cluster
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+    ray.kill(handle.workers["worker-1"], no_restart=False)
+    wait_until(lambda: not {w.worker_id: w.healthy for w in client.cluster_info().workers}["worker-1"])
+    response = client.flush_cache()  # (before Ray has restarted it, which takes seconds)
+    assert list(response.not_flushed) == ["worker-1"] and list(response.workers) == ["worker-0"]
+    assert not response.redis_error  # worker-0 flushed Redis
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+
+
 # Last: the router comes back on a new port, so the module's client no longer reaches it.
 def test_a_restarted_router_routes_from_a_rebuilt_index(cluster):
     import ray
