@@ -301,7 +301,6 @@ def run_cache_flush(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _flush_cluster(args: argparse.Namespace) -> int:
     """Exit 0 only when every worker and Redis were flushed."""
     import grpc

@@ -161,9 +161,9 @@ class RouterServicer(pb_grpc.GenerationServicer):
 
     @map_errors
     async def FlushCache(self, request: pb.FlushCacheRequest, context) -> pb.FlushCacheResponse:
-        """Every healthy worker drops its GPU and CPU tiers and writes what its queue holds; then one of them
-        deletes from Redis, so no write queued before the flush lands after it. An unhealthy worker is named in
-        ``not_flushed`` (restarted, it starts empty)."""
+        """Every healthy worker drops the blocks (or the salt's) from its GPU and CPU tiers and writes what its
+        queue holds; then one of them deletes from Redis, so no write queued before the flush lands after it.
+        An unhealthy worker is named in ``not_flushed`` (restarted, it starts empty)."""
         response = pb.FlushCacheResponse()
         healthy = [worker for worker in self.pool.workers.values() if worker.healthy]
         for worker in self.pool.workers.values():
@@ -173,12 +173,21 @@ class RouterServicer(pb_grpc.GenerationServicer):
         if not flushed:
             raise NoHealthyWorker(f"no worker could flush its tiers: {dict(response.not_flushed)}")
         if not request.local_tiers_only:
-            redis = await flushed[0].stub.FlushCache(_flush_request(request, local_tiers_only=False),
-                                                     timeout=context.time_remaining())
-            response.redis_keys, response.redis_error = redis.redis_keys, redis.redis_error
+            await self._flush_redis(flushed[0], _flush_request(request, local_tiers_only=False), response, context)
         return response
 
-    async def _flush_on(self, workers, request: pb.FlushCacheRequest, response: pb.FlushCacheResponse, context):
+    @staticmethod
+    async def _flush_redis(worker, request: pb.FlushCacheRequest, response: pb.FlushCacheResponse, context) -> None:
+        try:
+            redis = await worker.stub.FlushCache(request, timeout=context.time_remaining())
+        except grpc.RpcError as error:
+            response.redis_error = f"worker {worker.worker_id} failed to flush Redis: {error.code().name}: " \
+                f"{error.details()}"
+            return
+        response.redis_keys, response.redis_error = redis.redis_keys, redis.redis_error
+
+    async def _flush_on(self, workers: list, request: pb.FlushCacheRequest, response: pb.FlushCacheResponse,
+                        context) -> list:
         """``request`` on every one of ``workers`` at once; their counts go into ``response``; those that answered."""
         answers = await asyncio.gather(*(w.stub.FlushCache(request, timeout=context.time_remaining())
                                          for w in workers), return_exceptions=True)
