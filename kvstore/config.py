@@ -48,7 +48,7 @@ class RedisConfig:
     connect_timeout_s: float = 0.25
     max_retries: int = 1  # retries of a failed call, with exponential backoff
     retry_backoff_s: float = 0.02
-    breaker_failures: int = 3  # failures in a row that stop all calls ...
+    breaker_failures: int = 3  # failures in a row that stop all calls (to that node, in a Redis Cluster) ...
     breaker_reset_s: float = 2.0  # ... for this long, then one trial call
     # the data path's connections: every read thread's and the writer's; a caller finding them all in use
     # waits up to connect_timeout_s for one. The health probe and flushes have two of their own

@@ -71,7 +71,10 @@ class RedisStore:
         # the health probe and flushes never take (or wait for) a data-path connection; a Redis Cluster's pools,
         # one per node, are not bounded, so it has one client
         self._control_client = None if config.cluster else _connect(config, _CONTROL_CONNECTIONS)
-        self._breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s, clock)
+        self._clock = clock
+        # per Redis Cluster node ("host:port"), so one node down or stalled costs only its own slots' hits; ""
+        # for a single server, a call not tied to one node (a flush), and a cluster's first call (no slot map)
+        self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
         self.errors = 0
         parallel = config.read_parallelism  # each prefetch thread reads one slice itself
@@ -124,7 +127,7 @@ class RedisStore:
         index ``i``, in ``read_parallelism`` slices at once (each slice's values arrive in order, on its own
         thread); False when Redis cannot be reached in time (the sink may have seen some of the values)."""
         return self._in_slices(list(keys), lambda part, first: self._call(
-            lambda: self._mget_into(part, sink, first))) is not None
+            lambda: self._mget_into(part, sink, first), part[0])) is not None
 
     def _in_slices(self, keys: list[str], read: Callable[[list[str], int], T | None]) -> list[T] | None:
         """``read(slice, index of its first key)`` for each slice, the first on this thread; None if any failed."""
@@ -138,7 +141,7 @@ class RedisStore:
         return None if any(part is None for part in parts) else parts
 
     def _mget(self, keys: list[str]) -> list[bytes | None] | None:
-        return self._call(lambda: self.client.mget(keys))
+        return self._call(lambda: self.client.mget(keys), keys[0])
 
     def _mget_into(self, keys: list[str], sink: resp.ValueSink, first: int) -> bool:
         """One MGET on a pooled connection, its reply read by ``kvstore.resp`` (redis-py sent the command)."""
@@ -177,8 +180,12 @@ class RedisStore:
     def put_many(self, items: Sequence[tuple[str, resp.Value]]) -> bool:
         """SET each key to its value (one buffer, or parts sent one after another: a payload is handed to the
         socket as it is, never joined with its header), pipelined per node, in order; False when Redis cannot be
-        reached in time or refused a write."""
-        return bool(items) and self._call(lambda: self._set_all(items)) is True
+        reached in time or refused a write (on any node)."""
+        by_node: dict[str, list[tuple[str, resp.Value]]] = {}
+        for item in items:
+            by_node.setdefault(self._node_of(item[0]), []).append(item)
+        results = [self._call(lambda group=group: self._set_all(group), group[0][0]) for group in by_node.values()]
+        return bool(results) and all(result is True for result in results)
 
     def _set_all(self, items: Sequence[tuple[str, resp.Value]]) -> bool:
         groups: dict[int, tuple[ConnectionPool, list[tuple[str, resp.Value]]]] = {}
@@ -207,7 +214,7 @@ class RedisStore:
     def delete(self, keys: Sequence[str]) -> int | None:
         if not keys:
             return 0
-        return self._call(lambda: self._unlink_now(self.client, list(keys)))
+        return self._call(lambda: self._unlink_now(self.client, list(keys)), keys[0])
 
     def delete_matching(self, pattern: str) -> int | None:
         """UNLINK every key matching ``pattern`` (SCAN, on every primary of a cluster)."""
@@ -232,32 +239,51 @@ class RedisStore:
             return sum(client.unlink(key) for key in keys)
         return client.unlink(*keys)
 
-    def _call(self, operation: Callable[[], T]) -> T | None:
-        """Run ``operation`` with retries and backoff, through the breaker; None on failure."""
+    def _call(self, operation: Callable[[], T], key: str | None = None) -> T | None:
+        """Run ``operation`` (on the node that serves ``key``, if it names one) with retries and backoff,
+        through that node's breaker; None on failure."""
         for attempt in range(self.config.max_retries + 1):
+            breaker = self._breaker_for(key)
             with self._lock:
-                allowed = self._breaker.allow()
+                allowed = breaker.allow()
             if not allowed:
                 return None
             try:
                 result = operation()
             except _UNAVAILABLE as error:
-                self._on_failure(error, attempt)
+                self._on_failure(breaker, error, attempt)
                 continue
             except redis.RedisError as error:  # Redis answered with an error (OOM, ...): no retry, and it is up
                 with self._lock:  # (a trial call that ended so must close the breaker, or it stays half-open)
                     self.errors += 1
-                    self._breaker.record_success()
+                    breaker.record_success()
                 log.warning("redis refused a call: %s%s", error, self._hint(error))
                 return None
             except Exception:  # not Redis's doing (a bug): raised, but a trial call must not stay in flight
                 with self._lock:
-                    self._breaker.record_failure()
+                    breaker.record_failure()
                 raise
             with self._lock:
-                self._breaker.record_success()
+                breaker.record_success()
             return result
         return None
+
+    def _breaker_for(self, key: str | None) -> CircuitBreaker:
+        node = self._node_of(key) if key is not None else ""
+        with self._lock:
+            if node not in self._breakers:
+                self._breakers[node] = CircuitBreaker(self.config.breaker_failures, self.config.breaker_reset_s,
+                                                      self._clock)
+            return self._breakers[node]
+
+    def _node_of(self, key: str) -> str:
+        """The Redis Cluster node serving ``key`` in the slot map ("" for a single server, or with no map)."""
+        if self._client is None or not isinstance(self._client, RedisCluster):
+            return ""
+        try:
+            return self._client.get_node_from_key(key).name
+        except RedisClusterException:  # a slot no node serves (yet): the cluster-wide breaker
+            return ""
 
     def _hint(self, error: redis.RedisError) -> str:
         if isinstance(error, AskError) and not self.config.cluster:  # (MovedError is an AskError)
@@ -265,10 +291,10 @@ class RedisStore:
                     "true, or redis.external.cluster in the Helm chart)")
         return ""
 
-    def _on_failure(self, error: Exception, attempt: int) -> None:
+    def _on_failure(self, breaker: CircuitBreaker, error: Exception, attempt: int) -> None:
         with self._lock:
             self.errors += 1
-            self._breaker.record_failure()
+            breaker.record_failure()
         log.warning("redis call failed (attempt %d): %s", attempt + 1, error)
         if attempt < self.config.max_retries:
             time.sleep(self.config.retry_backoff_s * 2**attempt)
@@ -276,7 +302,7 @@ class RedisStore:
     def health(self) -> RedisHealth:
         """PING and INFO memory, once each, outside the retries and the breaker (a probe must not trip it)."""
         with self._lock:
-            breaker = self._breaker.state
+            breaker = _worst([b.state for b in self._breakers.values()])
         began = time.perf_counter()
         try:
             self._control.ping()
@@ -296,6 +322,11 @@ class RedisStore:
         for client in (self._client, self._control_client):
             if client is not None:
                 client.close()
+
+
+def _worst(states: list[str]) -> str:
+    """The state the probe reports for the breakers: open if any is, else half-open if any is, else closed."""
+    return next((state for state in ("open", "half-open") if state in states), "closed")
 
 
 def _slices(keys: list[str], parts: int, min_keys: int = _MIN_SLICE_KEYS) -> list[list[str]]:

@@ -180,7 +180,7 @@ def test_a_trial_call_that_redis_answers_with_an_error_closes_the_breaker(start_
         assert not store.put_many(big)  # the trial: refused, out of memory
         assert store.health().breaker == "closed" and store.get_many(["kvtier:test:k"]) == [None]
         for _ in range(3):
-            store._breaker.record_failure()
+            store._breaker_for(None).record_failure()
         time.sleep(0.3)
 
         def broken():
@@ -192,6 +192,35 @@ def test_a_trial_call_that_redis_answers_with_an_error_closes_the_breaker(start_
     finally:
         store.close()
 
+
+def test_a_stalled_redis_cluster_node_opens_only_its_own_breaker(tmp_path):
+    """One node of three paused: after three timeouts its keys are refused at once, while the keys of the
+    other nodes are still read (one breaker for the whole cluster turned Redis off for all of them)."""
+    from tests.redis_server import RedisClusterNodes
+
+    cluster = RedisClusterNodes(tmp_path / "cluster").start()
+    store = RedisStore(RedisConfig(url=cluster.url, cluster=True, max_retries=0, socket_timeout_s=0.2))
+    try:
+        keys = [f"kvtier:test:{{{i}}}" for i in range(30)]
+        assert store.put_many([(key, key.encode()) for key in keys])
+        node_of = {key: store.client.get_node_from_key(key).port for key in keys}
+        stalled = next(node for node in cluster.nodes if node.port == node_of[keys[0]])
+        on_stalled = [key for key in keys if node_of[key] == stalled.port]
+        elsewhere = [key for key in keys if node_of[key] != stalled.port]
+        assert len(on_stalled) >= 4 and elsewhere
+        stalled.pause()
+        try:
+            for key in on_stalled[:3]:
+                assert store.get_many([key]) is None  # a timeout each: its node's breaker opens
+            began = time.monotonic()
+            assert store.get_many([on_stalled[0]]) is None and time.monotonic() - began < 0.1  # refused at once
+            assert [store.get_many([key]) for key in elsewhere] == [[key.encode()] for key in elsewhere]
+            assert store.health().breaker == "open"
+        finally:
+            stalled.resume()
+    finally:
+        store.close()
+        cluster.stop()
 
 def test_a_redis_cluster_node_used_as_a_plain_redis_says_what_to_set(tmp_path, caplog):
     from tests.redis_server import RedisClusterNodes
