@@ -342,6 +342,23 @@ def test_a_flush_names_a_worker_it_could_not_flush(cluster):
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
 
 
+def test_a_flush_that_could_not_reach_redis_says_so_and_the_cli_exits_1(cluster):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    handle, client, redis = cluster
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+    kvtier = str(Path(sys.executable).parent / "kvtier")
+    redis.kill()
+    try:
+        flushed = subprocess.run([kvtier, "cache", "flush", "--server", handle.address], capture_output=True,
+                                 text=True, timeout=120)
+    finally:
+        redis.start()  # same port
+    assert flushed.returncode == 1, flushed.stdout + flushed.stderr
+    assert "Redis did not answer" in flushed.stderr and "worker-0: dropped" in flushed.stdout
+
 # Last: the router comes back on a new port, so the module's client no longer reaches it.
 def test_a_restarted_router_routes_from_a_rebuilt_index(cluster):
     import ray
