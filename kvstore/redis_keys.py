@@ -28,11 +28,13 @@ class PrefixRef:
 
 @dataclass(frozen=True)
 class BlockLoad:
-    """Copy the block ``block_hash`` from ``tier`` ("cpu" or "redis") into GPU block ``block_id``."""
+    """Copy the block ``block_hash`` from ``tier`` ("cpu" or "redis") into GPU block ``block_id``; it is
+    ``salt``'s (a salt's flush finds it by that)."""
 
     block_hash: bytes
     block_id: int
     tier: str
+    salt: str | None
 
 
 def salt_tag(salt: str | None) -> str:

@@ -2,8 +2,9 @@
 
 The GPU pool and the CPU tier index blocks by hash alone, and a hash does not tell its salt (the salt enters
 only the chain's first block). A flush of one tenant's salt asks this index for that salt's hashes and drops
-only those from the local tiers. Entries are added for every block hash a request brings or computes;
-``prune`` forgets the ones no local tier holds any more, so the index stays near the tiers' size.
+only those from the local tiers. An entry is added whenever a block enters the GPU pool's cache (computed or
+loaded; the CPU tier only takes blocks the GPU pool evicts); ``prune`` forgets the ones no local tier holds any
+more, so the index stays near the tiers' size.
 """
 
 from __future__ import annotations

@@ -292,8 +292,6 @@ class LLMEngine:
         self._arrivals += 1
         self._requests[seq.request_id] = _RequestState(seq, text, seed, torch.Generator(device=self.device))
         self.scheduler.add(seq)
-        if seq.hasher is not None:  # (the blocks it may load, whatever tier they come from)
-            self._salts.add(seq.reusable_block_hashes(), request.cache_salt, self._held_locally)
         if self.tiers is not None and seq.hasher is not None:
             self._prefetch(seq)
 
@@ -374,6 +372,8 @@ class LLMEngine:
             return
         self.tiers.move(evicted, plan.loads, self._take_pending_stores())
         self.scheduler.mark_loaded(plan.loads)
+        for load in plan.loads:
+            self._salts.add([load.block_hash], load.salt, self._held_locally)
 
     def _take_pending_stores(self) -> list:
         pending, self._pending_stores = self._pending_stores, []

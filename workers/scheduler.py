@@ -73,8 +73,8 @@ class _PrefixMatch:
     lower_blocks: list[int] = field(default_factory=list)
     missed_blocks: int = 0
 
-    def loads(self) -> list[BlockLoad]:
-        return [BlockLoad(*load) for load in zip(self.lower_hashes, self.lower_blocks, self.lower_tiers)]
+    def loads(self, salt: str | None) -> list[BlockLoad]:
+        return [BlockLoad(*load, salt) for load in zip(self.lower_hashes, self.lower_blocks, self.lower_tiers)]
 
     def cached_tokens(self, block_size: int) -> dict[str, int]:
         counts = {tier: self.lower_tiers.count(tier) * block_size for tier in TIERS}
@@ -214,7 +214,8 @@ class Scheduler:
         seq.block_ids += blocks
         seq.num_computed_tokens += len(blocks) * self.block_size
         remaining = seq.num_tokens - seq.num_computed_tokens
-        return [BlockLoad(*load) for load in zip(hashes, blocks, tiers)], min(remaining, num_tokens)
+        salt = seq.hasher.salt
+        return [BlockLoad(*load, salt) for load in zip(hashes, blocks, tiers)], min(remaining, num_tokens)
 
     def _accept_loads(self, seq: Sequence, loads: list[BlockLoad]) -> list[BlockLoad]:
         if loads and seq.cached_tokens is not None:
@@ -268,7 +269,7 @@ class Scheduler:
         if num_tokens:
             admitted.chunks.append(ScheduledChunk.of(seq, num_tokens))
         self._count_match(seq, match)
-        loads = match.loads() + self._accept_loads(seq, resumed)
+        loads = match.loads(seq.hasher.salt if seq.hasher is not None else None) + self._accept_loads(seq, resumed)
         admitted.loading.update((load.block_hash, load.block_id) for load in loads)
         admitted.loads += loads
         return num_tokens

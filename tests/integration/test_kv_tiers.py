@@ -133,6 +133,18 @@ def test_a_flush_of_one_salt_drops_its_blocks_from_every_tier_and_no_one_elses(r
     (c,) = make_engine(kvstore).generate([tokens(15, 96) + tokens(20, 5)], GREEDY, cache_salt="c")
     assert c.usage.cached_tokens.redis == 96  # another salt's blocks in Redis, untouched
 
+def test_a_salts_flush_of_the_local_tiers_drops_the_blocks_it_loaded_from_redis(redis_server):
+    document = tokens(21, 96)
+    kvstore = redis_only(redis_server.url)
+    writer = make_engine(kvstore)
+    writer.generate([document + tokens(22, 5)], GREEDY, cache_salt="a")
+    writer.close()
+    reader = make_engine(kvstore)
+    assert reader.generate([document + tokens(23, 5)], GREEDY, cache_salt="a")[0].usage.cached_tokens.redis == 96
+    assert reader.flush_cache(salt="a", all_salts=False, redis=False)["gpu"] >= 6  # the 6 it loaded, at least
+    (again,) = reader.generate([document + tokens(24, 5)], GREEDY, cache_salt="a")
+    assert (again.usage.cached_tokens.gpu, again.usage.cached_tokens.redis) == (0, 96)  # Redis kept them
+
 def test_redis_killed_mid_workload_loses_no_request_and_reconnects(redis_server):
     kvstore = redis_only(redis_server.url, breaker_reset_s=0.2)
     prompts = [tokens(20 + i, 64) for i in range(6)]
