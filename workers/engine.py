@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.block_pool import BlockPool
-from kvstore.salt_index import SaltIndex
 from kvstore.config import KVStoreConfig
 from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
 from kvstore.hashing import BlockHasher
 from kvstore.redis_store import RedisHealth
+from kvstore.salt_index import SaltIndex
 from kvstore.stats import KVStoreStats
+from kvstore.tier_policy import LRUTierPolicy
 from workers.attention import make_backend
 from workers.engine_config import EngineConfig, EngineConfigError
 from workers.forward_timer import ForwardTimer
@@ -167,7 +168,7 @@ class LLMEngine:
         self._forward_timer = ForwardTimer(device)
         self.cost_model = FetchCostModel(enabled=self.kvstore_config.cost_model, work=self.model_config.prefill_work())
         self.tiers = self._set_up_tiers(kv_cache)
-        cpu_slots = self.tiers.cpu.num_slots if self.tiers is not None and self.tiers.cpu is not None else 0
+        cpu_slots = self._cpu_tier.num_slots if self._cpu_tier is not None else 0
         self._salts = SaltIndex(prune_above=2 * (cache_shape.num_blocks + cpu_slots))  # for a salt's flush
         self._pending_stores: list = []
         self.scheduler = Scheduler(
@@ -408,12 +409,16 @@ class LLMEngine:
 
     def _held_locally(self, block_hash: bytes) -> bool:
         """Whether the GPU pool or the CPU tier holds the block."""
-        cpu = self.tiers.cpu if self.tiers is not None else None
+        cpu = self._cpu_tier
         return self.block_pool.cached_block(block_hash) is not None or (cpu is not None and cpu.holds(block_hash))
+
+    @property
+    def _cpu_tier(self) -> LRUTierPolicy | None:
+        return self.tiers.cpu if self.tiers is not None else None
 
     def kv_snapshot(self) -> dict[str, list[bytes]]:
         """The blocks this worker holds per local tier (what a freshly subscribed router indexes)."""
-        cpu = self.tiers.cpu.lru_order() if self.tiers is not None and self.tiers.cpu is not None else []
+        cpu = self._cpu_tier.lru_order() if self._cpu_tier is not None else []
         return {"gpu": self.block_pool.cached_hashes(), "cpu": cpu}
 
     def load(self) -> int:
@@ -431,7 +436,7 @@ class LLMEngine:
         pool = self.block_pool
         usage = {"gpu": {"used_blocks": float(pool.num_used), "cached_blocks": float(pool.num_cached),
                          "capacity_blocks": float(pool.num_blocks)}}
-        cpu = self.tiers.cpu if self.tiers is not None else None
+        cpu = self._cpu_tier
         if cpu is not None:
             usage["cpu"] = {"used_blocks": float(len(cpu)), "capacity_blocks": float(cpu.num_slots)}
         return usage
