@@ -233,10 +233,10 @@ class LLMEngine:
         unit_ranges = writer_head_ranges(self.parallel.world_size, model.num_kv_heads)
         return KVTiers(
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
-            self.cost_model, self._apply_tier_ops, self.kv_events, pin_staging=self.device.type == "cuda",
+            self.cost_model, self._apply_tier_ops, self._gpu_hits, self.kv_events,
+            pin_staging=self.device.type == "cuda",
             gather_piece_blocks=GATHER_PIECE_BLOCKS if self.tp_group is None else 0,  # with ranks: not pinned
             load_clock=self.mover.settled_load_seconds if self.mover.time_loads else None,
-            gpu_hits=self._gpu_hits,
         )
 
     def _capture_decode_graphs(self) -> None:

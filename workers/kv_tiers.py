@@ -80,11 +80,11 @@ class KVTiers:
         stats: KVStoreStats,
         cost_model: FetchCostModel,
         apply: ApplyOps,
+        gpu_hits: Callable[[list[bytes]], int],  # how many leading hashes the GPU pool caches
         events: KVEventLog | None = None,
         pin_staging: bool = False,  # stage Redis blocks in pinned memory (CUDA: asynchronous uploads)
         gather_piece_blocks: int = 0,  # the pieces of the gathers for Redis, besides single blocks (0: none)
         load_clock: LoadClock | None = None,  # None: loads finish inside ``apply`` and the host clock times them
-        gpu_hits: Callable[[list[bytes]], int] | None = None,  # how many leading hashes the GPU pool caches
     ) -> None:
         self.events = events or KVEventLog()
         self.shape = full_shape
@@ -223,7 +223,7 @@ class KVTiers:
         start, but for the leading blocks the GPU pool caches now (those the leader computed); its read of its
         blocks after the run goes on."""
         run = follower.hashes[: follower.in_common]
-        on_gpu = self._gpu_hits(run) if self._gpu_hits is not None else 0
+        on_gpu = self._gpu_hits(run)
         self._prefetches.start_before(request_id, run[on_gpu:], follower.prefix, follower.first_block + on_gpu)
 
     def reading_from_end(self, request_id: str) -> bool:
