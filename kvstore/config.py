@@ -44,6 +44,11 @@ class RedisConfig:
     # rotated password needs no restart (it must be readable at start)
     ca_file: str | None = None  # CA bundle for rediss://
     ttl_s: int | None = None  # expire stored blocks after this many seconds
+    # a block this worker wrote or read, found again in its GPU pool this long after Redis last confirmed it, is
+    # checked in Redis (its keys touched: their LRU clock, and TTL, start again) and written again if Redis lost
+    # it; at most ttl_s / 2 with a TTL. 0: never (a prefix hot in one worker's GPU pool, so never read from
+    # Redis, may then be evicted or expire there, or be lost in a restart, while other workers need it)
+    refresh_s: float = 60.0
     socket_timeout_s: float = 0.25  # every Redis call is a miss after this long
     connect_timeout_s: float = 0.25
     max_retries: int = 1  # retries of a failed call, with exponential backoff
@@ -104,6 +109,15 @@ class RedisConfig:
             raise ValueError(f"compute_while_reading: must be auto, on or off, got {self.compute_while_reading!r}")
         if self.ttl_s is not None and self.ttl_s < 1:
             raise ValueError(f"ttl_s: must be >= 1 second, got {self.ttl_s}")
+        if self.refresh_s < 0:
+            raise ValueError(f"refresh_s: must be >= 0 (0: never), got {self.refresh_s}")
+
+    @property
+    def refresh_interval_s(self) -> float:
+        """``refresh_s``, capped at half the TTL so a hot block is touched before it expires."""
+        if self.ttl_s is None or self.refresh_s == 0:
+            return self.refresh_s
+        return min(self.refresh_s, self.ttl_s / 2)
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,29 @@ class RedisStore:
             raise redis.ResponseError(f"{len(refused)} of {len(items)} writes refused: {refused[0]}")
         return [item for item, _ in errors]
 
+    def touch(self, key_groups: Sequence[Sequence[str]]) -> list[int] | None:
+        """For each group of keys (one block's: one hash slot), how many Redis holds; each key it holds has its
+        LRU clock started again (TOUCH) and, with ``ttl_s``, its expiry too (EXPIRE). Pipelined; the groups of
+        one call must share a Redis Cluster node (one prefix's blocks do). None when Redis cannot be reached in
+        time."""
+        if not key_groups:
+            return []
+        return self._call(lambda: self._touch_all(key_groups), key_groups[0][0])
+
+    def _touch_all(self, key_groups: Sequence[Sequence[str]]) -> list[int]:
+        pipe = self.client.pipeline(transaction=False)
+        ttl_s = self.config.ttl_s
+        for keys in key_groups:
+            if ttl_s is None:
+                pipe.touch(*keys)
+            else:
+                for key in keys:
+                    pipe.expire(key, ttl_s)
+        replies = iter(pipe.execute())
+        if ttl_s is None:
+            return [int(reply) for reply in replies]
+        return [sum(bool(next(replies)) for _ in keys) for keys in key_groups]
+
     def delete(self, keys: Sequence[str]) -> int | None:
         if not keys:
             return 0

@@ -20,6 +20,8 @@ class TierStats:
     shared_reads: int = 0  # requests that waited for another's read of their blocks instead of reading them
     dropped_writes: int = 0  # write-behind queue full
     corrupt_values: int = 0
+    refreshed_blocks: int = 0  # blocks hot in the GPU pool whose keys a refresh found, and touched, in Redis
+    lost_blocks: int = 0  # blocks a refresh found Redis had lost: written again at their next GPU hit
     transfer_seconds: float = 0.0  # time spent fetching and loading out of this tier
 
     def add(self, counted: TierStats) -> None:

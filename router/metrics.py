@@ -30,6 +30,9 @@ _TIER_COUNTERS = {  # worker tier counter -> (metric name, help)
     "shared_reads": ("kvtier_tier_shared_reads", "Requests that shared another's read of the same blocks"),
     "dropped_writes": ("kvtier_tier_dropped_writes", "Blocks not written: the write-behind queue was full"),
     "corrupt_values": ("kvtier_tier_corrupt_values", "Stored values that failed their integrity check"),
+    "refreshed_blocks": ("kvtier_tier_refreshed_blocks",
+                         "Blocks hot in a GPU pool whose keys were found, and touched, in Redis"),
+    "lost_blocks": ("kvtier_tier_lost_blocks", "Blocks hot in a GPU pool that Redis had lost (written again)"),
     "transfer_seconds": ("kvtier_tier_transfer_seconds", "Seconds spent fetching and loading out of this tier"),
 }
 _ENGINE_GAUGES = {  # worker engine counter -> (metric name, help)

@@ -349,7 +349,7 @@ class LLMEngine:
         if self.tiers is not None:
             self._pending_stores += newly_cached
             if not self.scheduler.has_unfinished():  # idle: write what is pending now, not at the next request
-                self.tiers.move([], [], self._take_pending_stores())
+                self.tiers.move([], [], self._take_pending_stores(), [])
         self.stats.step_seconds += time.perf_counter() - stepped
         return outputs
 
@@ -371,7 +371,7 @@ class LLMEngine:
         if self.tiers is None:
             self.kv_stats["gpu"].evicted_blocks += len(evicted)
             return
-        self.tiers.move(evicted, plan.loads, self._take_pending_stores())
+        self.tiers.move(evicted, plan.loads, self._take_pending_stores(), plan.pool_hits)
         self.scheduler.mark_loaded(plan.loads)
         for load in plan.loads:
             self._salts.add([load.block_hash], load.salt, self._held_locally)

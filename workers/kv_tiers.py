@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -31,6 +31,7 @@ from kvstore import codec
 from kvstore.config import KVStoreConfig, parse_size
 from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
+from kvstore.known_blocks import KnownBlocks
 from kvstore.redis_keys import BlockLoad, PrefixRef, block_key, flush_pattern, manifest_key
 from kvstore.redis_store import RedisStore
 from kvstore.stats import KVStoreStats
@@ -41,11 +42,12 @@ from workers.kv_cache import KVCacheShape
 from workers.redis_end_reads import EndReads, Follower
 from workers.redis_fetch import FetchOutcome, RedisFetcher
 from workers.redis_prefetches import Prefetch, Prefetches
+from workers.redis_refresh import RedisRefresher
 from workers.redis_staging import host_bytes
 
 log = logging.getLogger(__name__)
 _PREFETCH_GRACE_S = 0.002  # how long the scheduler's first look waits for a prefetch: a miss's round trip
-_KNOWN_IN_REDIS = 1 << 18  # hashes remembered as written, so hot prefixes are not rewritten
+_KNOWN_IN_REDIS = 1 << 18  # hashes remembered as in Redis (written or read), so they are not written twice
 ApplyOps = Callable[[TierOps, "list[torch.Tensor] | None"], "GatheredBlocks | None"]
 LoadClock = Callable[[bool], "list[float]"]  # BlockMover.settled_load_seconds: GPU-timed loads (CUDA)
 T = TypeVar("T")
@@ -106,6 +108,8 @@ class KVTiers:
         self._prefetcher = ThreadPoolExecutor(config.redis.prefetch_threads, "kvtier-redis-prefetch") \
             if self.redis else None
         self._prefetches = Prefetches(self._prefetcher, self._fetcher.fetch) if self.redis else None
+        self._refresher = RedisRefresher(self.redis, fingerprint, self._fetcher.layouts_of, self._unit_key,
+                                         self._prefetcher) if self.redis else None
         self._end_reads = EndReads(self._fetcher, self._prefetcher, cost_model, self.block_bytes,
                                    full_shape.block_size) \
             if self.redis and _computes_while_reading(config.redis.compute_while_reading, pin_staging) else None
@@ -116,7 +120,8 @@ class KVTiers:
         self._gpu_hits = gpu_hits
         self._untimed_loads: deque[tuple[int, int]] = deque()  # (CPU, Redis) blocks of loads not yet timed
         self._settle_lock = threading.Lock()
-        self._known_in_redis: OrderedDict[bytes, None] = OrderedDict()
+        self._fold_lock = threading.Lock()  # taking finished reads and refreshes off their lists (two threads do)
+        self._known_in_redis = KnownBlocks(_KNOWN_IN_REDIS, config.redis.refresh_interval_s)
         self._dtype_name = str(full_shape.dtype).removeprefix("torch.")
         if self.cpu:
             log.info("CPU tier: %d blocks, %.2f GiB", num_cpu_slots, num_cpu_slots * self.block_bytes / 2**30)
@@ -306,9 +311,13 @@ class KVTiers:
         return run
 
     def _count_finished_reads(self) -> None:
-        """Count what the prefetches of finished requests read, once they are done; their blocks are dropped."""
-        for future in [f for f in self._uncounted if f.done()]:
-            self._uncounted.remove(future)
+        """Count what the prefetches of finished requests read, once they are done; their blocks are dropped.
+        (The step loop and a stats reader may both call this.)"""
+        with self._fold_lock:  # (in place: the step loop adds to the list without it)
+            done = [future for future in self._uncounted if future.done()]
+            for future in done:
+                self._uncounted.remove(future)
+        for future in done:
             if future.exception() is not None:
                 log.warning("a Redis read for a request that ended first failed: %r", future.exception())
                 self.stats["redis"].errors += 1
@@ -336,11 +345,16 @@ class KVTiers:
         evicted: list[tuple[bytes, int]],
         loads: list[BlockLoad],
         stores: list[tuple[bytes, int, PrefixRef]],
+        pool_hits: list[tuple[bytes, int, PrefixRef]],
     ) -> None:
-        """Before a forward: gather ``stores`` for Redis, spill ``evicted`` to the CPU tier, run ``loads``."""
+        """Before a forward: gather ``stores`` for Redis, spill ``evicted`` to the CPU tier, run ``loads``.
+        ``pool_hits``, the GPU pool's blocks this step's new requests found cached: those Redis does not hold (as
+        far as this worker knows) are gathered for Redis too, and those due are refreshed there."""
         self._count_finished_reads()
+        self._take_refreshes()
         self.stats["gpu"].evicted_blocks += len(evicted)
-        moves = self._plan(evicted, loads, stores)
+        moves = self._plan(evicted, loads, [*stores, *pool_hits])
+        self._refresh_due(pool_hits)
         if moves.ops.empty:
             return
         counts = (len(moves.ops.cpu_loads), len(moves.ops.full_loads))  # blocks loaded from (CPU, Redis)
@@ -355,7 +369,8 @@ class KVTiers:
     def _plan(self, evicted, loads, stores) -> _Moves:
         moves = _Moves()
         if self.writer is not None:  # (no Redis: nothing to sort out)
-            fresh = [(h, block, prefix) for h, block, prefix in stores if h not in self._known_in_redis]
+            fresh = list({h: (h, block, prefix) for h, block, prefix in stores if h not in self._known_in_redis}
+                         .values())  # (a block two requests hit, or one computed last step and hit now: once)
             room = self.writer.room()  # the leading blocks that fit the write queue; the rest are dropped
             self.stats["redis"].dropped_writes += max(0, len(fresh) - room)
             moves.stored = [(h, prefix) for h, _, prefix in fresh[:room]]
@@ -375,6 +390,34 @@ class KVTiers:
             moves.ops.full_loads.extend(load.block_id for load in redis_loads)
             moves.payload = [_pop(self._staged, load.block_hash) for load in redis_loads]
         return moves
+
+    def _refresh_due(self, pool_hits: list[tuple[bytes, int, PrefixRef]]) -> None:
+        """Start a refresh of the hits due one (``kvstore.known_blocks``), one per prefix."""
+        if self._refresher is None or not pool_hits:
+            return
+        due = set(self._known_in_redis.due([block_hash for block_hash, _, _ in pool_hits], time.monotonic()))
+        by_prefix: dict[PrefixRef, dict[bytes, None]] = {}
+        for block_hash, _, prefix in pool_hits:
+            if block_hash in due:
+                by_prefix.setdefault(prefix, {})[block_hash] = None
+        for prefix, block_hashes in by_prefix.items():
+            self._refresher.start(list(block_hashes), prefix)
+
+    def _take_refreshes(self) -> None:
+        """Count the refreshes that ended and forget the blocks Redis lost (the step loop and a stats reader may
+        both call this)."""
+        if self._refresher is None:
+            return
+        with self._fold_lock:
+            outcomes = self._refresher.take_done()
+        for outcome in outcomes:
+            self.stats["redis"].add(outcome.stats)
+            self._known_in_redis.forget(outcome.lost)
+
+    def wait_for_refreshes(self, timeout_s: float | None = None) -> None:
+        """Until the refreshes started so far ended (their outcomes are taken at the next move or stats read)."""
+        if self._refresher is not None:
+            self._refresher.wait(timeout_s)
 
     def _account_loads(self, counts: tuple[int, int], seconds: float) -> None:
         self.stats["cpu"].bytes_out += counts[0] * self.block_bytes
@@ -445,7 +488,7 @@ class KVTiers:
             dropped["cpu"] = self.cpu.clear() if local is None else self.cpu.drop(local)
             kept = set(self.cpu.lru_order())  # entries a load in flight pins stay
             self.events.record("cpu", False, [h for h in held if h not in kept])
-        self._known_in_redis.clear()
+        self._known_in_redis.clear()  # (all, for a salt's too: which known blocks are the salt's is not kept)
         if self.redis is not None:
             self.writer.flush()  # (what is queued lands before a delete, this worker's or another's)
         if self.redis is not None and redis:
@@ -457,6 +500,7 @@ class KVTiers:
         tiers' stats."""
         self.settle_load_times(wait=True)
         self._count_finished_reads()
+        self._take_refreshes()
         if self.writer is None:
             return
         redis_stats = self.stats["redis"]
@@ -491,14 +535,10 @@ class KVTiers:
 
     def _forget_in_redis(self, block_hashes: list[bytes]) -> None:
         """Redis does not hold these (any more): written again when computed, whoever wrote them before."""
-        for block_hash in block_hashes:
-            self._known_in_redis.pop(block_hash, None)
+        self._known_in_redis.forget(block_hashes)
 
     def _remember_in_redis(self, block_hash: bytes) -> None:
-        self._known_in_redis[block_hash] = None
-        self._known_in_redis.move_to_end(block_hash)
-        if len(self._known_in_redis) > _KNOWN_IN_REDIS:
-            self._known_in_redis.popitem(last=False)
+        self._known_in_redis.confirm([block_hash], time.monotonic())
 
     def _count_lookup(self, block_hashes: list[bytes], tiers: list[str]) -> None:
         for tier in ("cpu", "redis"):

@@ -210,17 +210,20 @@ class RedisFetcher:
                  stats: TierStats) -> list[list[tuple[int, int]]] | None:
         """The head ranges of each leading block whose manifest is there and sound (None, counted: Redis could
         not be read)."""
+        layouts = self.layouts_of(hashes, prefix, stats)
+        if layouts is None:
+            return None
+        return layouts[: layouts.index(None)] if None in layouts else layouts
+
+    def layouts_of(self, hashes: list[bytes], prefix: PrefixRef,
+                   stats: TierStats) -> list[list[tuple[int, int]] | None] | None:
+        """The head ranges of each block's units by its manifest, None where that is missing or corrupt (deleted,
+        counted); None for all, counted, when Redis could not be read."""
         values = self.redis.get_many([manifest_key(self.fingerprint, prefix, h) for h in hashes])
         if values is None:
             stats.errors += 1
             return None
-        layouts = []
-        for block_hash, value in zip(hashes, values):
-            ranges = self._decode_manifest(block_hash, value, prefix, stats)
-            if ranges is None:
-                break
-            layouts.append(ranges)
-        return layouts
+        return [self._decode_manifest(block_hash, value, prefix, stats) for block_hash, value in zip(hashes, values)]
 
     def _sound_blocks(self, staged: StagedUnits, hashes: list[bytes], prefix: PrefixRef,
                       stats: TierStats) -> list[bool]:

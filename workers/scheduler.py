@@ -67,7 +67,8 @@ class LowerTiers(Protocol):
 
 @dataclass(frozen=True)
 class _PrefixMatch:
-    gpu_blocks: int = 0
+    gpu_blocks: int = 0  # the leading blocks on the GPU: cached there, or loaded this step for another sequence
+    pool_hits: list[tuple[bytes, int]] = field(default_factory=list)  # of those, the cached ones (hash, block)
     lower_hashes: list[bytes] = field(default_factory=list)
     lower_tiers: list[str] = field(default_factory=list)
     lower_blocks: list[int] = field(default_factory=list)
@@ -89,6 +90,7 @@ class _Admitted:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     loads: list[BlockLoad] = field(default_factory=list)
     loading: dict[bytes, int] = field(default_factory=dict)
+    pool_hits: list[tuple[bytes, int, PrefixRef]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]
     loads: list[BlockLoad] = field(default_factory=list)  # run before the forward
+    # (hash, block, prefix) of each block the GPU pool cached that a sequence admitted this step took: the
+    # tiers below keep Redis's copy of such hot blocks (``KVTiers.move``)
+    pool_hits: list[tuple[bytes, int, PrefixRef]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -130,9 +135,8 @@ class Scheduler:
         chunks, preempted, loads = self._schedule_running(budget)
         budget -= sum(chunk.num_tokens for chunk in chunks)
         if not preempted:
-            admitted, admitted_loads = self._admit_waiting(budget, busy=bool(chunks), earlier_loads=loads)
-            chunks += admitted
-            loads += admitted_loads
+            admitted = self._admit_waiting(budget, busy=bool(chunks), earlier_loads=loads)
+            return SchedulerOutput(chunks + admitted.chunks, preempted, loads + admitted.loads, admitted.pool_hits)
         return SchedulerOutput(chunks, preempted, loads)
 
     def mark_computed(self, output: SchedulerOutput) -> None:
@@ -227,8 +231,7 @@ class Scheduler:
         if loads:
             self.lower_tiers.cancel([load.block_hash for load in loads], [load.tier for load in loads])
 
-    def _admit_waiting(self, budget: int, busy: bool,
-                       earlier_loads: list[BlockLoad]) -> tuple[list[ScheduledChunk], list[BlockLoad]]:
+    def _admit_waiting(self, budget: int, busy: bool, earlier_loads: list[BlockLoad]) -> _Admitted:
         """Admit waiting sequences in order while the budget and the pool allow. One whose prefix is still being
         read from Redis in the background keeps its place while the others are admitted behind it; where
         nothing else runs, the step waits a moment for any such read to end (the next step finds it done, or
@@ -250,7 +253,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(reading))
         if reading and not (busy or admitted.chunks):
             self.lower_tiers.wait_for_reads([seq.request_id for seq in reading], _READ_WAIT_S)
-        return admitted.chunks, admitted.loads
+        return admitted
 
     def _admit(self, seq: Sequence, budget: int, alone: bool, admitted: _Admitted) -> int | None:
         """Move ``seq``, the head of the waiting queue, to running with up to ``budget`` tokens this step (0:
@@ -272,6 +275,7 @@ class Scheduler:
         loads = match.loads(seq.hasher.salt if seq.hasher is not None else None) + self._accept_loads(seq, resumed)
         admitted.loading.update((load.block_hash, load.block_id) for load in loads)
         admitted.loads += loads
+        admitted.pool_hits += [(block_hash, block_id, seq.prefix_ref) for block_hash, block_id in match.pool_hits]
         return num_tokens
 
     def _reading_from_end(self, seq: Sequence) -> bool:
@@ -291,6 +295,7 @@ class Scheduler:
             return _PrefixMatch()
         hashes = seq.reusable_block_hashes()
         gpu_blocks = self.block_pool.match_prefix(hashes)
+        pool_hits = list(zip(hashes, gpu_blocks))
         for block_hash in hashes[len(gpu_blocks) :]:  # the loads run before the forward that reads them
             if block_hash not in loading:
                 break
@@ -307,7 +312,8 @@ class Scheduler:
         seq.block_ids = gpu_blocks + lower_blocks
         seq.num_computed_tokens = len(seq.block_ids) * self.block_size
         seq.num_cached_blocks = len(gpu_blocks)  # loaded blocks are registered by mark_loaded
-        return _PrefixMatch(len(gpu_blocks), rest[: len(tiers)], tiers, lower_blocks, len(hashes) - len(gpu_blocks))
+        return _PrefixMatch(len(gpu_blocks), pool_hits, rest[: len(tiers)], tiers, lower_blocks,
+                            len(hashes) - len(gpu_blocks))
 
     def _unmatch(self, seq: Sequence, match: _PrefixMatch) -> None:
         if match.lower_tiers:

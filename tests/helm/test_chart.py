@@ -120,7 +120,8 @@ def test_redis_reads_timeouts_write_queue_and_io_threads_are_set_from_values(tmp
     assert (redis.read_parallelism, redis.prefetch_threads, redis.max_connections) == (1, 2, 8)
     assert (redis.staging_memory, redis.compute_while_reading) == ("1GiB", "auto")
     assert (redis.socket_timeout_s, redis.connect_timeout_s, redis.write_queue_blocks) == (0.25, 0.25, 4096)
-    tuned = render({"redis": {"readParallelism": 12, "prefetchThreads": 3, "stagingMemory": "6GiB",
+    assert redis.refresh_s == 60
+    tuned = render({"redis": {"refreshSeconds": 7.5, "readParallelism": 12, "prefetchThreads": 3, "stagingMemory": "6GiB",
                               "computeWhileReading": "off", "bundled": {"ioThreads": 4}, "socketTimeoutSeconds": 2,
                               "connectTimeoutSeconds": 0.5, "writeQueueBlocks": 16384}})
     args = by_kind(tuned, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -131,7 +132,7 @@ def test_redis_reads_timeouts_write_queue_and_io_threads_are_set_from_values(tmp
     assert redis.staging_memory == "6GiB"
     assert redis.compute_while_reading == "off"
     assert (redis.socket_timeout_s, redis.connect_timeout_s, redis.write_queue_blocks) == (2, 0.5, 16384)
-
+    assert redis.refresh_s == 7.5
 
 
 def test_engine_and_router_timeouts_are_set_from_values_and_the_head_outlives_its_drain(tmp_path):
@@ -214,6 +215,7 @@ INVALID = {
     "tls without secret": ({"router": {"tls": {"enabled": True}}}, "router.tls.secretName: required"),
     "bad block size": ({"engine": {"blockSize": 12}}, "engine.blockSize"),
     "zero redis timeout": ({"redis": {"socketTimeoutSeconds": 0}}, "redis.socketTimeoutSeconds"),
+    "negative refresh": ({"redis": {"refreshSeconds": -1}}, "redis.refreshSeconds"),
     "zero collective timeout": ({"engine": {"collectiveTimeoutSeconds": 0}}, "engine.collectiveTimeoutSeconds"),
     "negative drain": ({"router": {"drainTimeoutSeconds": -1}}, "router.drainTimeoutSeconds"),
     "cluster node without port": ({"redis": {"mode": "external", "external": {

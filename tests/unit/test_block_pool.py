@@ -66,7 +66,7 @@ def test_zero_blocks_is_rejected():
 
 
 def test_pure_modules_import_without_torch():
-    pure = ["kvstore.block_pool", "kvstore.copy_runs", "kvstore.tier_policy", "kvstore.salt_index",
+    pure = ["kvstore.block_pool", "kvstore.copy_runs", "kvstore.tier_policy", "kvstore.salt_index", "kvstore.known_blocks",
             "kvstore.write_behind", "kvstore.codec", "kvstore.resp",
             "workers.scheduler", "workers.sequence", "workers.table_rows", "workers.validation", "workers.model_config"]
     code = f"import sys\nfor m in {pure!r}: __import__(m)\nprint(sorted(k for k in sys.modules if k.split('.')[0] == 'torch'))"

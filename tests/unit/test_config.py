@@ -37,6 +37,7 @@ def test_yaml_and_overrides_merge_with_overrides_winning(tmp_path):
          "kvstore.redis.cluster_nodes[1]: 'b' is not host:port"),
         ({"kvstore": {"redis": {"cluster": True, "cluster_nodes": "a:1"}}},
          "kvstore.redis.cluster_nodes: must be a list, got str"),
+        ({"kvstore": {"redis": {"refresh_s": -1}}}, "kvstore.redis.refresh_s: must be >= 0"),
     ],
 )
 def test_errors_name_the_key_path(data, message):
@@ -118,3 +119,11 @@ def test_redis_readers_leave_a_connection_for_the_writer():
     assert load_config(overrides={"kvstore": {"redis": one_thread}}).kvstore.redis.read_parallelism == 7
     with pytest.raises(ConfigError, match="kvstore.redis.prefetch_threads: must be >= 1"):
         load_config(overrides={"kvstore": {"redis": {"prefetch_threads": 0}}})
+
+
+def test_a_ttl_caps_the_refresh_interval_at_half_of_it():
+    assert load_config().kvstore.redis.refresh_interval_s == 60.0
+    redis = load_config(overrides={"kvstore": {"redis": {"ttl_s": 30}}}).kvstore.redis
+    assert redis.refresh_s == 60.0 and redis.refresh_interval_s == 15.0
+    assert load_config(overrides={"kvstore": {"redis": {"ttl_s": 30, "refresh_s": 0}}}).kvstore.redis \
+        .refresh_interval_s == 0

@@ -239,7 +239,8 @@ class HoldingBelow:
 
 def test_sequences_admitted_together_share_the_blocks_one_of_them_loads():
     """a and b share 3 blocks the CPU tier holds; b's fourth block is its own. a loads the 3 into blocks 0-2;
-    b, admitted in the same step, shares them (one load per hash) and looks up only what follows."""
+    b, admitted in the same step, shares them (one load per hash) and looks up only what follows. c, admitted
+    later, finds them cached: the step's ``pool_hits``."""
     a, b = hashed_seq("a", 13), hashed_seq("b", 18)
     b.token_ids[12:] = [90 + i for i in range(6)]  # b: a's first 12 tokens, then its own
     shared = a.hasher.update(a.token_ids)[:3]
@@ -256,6 +257,12 @@ def test_sequences_admitted_together_share_the_blocks_one_of_them_loads():
     assert (a.cached_tokens["cpu"], b.cached_tokens["gpu"], b.cached_tokens["cpu"]) == (12, 12, 0)
     scheduler.mark_loaded(out.loads)
     assert [scheduler.block_pool.ref_count(block) for block in range(6)] == [2, 2, 2, 1, 1, 1]
+    assert out.pool_hits == []  # b's shared blocks were loaded this step, not found cached
+    c = hashed_seq("c", 14)  # a's first 12 tokens again: the blocks are cached now
+    scheduler.add(c)
+    out = run_step(scheduler)
+    assert out.pool_hits == [(shared[0], 0, c.prefix_ref), (shared[1], 1, c.prefix_ref), (shared[2], 2, c.prefix_ref)]
+    assert c.block_ids == [0, 1, 2, 6] and out.loads == []
 
 
 class ReadingInTheBackground(HoldingBelow):

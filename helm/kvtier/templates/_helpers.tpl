@@ -67,6 +67,7 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- if and (eq $v.redis.mode "external") $v.redis.external.cluster $v.redis.external.clusterNodes }}{{ $_ := set $redis "cluster_nodes" $v.redis.external.clusterNodes }}{{ end -}}
 {{- if and (eq $v.redis.mode "external") $v.redis.external.caSecretName }}{{ $_ := set $redis "ca_file" "/etc/kvtier/redis-ca/ca.crt" }}{{ end -}}
 {{- if $v.redis.ttlSeconds }}{{ $_ := set $redis "ttl_s" ($v.redis.ttlSeconds | int) }}{{ end -}}
+{{- $_ := set $redis "refresh_s" $v.redis.refreshSeconds -}}
 {{- $readers := $v.redis.readParallelism | int -}}
 {{- $threads := $v.redis.prefetchThreads | int -}}
 {{- $_ := set $redis "read_parallelism" $readers -}}
