@@ -11,6 +11,8 @@
 - ``move``: before the step's forward, one ``TierOps`` for all ranks: gather the blocks that became full last
   step (queued for Redis as head-range units, then the manifest), spill what the GPU pool evicted to the CPU
   tier, load this step's CPU and Redis hits. ``apply`` runs the ops on every rank (``BlockMover``).
+  The GPU pool's hits of the step's new requests are gathered for Redis too where it may lack them, and
+  refreshed there once per ``refresh_s`` (``workers.redis_refresh``).
 The pure decisions live in ``kvstore`` (tier policy, codec, keys, cost model).
 """
 

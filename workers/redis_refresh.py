@@ -5,8 +5,8 @@ from Redis, is not the first thing ``allkeys-lru`` evicts or a TTL expires. A bl
 of it, Redis no longer holds (evicted, expired, a restart, a write that failed) is *lost*: the worker forgets
 it and writes it again at its next GPU hit.
 
-Refreshes run on the prefetch threads; the step loop takes their outcomes (``take_done``), so the tiers' own
-state only ever changes there.
+Refreshes run on the prefetch threads; their outcomes are taken (``take_done``) by the step loop, or by a
+stats read, one at a time (``KVTiers._take_refreshes``).
 """
 
 from __future__ import annotations
