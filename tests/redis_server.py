@@ -8,10 +8,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def free_port() -> int:
@@ -21,13 +24,25 @@ def free_port() -> int:
 
 
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too, so at most 55535."""
+    """A free port whose cluster bus port (port + 10000) is free too.
+
+    Both are drawn from below the kernel's ephemeral range, so an outgoing connection (Ray, the other nodes'
+    cluster bus links) cannot take either between this check and the server's bind.
+    """
     rng = random.Random()
+    upper = _ephemeral_low() - 10000
     for _ in range(200):
-        port = rng.randrange(20000, 55535)
+        port = rng.randrange(10000, upper)
         if _bindable(port) and _bindable(port + 10000):
             return port
     raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _bindable(port: int) -> bool:
@@ -37,6 +52,10 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+class PortTakenError(RuntimeError):
+    """redis-server could not bind its port (or its cluster bus port): another process holds it."""
 
 
 @dataclass(frozen=True)
@@ -49,14 +68,20 @@ class TlsFiles:
 
 
 class RedisServer:
-    """``password`` turns on requirepass; ``tls`` serves TLS only (no plaintext port)."""
+    """``password`` turns on requirepass; ``tls`` serves TLS only (no plaintext port).
+
+    Without ``port``, one is drawn by ``pick_port``; if another process binds it (or its cluster bus port) before
+    the server's first start does, the first start draws again. Later starts (a restart) keep the port.
+    """
 
     def __init__(self, directory: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 password: str | None = None, tls: TlsFiles | None = None) -> None:
+                 password: str | None = None, tls: TlsFiles | None = None,
+                 pick_port: Callable[[], int] = free_port) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs it)")
         self.directory = directory
-        self.port = port or free_port()
+        self.port = port or pick_port()
+        self._pick_port = None if port else pick_port
         self.extra_args = extra_args
         self.password = password
         self.tls = tls
@@ -66,9 +91,11 @@ class RedisServer:
     def url(self) -> str:
         return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
-    def client(self) -> redis.Redis:
+    def client(self, retries: int = 3) -> redis.Redis:
+        """redis-py's own retries (about 4 s with its default backoff) unless ``retries`` is 0."""
         tls = {"ssl": True, "ssl_ca_certs": self.tls.ca_file} if self.tls else {}
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, password=self.password, **tls)
+        retry = {} if retries else {"retry": Retry(NoBackoff(), 0)}
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, password=self.password, **tls, **retry)
 
     def _security_args(self) -> list[str]:
         args = ["--requirepass", self.password] if self.password else []
@@ -79,6 +106,19 @@ class RedisServer:
         return args
 
     def start(self) -> RedisServer:
+        for _ in range(3 if self._pick_port else 1):
+            try:
+                self._start_once()
+                break
+            except PortTakenError:
+                if self._pick_port is None:
+                    raise
+                (self.directory / "redis.log").unlink(missing_ok=True)
+                self.port = self._pick_port()
+        self._pick_port = None
+        return self
+
+    def _start_once(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -87,19 +127,20 @@ class RedisServer:
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_until_up()
-        return self
 
     def _wait_until_up(self, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if self.client().ping():
+                if self.client(retries=0).ping():
                     return
             except redis.ConnectionError:
                 time.sleep(0.02)
         log = self.directory / "redis.log"
         last_lines = log.read_text().splitlines()[-2:] if log.exists() else []
-        raise RuntimeError(f"redis-server on port {self.port} did not start: {last_lines}")
+        self.kill()
+        error = PortTakenError if any("Address already in use" in line for line in last_lines) else RuntimeError
+        raise error(f"redis-server on port {self.port} did not start: {last_lines}")
 
     def kill(self) -> None:
         if self.process is not None:
@@ -127,7 +168,7 @@ class RedisClusterNodes:
         self.nodes = [
             RedisServer(
                 directory / f"node{i}",
-                port=free_cluster_port(),
+                pick_port=free_cluster_port,
                 extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                             "--cluster-node-timeout", "2000"),
             )
