@@ -8,4 +8,6 @@ if ! command -v redis-server >/dev/null; then
     $sudo_cmd apt-get update -q && $sudo_cmd apt-get install -y -q redis-server
 fi
 bash scripts/setup.sh test,bench  # bench: matplotlib, for the `kvtier bench` tests
-exec .venv/bin/python -m pytest "$@"
+# Two pytest workers, a test file each at a time (a file's module fixtures stay in one process): most of the
+# suite waits on servers, Ray and timeouts, not the CPU. KVTIER_TEST_WORKERS=0 runs it in one process.
+exec .venv/bin/python -m pytest -n "${KVTIER_TEST_WORKERS:-2}" --dist loadfile "$@"

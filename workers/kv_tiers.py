@@ -103,18 +103,6 @@ class KVTiers:
         # each load of it this step (two requests' reads from the end may meet on the same blocks in one step)
         self._cpu_pins: dict[bytes, list[int]] = {}
         self._staged: dict[bytes, list[torch.Tensor]] = {}
-        self.redis = RedisStore(config.redis) if config.redis.url else None
-        self.writer = self._make_writer(config) if self.redis else None
-        self._fetcher = RedisFetcher(self.redis, fingerprint, full_shape, cost_model, self.unit_of, self._unit_key,
-                                     self._staging_block) if self.redis else None
-        self._prefetcher = ThreadPoolExecutor(config.redis.prefetch_threads, "kvtier-redis-prefetch") \
-            if self.redis else None
-        self._prefetches = Prefetches(self._prefetcher, self._fetcher.fetch) if self.redis else None
-        self._refresher = RedisRefresher(self.redis, fingerprint, self._fetcher.layouts_of, self._unit_key,
-                                         self._prefetcher) if self.redis else None
-        self._end_reads = EndReads(self._fetcher, self._prefetcher, cost_model, self.block_bytes,
-                                   full_shape.block_size) \
-            if self.redis and _computes_while_reading(config.redis.compute_while_reading, pin_staging) else None
         self._uncounted: list[Future[FetchOutcome]] = []  # reads done with (or of requests that ended first)
         self._granted_grace: set[str] = set()  # requests whose prefetch ``prefetching`` waited for once
         self._pin_staging = pin_staging
@@ -127,10 +115,29 @@ class KVTiers:
         self._dtype_name = str(full_shape.dtype).removeprefix("torch.")
         if self.cpu:
             log.info("CPU tier: %d blocks, %.2f GiB", num_cpu_slots, num_cpu_slots * self.block_bytes / 2**30)
-        if self.redis is not None:
-            self.redis.open_read_connections()
-            if pin_staging:
-                self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes, gather_piece_blocks)
+        self._open_redis(config, pin_staging, gather_piece_blocks)
+
+    def _open_redis(self, config: KVStoreConfig, pin_staging: bool, gather_piece_blocks: int) -> None:
+        """The Redis side: the store, its write-behind writer, the reads (prefetches, from the end) and refreshes
+        on the prefetch threads; every part None without ``kvstore.redis.url``."""
+        self.redis = RedisStore(config.redis) if config.redis.url else None
+        if self.redis is None:
+            self.writer = self._fetcher = self._prefetcher = self._prefetches = None
+            self._refresher = self._end_reads = None
+            return
+        self.writer = self._make_writer(config)
+        self._fetcher = RedisFetcher(self.redis, self.fingerprint, self.shape, self.cost_model, self.unit_of,
+                                     self._unit_key, self._staging_block)
+        self._prefetcher = ThreadPoolExecutor(config.redis.prefetch_threads, "kvtier-redis-prefetch")
+        self._prefetches = Prefetches(self._prefetcher, self._fetcher.fetch)
+        self._refresher = RedisRefresher(self.redis, self.fingerprint, self._fetcher.layouts_of, self._unit_key,
+                                         self._prefetcher)
+        self._end_reads = EndReads(self._fetcher, self._prefetcher, self.cost_model, self.block_bytes,
+                                   self.shape.block_size) \
+            if _computes_while_reading(config.redis.compute_while_reading, pin_staging) else None
+        self.redis.open_read_connections()
+        if pin_staging:
+            self._reserve_staging(parse_size(config.redis.staging_memory) // self.block_bytes, gather_piece_blocks)
 
     def _reserve_staging(self, count: int, piece_blocks: int) -> None:
         """Pin ``count`` blocks' worth of host memory once and free it: torch's caching host allocator keeps

@@ -46,8 +46,18 @@ def token_ray_head(tmp_path_factory):
         wait_for_port(port, head)
         yield f"127.0.0.1:{port}", token, base
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        stop_process_group(head)
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM the head's process group, then SIGKILL it: ``ray start --block`` takes about 30 s to stop its
+    processes gracefully, and nothing of this throwaway head needs saving."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:

@@ -64,13 +64,13 @@ def test_a_refresh_rewrites_only_the_blocks_redis_lost_a_unit_of_and_touches_the
     units = [key for key in kvtier_keys(redis_server) if not key.endswith(b":m")]
     assert len(units) == 10
     client.delete(units[3], units[7])  # two blocks lose their one unit; their manifests stay
-    time.sleep(1.5)
-    assert min(client.object("idletime", key) for key in kvtier_keys(redis_server)) >= 1
+    time.sleep(2.2)  # (OBJECT IDLETIME counts whole seconds of Redis's LRU clock: idle 2.2 s reads 2 or 3)
+    assert min(client.object("idletime", key) for key in kvtier_keys(redis_server)) >= 2
     assert serve(hot, prompts[1]).token_ids == expected[1]
     hot.tiers.wait_for_refreshes()
     stats = hot.kv_store_stats()["redis"]
     assert (stats["lost_blocks"], stats["refreshed_blocks"]) == (2, 8)
-    assert max(client.object("idletime", key) for key in kvtier_keys(redis_server)) == 0  # touched
+    assert max(client.object("idletime", key) for key in kvtier_keys(redis_server)) <= 1  # touched just now
     stored = stats["stored_blocks"]
     assert serve(hot, prompts[2]).token_ids == expected[2]
     hot.tiers.writer.flush()
