@@ -7,6 +7,9 @@ worker. Hence the time of each block's last confirmation: a block the worker fin
 ``refresh_s`` after it was last confirmed is *due*; the worker then asks Redis for it (and so resets its LRU
 clock and TTL there), and writes it again if Redis lost it (``forget``).
 
+Each block is remembered with its cache salt (a block hash is one salt's: the salt is hashed into the first
+block), so a flush of one salt forgets that salt's blocks only, and the others' are not written twice.
+
 Invariants: at most ``capacity`` blocks, the least recently confirmed forgotten first; ``due`` marks what it
 returns as confirmed now, so one check is started per block per ``refresh_s`` whatever the hits meanwhile.
 Thread-safe: the step loop and a stats reader (taking finished reads' news) both change it.
@@ -28,7 +31,8 @@ class KnownBlocks:
             raise ValueError(f"refresh_s must be >= 0, got {refresh_s}")
         self.capacity = capacity
         self.refresh_s = refresh_s
-        self._confirmed: OrderedDict[bytes, float] = OrderedDict()  # hash -> time of the last confirmation
+        # hash -> (time of the last confirmation, its cache salt), the least recently confirmed first
+        self._confirmed: OrderedDict[bytes, tuple[float, str | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -37,14 +41,14 @@ class KnownBlocks:
     def __contains__(self, block_hash: bytes) -> bool:
         return block_hash in self._confirmed
 
-    def confirm(self, block_hashes: Iterable[bytes], now: float) -> None:
-        """Redis holds these as of ``now`` (written, read or found)."""
+    def confirm(self, block_hashes: Iterable[bytes], salt: str | None, now: float) -> None:
+        """Redis holds these blocks of ``salt`` as of ``now`` (written, read or found)."""
         with self._lock:
-            self._confirm(block_hashes, now)
+            self._confirm(((block_hash, salt) for block_hash in block_hashes), now)
 
-    def _confirm(self, block_hashes: Iterable[bytes], now: float) -> None:
-        for block_hash in block_hashes:
-            self._confirmed[block_hash] = now
+    def _confirm(self, salted_hashes: Iterable[tuple[bytes, str | None]], now: float) -> None:
+        for block_hash, salt in salted_hashes:
+            self._confirmed[block_hash] = (now, salt)
             self._confirmed.move_to_end(block_hash)
         while len(self._confirmed) > self.capacity:
             self._confirmed.popitem(last=False)
@@ -59,6 +63,14 @@ class KnownBlocks:
         with self._lock:
             self._confirmed.clear()
 
+    def forget_salt(self, salt: str | None) -> int:
+        """Forget every block of ``salt`` (None: the blocks of no salt); how many."""
+        with self._lock:
+            salts = [block_hash for block_hash, (_, of) in self._confirmed.items() if of == salt]
+            for block_hash in salts:
+                del self._confirmed[block_hash]
+        return len(salts)
+
     def due(self, block_hashes: Iterable[bytes], now: float) -> list[bytes]:
         """Of ``block_hashes``, the known ones last confirmed ``refresh_s`` or more before ``now``, in order,
         each once; they count as confirmed at ``now`` from here on (a check of them is about to start)."""
@@ -67,8 +79,8 @@ class KnownBlocks:
         with self._lock:
             due = []
             for block_hash in dict.fromkeys(block_hashes):
-                confirmed = self._confirmed.get(block_hash)
-                if confirmed is not None and now - confirmed >= self.refresh_s:
-                    due.append(block_hash)
+                entry = self._confirmed.get(block_hash)
+                if entry is not None and now - entry[0] >= self.refresh_s:
+                    due.append((block_hash, entry[1]))
             self._confirm(due, now)
-        return due
+        return [block_hash for block_hash, _ in due]

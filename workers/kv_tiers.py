@@ -253,8 +253,8 @@ class KVTiers:
         news = self._end_reads.take_news()
         self._uncounted += news.finished
         self.stats["redis"].skipped_fetches += news.skipped
-        for block_hash in news.in_redis:  # the blocks the request computes need not be written again
-            self._remember_in_redis(block_hash)
+        for block_hash, salt in news.in_redis:  # the blocks the request computes need not be written again
+            self._remember_in_redis([block_hash], salt)  # (the staged blocks are among them)
         self._forget_in_redis(news.absent)
         met = self._stage_leading(staged or {}, block_hashes)
         self.stats["redis"].hit_blocks += met
@@ -284,7 +284,8 @@ class KVTiers:
             if not rest:
                 self.forget(request_id)
         elif self.redis is not None and rest:
-            tiers += ["redis"] * self._take(self._redis_read(prefetched, rest, prefix, first_block + len(tiers)), rest)
+            outcome = self._redis_read(prefetched, rest, prefix, first_block + len(tiers))
+            tiers += ["redis"] * self._take(outcome, rest, prefix.salt)
         self._count_lookup(block_hashes, tiers)
         return tiers
 
@@ -299,11 +300,14 @@ class KVTiers:
             self._take_counts(outcome)  # the hits before it shrank since (evicted): read from there
         return self._fetcher.fetch(rest, prefix, first_block)
 
-    def _take(self, outcome: FetchOutcome, wanted: list[bytes]) -> int:
-        """Stage the leading run of ``wanted`` that ``outcome`` read and count what it counted; the rest of what
-        it read is dropped (the GPU or CPU tier came to hold those blocks since the prefetch began)."""
+    def _take(self, outcome: FetchOutcome, wanted: list[bytes], salt: str | None) -> int:
+        """Stage the leading run of ``wanted`` (``salt``'s blocks) that ``outcome`` read and count what it
+        counted; the rest of what it read is dropped (the GPU or CPU tier came to hold those blocks since the
+        prefetch began)."""
         self._take_counts(outcome)
-        return self._stage_leading(outcome.staged, wanted)
+        run = self._stage_leading(outcome.staged, wanted)
+        self._remember_in_redis(wanted[:run], salt)
+        return run
 
     def _take_counts(self, outcome: FetchOutcome) -> None:
         """A read's counts, and what it found Redis lacks."""
@@ -315,7 +319,6 @@ class KVTiers:
         run = 0
         while run < len(wanted) and wanted[run] in staged:
             _push(self._staged, wanted[run], staged[wanted[run]])
-            self._remember_in_redis(wanted[run])
             run += 1
         return run
 
@@ -479,8 +482,8 @@ class KVTiers:
                 manifest = codec.encode_manifest(bytes.fromhex(self.fingerprint), block_hash, self.unit_ranges)
                 yield [*items, (manifest_key(self.fingerprint, prefix, block_hash), manifest)]
 
-        for block_hash, _ in blocks:
-            self._remember_in_redis(block_hash)
+        for block_hash, prefix in blocks:
+            self._remember_in_redis([block_hash], prefix.salt)
         self.stats["redis"].dropped_writes += self.writer.submit(encoded_blocks, len(blocks))
         self.events.record("redis", True, [block_hash for block_hash, _ in blocks])
 
@@ -497,7 +500,10 @@ class KVTiers:
             dropped["cpu"] = self.cpu.clear() if local is None else self.cpu.drop(local)
             kept = set(self.cpu.lru_order())  # entries a load in flight pins stay
             self.events.record("cpu", False, [h for h in held if h not in kept])
-        self._known_in_redis.clear()  # (all, for a salt's too: which known blocks are the salt's is not kept)
+        if all_salts:
+            self._known_in_redis.clear()
+        else:
+            self._known_in_redis.forget_salt(salt)
         if self.redis is not None:
             self.writer.flush()  # (what is queued lands before a delete, this worker's or another's)
         if self.redis is not None and redis:
@@ -546,8 +552,8 @@ class KVTiers:
         """Redis does not hold these (any more): written again when computed, whoever wrote them before."""
         self._known_in_redis.forget(block_hashes)
 
-    def _remember_in_redis(self, block_hash: bytes) -> None:
-        self._known_in_redis.confirm([block_hash], time.monotonic())
+    def _remember_in_redis(self, block_hashes: list[bytes], salt: str | None) -> None:
+        self._known_in_redis.confirm(block_hashes, salt, time.monotonic())
 
     def _count_lookup(self, block_hashes: list[bytes], tiers: list[str]) -> None:
         for tier in ("cpu", "redis"):

@@ -41,6 +41,7 @@ class _Reading:
     future: Future[FetchOutcome]
     first_block: int  # the run's first block in its sequence
     hashes: list[bytes]  # the run's block hashes
+    salt: str | None  # their cache salt
     reported: bool = False  # whether the blocks Redis holds (and lacks) went to the news
     stopped: bool = False  # told to read no further: computing the rest is faster
 
@@ -62,8 +63,9 @@ class EndReadNews:
 
     finished: list[Future[FetchOutcome]] = field(default_factory=list)  # reads done with: the caller counts them
     skipped: int = 0  # reads stopped because computing the rest is faster (the tier's skipped fetches)
-    # blocks found in Redis (their manifests), for the caller not to rewrite the ones the request computes
-    in_redis: list[bytes] = field(default_factory=list)
+    # blocks found in Redis (their manifests), with their cache salt, for the caller not to rewrite the ones
+    # the request computes
+    in_redis: list[tuple[bytes, str | None]] = field(default_factory=list)
     absent: list[bytes] = field(default_factory=list)  # blocks Redis answered it does not hold (``FetchOutcome``)
 
 
@@ -98,7 +100,7 @@ class EndReads:
             return False
         read = EndRead()
         self._reading[request_id] = _Reading(read, self.executor.submit(self._fetch, hashes, prefix, read),
-                                             first_block, hashes)
+                                             first_block, hashes, prefix.salt)
         return True
 
     def follow(self, request_id: str, hashes: list[bytes], prefix: PrefixRef, first_block: int) -> int:
@@ -153,7 +155,7 @@ class EndReads:
             low, end, done, rounds = reading.read.state()
             if end is not None and not reading.reported:
                 reading.reported = True
-                self._news.in_redis += reading.hashes[:end]
+                self._news.in_redis += [(block_hash, reading.salt) for block_hash in reading.hashes[:end]]
                 self._news.absent += reading.read.outcome.absent  # (set before ``end``)
             if low is not None and low <= offset < end:
                 return self._take(request_id, reading, offset, end), max_tokens

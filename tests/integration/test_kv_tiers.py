@@ -133,6 +133,7 @@ def test_a_flush_of_one_salt_drops_its_blocks_from_every_tier_and_no_one_elses(r
     (c,) = make_engine(kvstore).generate([tokens(15, 96) + tokens(20, 5)], GREEDY, cache_salt="c")
     assert c.usage.cached_tokens.redis == 96  # another salt's blocks in Redis, untouched
 
+
 def test_a_salts_flush_of_the_local_tiers_drops_the_blocks_it_loaded_from_redis(redis_server):
     document = tokens(21, 96)
     kvstore = redis_only(redis_server.url)
@@ -144,6 +145,29 @@ def test_a_salts_flush_of_the_local_tiers_drops_the_blocks_it_loaded_from_redis(
     assert reader.flush_cache(salt="a", all_salts=False, redis=False)["gpu"] >= 6  # the 6 it loaded, at least
     (again,) = reader.generate([document + tokens(24, 5)], GREEDY, cache_salt="a")
     assert (again.usage.cached_tokens.gpu, again.usage.cached_tokens.redis) == (0, 96)  # Redis kept them
+
+
+def test_a_salts_flush_forgets_only_that_salt_has_written_blocks(redis_server):
+    """The worker remembers which blocks it wrote to Redis, so as not to write them twice. A flush of salt a
+    forgets a's (computed again, they are written again), not b's: b's document, hot in the GPU pool, is not
+    written a second time (it was, while the flush forgot every salt's)."""
+    document = tokens(25, 96)
+    engine = make_engine(redis_only(redis_server.url))
+    engine.generate([document + tokens(26, 5)], GREEDY, cache_salt="a")
+    engine.generate([document + tokens(27, 5)], GREEDY, cache_salt="b")
+    engine.tiers.writer.flush()
+    written = engine.kv_store_stats()["redis"]["stored_blocks"]
+    assert written == 12  # each salt's 6 blocks
+    engine.flush_cache(salt="a", all_salts=False)
+    (b,) = engine.generate([document + tokens(28, 5)], GREEDY, cache_salt="b")
+    (a,) = engine.generate([document + tokens(29, 5)], GREEDY, cache_salt="a")
+    engine.tiers.writer.flush()
+    assert (b.usage.cached_tokens.gpu, a.usage.cached_tokens.total) == (96, 0)
+    assert engine.kv_store_stats()["redis"]["stored_blocks"] - written == 6  # a's, again; not b's
+    fresh = make_engine(redis_only(redis_server.url))
+    assert all(fresh.generate([document + tokens(30, 5)], GREEDY, cache_salt=salt)[0].usage.cached_tokens.redis
+               == 96 for salt in ("a", "b"))
+
 
 def test_redis_killed_mid_workload_loses_no_request_and_reconnects(redis_server):
     kvstore = redis_only(redis_server.url, breaker_reset_s=0.2)

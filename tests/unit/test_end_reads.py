@@ -12,6 +12,7 @@ from workers.redis_fetch import EndRead, FetchOutcome
 
 BLOCK, BLOCK_BYTES = 16, 1_000_000
 HASHES = [bytes([i]) * 32 for i in range(100)]
+SALT = "tenant-a"
 
 
 def end_reads(read_ms_per_block: float) -> EndReads:
@@ -29,7 +30,7 @@ def reading(reads: EndReads, low: int | None, end: int | None, done: bool = Fals
     future: Future[FetchOutcome] = Future()
     if done:
         future.set_result(read.outcome)
-    reads._reading["r"] = _Reading(read, future, first_block, HASHES)
+    reads._reading["r"] = _Reading(read, future, first_block, HASHES, SALT)
     return read
 
 
@@ -41,7 +42,8 @@ def test_each_step_computes_up_to_where_it_would_meet_the_read():
     read.low, read.end = 80, 100  # it read 20 blocks meanwhile; the step computed 50
     assert reads.advance("r", 4 + 50, 8192, wait_for_it=False) == (None, 15 * BLOCK)  # 15 of the 30 left
     assert reads.advance("r", 4 + 50, 10 * BLOCK, wait_for_it=False) == (None, 10 * BLOCK)  # the step's budget
-    assert reads.take_news().in_redis == HASHES  # every block Redis holds: none of them needs writing again
+    assert reads.take_news().in_redis == [(h, SALT) for h in HASHES]  # every block Redis holds: none needs
+    # writing again (and each with its salt, for that salt's flush)
 
 
 def test_where_the_read_reaches_the_computation_its_blocks_are_taken_and_the_read_is_over():
@@ -76,7 +78,7 @@ def test_a_read_that_can_give_nothing_more_is_dropped_and_the_request_computes_o
     reading(reads, low=40, end=40, done=True).outcome.absent = HASHES[40:]  # block 40's manifest was missing:
     assert reads.advance("r", 4, 8192, wait_for_it=False) == ({}, 8192) and "r" not in reads  # nothing staged
     news = reads.take_news()
-    assert (news.in_redis, news.absent) == (HASHES[:40], HASHES[40:])  # the request writes blocks 40 on
+    assert (news.in_redis, news.absent) == ([(h, SALT) for h in HASHES[:40]], HASHES[40:])  # it writes 40 on
     reading(reads, low=None, end=None)
     assert reads.advance("r", 4 + 100, 8192, wait_for_it=False) == ({}, 8192)  # computed past the whole run
 
