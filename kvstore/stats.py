@@ -18,7 +18,7 @@ class TierStats:
     errors: int = 0  # failed calls, corrupt values, write failures
     skipped_fetches: int = 0  # hits not fetched: the cost model predicted recomputing is faster
     shared_reads: int = 0  # requests that waited for another's read of their blocks instead of reading them
-    dropped_writes: int = 0  # write-behind queue full
+    dropped_writes: int = 0  # computed blocks the full write-behind queue could not take (GPU hits: not counted)
     corrupt_values: int = 0
     refreshed_blocks: int = 0  # blocks hot in the GPU pool whose keys a refresh found, and touched, in Redis
     lost_blocks: int = 0  # blocks a refresh found Redis had lost: written again at their next GPU hit

@@ -365,7 +365,7 @@ class KVTiers:
         self._count_finished_reads()
         self._take_refreshes()
         self.stats["gpu"].evicted_blocks += len(evicted)
-        moves = self._plan(evicted, loads, [*stores, *pool_hits])
+        moves = self._plan(evicted, loads, stores, pool_hits)
         self._refresh_due(pool_hits)
         if moves.ops.empty:
             return
@@ -378,15 +378,10 @@ class KVTiers:
         self._account_loads(counts, time.perf_counter() - began)
         self._complete(moves, gathered)
 
-    def _plan(self, evicted, loads, stores) -> _Moves:
+    def _plan(self, evicted, loads, stores, pool_hits) -> _Moves:
         moves = _Moves()
         if self.writer is not None:  # (no Redis: nothing to sort out)
-            fresh = list({h: (h, block, prefix) for h, block, prefix in stores if h not in self._known_in_redis}
-                         .values())  # (a block two requests hit, or one computed last step and hit now: once)
-            room = self.writer.room()  # the leading blocks that fit the write queue; the rest are dropped
-            self.stats["redis"].dropped_writes += max(0, len(fresh) - room)
-            moves.stored = [(h, prefix) for h, _, prefix in fresh[:room]]
-            moves.ops.gather_blocks.extend(block for _, block, _ in fresh[:room])
+            self._plan_writes(moves, stores, pool_hits)
         moves.ops.reused.extend(block for _, block in evicted)
         if self.cpu is not None and evicted:
             block_of = dict(evicted)
@@ -402,6 +397,23 @@ class KVTiers:
             moves.ops.full_loads.extend(load.block_id for load in redis_loads)
             moves.payload = [_pop(self._staged, load.block_hash) for load in redis_loads]
         return moves
+
+    def _plan_writes(self, moves: _Moves, stores: list[tuple[bytes, int, PrefixRef]],
+                     pool_hits: list[tuple[bytes, int, PrefixRef]]) -> None:
+        """Gather for Redis the blocks it may lack, each once (a block two requests hit, or one computed last
+        step and hit now): the computed ones, then the GPU hits, as many as the write queue has room for. A
+        computed block that does not fit is a dropped write; a hit that does not fit is not counted, it is
+        tried again at its next hit (counting it at every hit would count one block many times)."""
+        unique: dict[bytes, tuple[bytes, int, PrefixRef]] = {}
+        for block_hash, block, prefix in [*stores, *pool_hits]:
+            if block_hash not in self._known_in_redis:
+                unique.setdefault(block_hash, (block_hash, block, prefix))
+        fresh = list(unique.values())
+        room = self.writer.room()
+        computed = len({block_hash for block_hash, _, _ in stores} & unique.keys())
+        self.stats["redis"].dropped_writes += max(0, computed - room)
+        moves.stored = [(block_hash, prefix) for block_hash, _, prefix in fresh[:room]]
+        moves.ops.gather_blocks.extend(block for _, block, _ in fresh[:room])
 
     def _refresh_due(self, pool_hits: list[tuple[bytes, int, PrefixRef]]) -> None:
         """Start a refresh of the hits due one (``kvstore.known_blocks``), one per prefix."""

@@ -350,6 +350,33 @@ def test_a_full_write_behind_queue_drops_and_counts(redis_server):
     assert len(done.token_ids) == GREEDY.max_tokens
 
 
+def test_gpu_hits_on_blocks_a_full_queue_dropped_are_not_counted_again_and_are_written_later(redis_server):
+    """A 2-block write queue behind a stalled Redis drops most of a 12-block prefix; three more requests hit
+    those blocks in the GPU pool, and are not counted as dropped writes again (they were, 12 at each hit).
+    Once Redis answers, each hit queues what fits, until Redis holds the whole prefix."""
+    prefix = tokens(63, 12 * BLOCK)
+    kvstore = redis_only(redis_server.url, write_queue_blocks=2, socket_timeout_s=5.0, max_retries=0)
+    engine = make_engine(kvstore)
+    engine.cost_model.observe_prefill(tokens=10**9, seconds=1.0, flops=1e30)  # no Redis read on the step loop:
+    engine.cost_model.observe_fetch("redis", num_bytes=1000, seconds=1.0)  # the first request's fetch is skipped
+    redis_server.pause()  # the writer thread waits on its first batch; the queue stays full behind it
+    try:
+        engine.generate([prefix + tokens(64, 5)], GREEDY)
+        dropped = engine.kv_store_stats()["redis"]["dropped_writes"]
+        hits = [engine.generate([prefix + tokens(65 + i, 5)], GREEDY)[0] for i in range(3)]
+        assert engine.kv_store_stats()["redis"]["dropped_writes"] == dropped >= 12 - 2
+    finally:
+        redis_server.resume()
+    assert all(hit.usage.cached_tokens.gpu == 12 * BLOCK for hit in hits)
+    for i in range(6):
+        engine.tiers.writer.flush()
+        engine.generate([prefix + tokens(70 + i, 5)], GREEDY)
+    engine.tiers.writer.flush()
+    assert engine.kv_store_stats()["redis"]["stored_blocks"] == 12
+    (fresh,) = make_engine(kvstore).generate([prefix + tokens(80, 5)], GREEDY)
+    assert fresh.usage.cached_tokens.redis == 12 * BLOCK
+
+
 def test_the_cost_model_skips_a_fetch_slower_than_recomputing(redis_server):
     prompt = tokens(62, 100)
     writer = make_engine(redis_only(redis_server.url))
