@@ -80,24 +80,24 @@ def test_a_refresh_rewrites_only_the_blocks_redis_lost_a_unit_of_and_touches_the
 
 
 def test_a_refresh_starts_a_hot_prefixs_ttl_again(redis_server):
-    """With ``ttl_s`` 2 the refresh interval is 1 s: a prefix hit 1.2 s after it was written has its keys'
-    expiry set to 2 s again, so another worker still finds it 2.4 s after the write."""
+    """With ``ttl_s`` 4 the refresh interval is 2 s: a prefix hit 2.2 s after it was written has its keys'
+    expiry set to 4 s again, so another worker still finds it 4.4 s after the write."""
     prompts = questions(70, 71, 72)
     expected = uncached(prompts)
-    kvstore = redis_only(redis_server.url, ttl_s=2)
-    hot = make_engine(kvstore)
+    kvstore = redis_only(redis_server.url, ttl_s=4)
+    hot, fresh = make_engine(kvstore), make_engine(kvstore)
     assert serve(hot, prompts[0]).token_ids == expected[0]
     hot.tiers.writer.flush()
-    time.sleep(1.2)
+    time.sleep(2.2)
     assert serve(hot, prompts[1]).token_ids == expected[1]
     hot.tiers.wait_for_refreshes()
     assert hot.kv_store_stats()["redis"]["refreshed_blocks"] == 10
     client = redis_server.client()
     assert len(kvtier_keys(redis_server)) == 20
-    assert min(client.pttl(key) for key in kvtier_keys(redis_server)) > 1500
-    time.sleep(1.2)
-    fresh = serve(make_engine(kvstore), prompts[2])
-    assert fresh.token_ids == expected[2] and fresh.usage.cached_tokens.redis == 160
+    assert min(client.pttl(key) for key in kvtier_keys(redis_server)) > 3000
+    time.sleep(2.2)
+    done = serve(fresh, prompts[2])
+    assert done.token_ids == expected[2] and done.usage.cached_tokens.redis == 160
 
 
 def test_a_block_another_tp_degree_wrote_is_refreshed_by_the_units_its_manifest_lists(redis_server):
