@@ -505,7 +505,8 @@ class KVTiers:
               local: list[bytes] | None = None) -> dict[str, int | None]:
         """Drop this model's blocks (or one salt's) from Redis (unless ``redis`` is False) and from the CPU tier:
         every block, or only ``local``'s (the salt's, which the CPU tier cannot tell); counts per tier (Redis:
-        keys, None when it did not answer). The blocks remembered as written are forgotten either way."""
+        keys, None when it did not answer). The blocks remembered as in Redis (all, or the salt's) are forgotten
+        either way."""
         dropped: dict[str, int | None] = {"cpu": 0, "redis": 0}
         if self.cpu:
             held = self.cpu.lru_order()
