@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -89,25 +90,68 @@ def check_files(config: KvtierConfig) -> None:
 
 def join_ray(config: KvtierConfig) -> None:
     """Join ``ray.address`` (waiting up to ``ray.connect_timeout_s`` for its head to come up) or start Ray, with
-    Ray's token auth as ``ray.auth`` says (Ray reads its auth settings from the environment, so they go there)."""
+    Ray's token auth as ``ray.auth`` says (Ray reads its auth settings from the environment, so they go there).
+    A host:port where nothing listens yet is waited for here: one ``ray.init`` there takes minutes to give up."""
     import ray
     from ray.exceptions import AuthenticationError
 
     _apply_ray_auth(config.ray)
-    deadline = time.monotonic() + config.ray.connect_timeout_s
+    address, deadline = config.ray.address, time.monotonic() + config.ray.connect_timeout_s
     while True:
+        listening = _listens(address)
+        if listening is False:
+            _wait_or_give_up(address, "nothing listens there", deadline)
+            continue
+        if listening:
+            _refuse_a_wrong_token(config.ray)
         try:
-            ray.init(address=config.ray.address, namespace=config.ray.namespace, include_dashboard=False,
-                     log_to_driver=True)
+            ray.init(address=address, namespace=config.ray.namespace, include_dashboard=False, log_to_driver=True)
             return
         except AuthenticationError as error:
             raise ConfigError(f"ray.auth_token_file: {error}") from None
         except ConnectionError as error:
-            if config.ray.address is None or time.monotonic() > deadline:
-                hint = " (is ray.auth_token_file the cluster's token?)" if config.ray.auth == "token" else ""
-                raise ConfigError(f"ray.address: cannot join {config.ray.address!r}{hint}: {error}") from None
-            log.info("waiting for the Ray cluster at %s: %s", config.ray.address, error)
-            time.sleep(2)
+            if address is None:
+                raise ConfigError(f"ray: cannot start a local Ray: {error}") from None
+            hint = " (is ray.auth_token_file the cluster's token?)" if config.ray.auth == "token" else ""
+            _wait_or_give_up(address, f"{error}{hint}", deadline)
+
+
+def _wait_or_give_up(address: str, reason: str, deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise ConfigError(f"ray.address: cannot join {address!r} within ray.connect_timeout_s: {reason}")
+    log.info("waiting for the Ray cluster at %s: %s", address, reason)
+    time.sleep(1)
+
+
+def _listens(address: str | None, timeout_s: float = 2.0) -> bool | None:
+    """Whether something accepts TCP at ``address``; None where it is not host:port ("auto", "ray://...")."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "/" in host:
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _refuse_a_wrong_token(ray_config: RayConfig) -> None:
+    """Fail at once where the head at ``ray.address``, which listens, refuses the token: ``ray.init`` tries a
+    refused token for 20 s and then says only that it could not connect. Ray's GCS client (Ray internals:
+    ``ray._raylet``) says it in a round trip (asked where nothing listens, it waits some 40 s). Only with a
+    token at hand: without one, ``ray.init`` says so at once."""
+    from ray._raylet import AuthenticationTokenLoader, GcsClient
+    from ray.exceptions import AuthenticationError, RayError
+
+    address = ray_config.address
+    if ray_config.auth != "token" or not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError as error:
+        raise ConfigError(f"ray.auth_token_file: the Ray cluster at {address!r} refused the token: {error}") from None
+    except RayError as error:  # (not a refusal: ``ray.init`` tries, and says what is wrong)
+        log.info("Ray's GCS at %s did not answer the token check: %s", address, error)
 
 
 def _apply_ray_auth(ray_config: RayConfig) -> None:

@@ -19,8 +19,8 @@ JOIN = """
 import sys, ray
 from cluster.config import load_config
 from cluster.serve import join_ray
-overrides = {"ray": {"address": sys.argv[1], "connect_timeout_s": 1, **({"auth_token_file": sys.argv[2]}
-             if len(sys.argv) > 2 else {})}}
+overrides = {"ray": {"address": sys.argv[1], "connect_timeout_s": float(sys.argv[2]),
+                     **({"auth_token_file": sys.argv[3]} if len(sys.argv) > 3 else {})}}
 join_ray(load_config(overrides=overrides))
 print("CPUs", ray.cluster_resources()["CPU"])
 """
@@ -35,18 +35,23 @@ def clean_environment(home: Path) -> dict[str, str]:
 def token_ray_head(tmp_path_factory):
     base = tmp_path_factory.mktemp("ray-auth")
     token, port = secrets.token_hex(16), free_port()
-    temp_dir = Path("/tmp") / f"kvtier-ray-{port}"  # short: Ray's socket paths live under it
-    environment = {**clean_environment(base), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
-        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = start_head(port, token, base)
     try:
         wait_for_port(port, head)
         yield f"127.0.0.1:{port}", token, base
     finally:
         stop_process_group(head)
+
+
+def start_head(port: int, token: str, home: Path) -> subprocess.Popen:
+    """``ray start --head`` on loopback ``port`` with token auth, in a process group of its own."""
+    temp_dir = Path("/tmp") / f"kvtier-ray-{port}"  # short: Ray's socket paths live under it
+    environment = {**clean_environment(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    return subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(port), "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
@@ -73,9 +78,9 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float = 60) -
     raise TimeoutError(f"no Ray head on port {port}")
 
 
-def join(address: str, home: Path, *token_file: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", JOIN, address, *token_file], env=clean_environment(home),
-                          capture_output=True, text=True, timeout=120)
+def join(address: str, home: Path, *token_file: str, connect_timeout_s: float = 1) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", JOIN, address, str(connect_timeout_s), *token_file],
+                          env=clean_environment(home), capture_output=True, text=True, timeout=120)
 
 
 def test_the_cluster_token_from_ray_auth_token_file_joins(token_ray_head, tmp_path):
@@ -91,11 +96,40 @@ def test_a_wrong_token_is_refused_with_a_message_naming_the_token_file(token_ray
     address, _, home = token_ray_head
     token_file = tmp_path / "ray-token"
     token_file.write_text(secrets.token_hex(16))
-    refused = join(address, home, str(token_file))
+    began = time.monotonic()
+    refused = join(address, home, str(token_file), connect_timeout_s=60)
     assert refused.returncode != 0
-    assert "ray.address: cannot join" in refused.stderr and "ray.auth_token_file" in refused.stderr
+    assert "ray.auth_token_file: the Ray cluster at" in refused.stderr and "refused the token" in refused.stderr
+    assert time.monotonic() - began < 15  # at once, not after Ray's 20 s of retries nor the 60 s connect wait
 
 
+def test_a_head_that_is_not_up_is_waited_for_up_to_the_connect_timeout(tmp_path):
+    """The token check asks only a head that listens: with none there, joining waits ``connect_timeout_s`` (one
+    ``ray.init`` at such an address took minutes to give up) and says nothing listens."""
+    token_file = tmp_path / "ray-token"
+    token_file.write_text(secrets.token_hex(16))
+    began = time.monotonic()
+    refused = join(f"127.0.0.1:{free_port()}", tmp_path, str(token_file), connect_timeout_s=3)
+    assert refused.returncode != 0 and "cannot join" in refused.stderr and "nothing listens there" in refused.stderr
+    assert 3 <= time.monotonic() - began < 30
+
+
+def test_a_head_that_comes_up_while_joining_is_joined(tmp_path):
+    token, port = secrets.token_hex(16), free_port()
+    token_file = tmp_path / "ray-token"
+    token_file.write_text(token)
+    joining = subprocess.Popen([sys.executable, "-c", JOIN, f"127.0.0.1:{port}", "60", str(token_file)],
+                               env=clean_environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(3)
+    head = start_head(port, token, tmp_path)
+    try:
+        stdout, stderr = joining.communicate(timeout=90)
+    finally:
+        joining.kill()
+        stop_process_group(head)
+    assert joining.returncode == 0, stderr[-2000:]
+    assert "CPUs 1.0" in stdout  # it waited for the head that started 3 s after it, then joined
 def test_no_token_at_all_is_refused_before_connecting(token_ray_head):
     address, _, home = token_ray_head
     began = time.monotonic()
