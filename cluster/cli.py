@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             FileNotFoundError, TensorParallelError) as error:
         print(f"kvtier: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (what was running has been stopped and closed on the way out)
+        print("kvtier: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

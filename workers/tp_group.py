@@ -119,15 +119,16 @@ class Collectives:
         dist.broadcast(tensor, src=0, group=group)
         return tensor.cpu()
 
-    def send_header(self, tensor: torch.Tensor) -> None:
+    def send_header(self, tensor: torch.Tensor, timeout: timedelta | None = None) -> None:
         """What the other ranks wait for between steps: the next message's header. With gloo it raises
-        RuntimeError after ``send_timeout`` (the group's own timeout is a year): gloo's sender waits until its
-        receivers post theirs, which they do at once after each step, so a rank that has not by then is stuck.
+        RuntimeError after ``timeout`` (default ``send_timeout``; the group's own timeout is a year): gloo's
+        sender waits until its receivers post theirs, which they do at once after each step, so a rank that has
+        not by then is stuck.
         With NCCL the wait stays unbounded here: a bounded wait would stall the host on the device every step
         (NCCL's watchdog bounds it instead)."""
         work = dist.broadcast(tensor.to(self.device), src=0, group=self.between_steps, async_op=True)
         if self.device.type == "cpu":
-            work.wait(self.send_timeout)
+            work.wait(timeout or self.send_timeout)
         else:
             work.wait()
 
@@ -164,6 +165,7 @@ RankLauncher = Callable[[int, int, EngineConfig], RankProcesses]  # (world size,
 class TPGroup:
     def __init__(self, config: EngineConfig, device: torch.device, launch: RankLauncher | None = None) -> None:
         self.world_size = config.tensor_parallel_size
+        self._broken: str | None = None  # why the ranks' collectives may be out of step (then stop kills them)
         store = rendezvous(0, self.world_size, 0, config.collective_timeout_s)
         self.ranks = (launch or spawn_local_ranks)(self.world_size, store.port, config)
         try:
@@ -213,9 +215,13 @@ class TPGroup:
         return self._guarded(step)
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Tell the other ranks to stop, between steps, and wait up to ``timeout_s`` for them; kill them if they
+        do not, or at once where a step was cut short (they may wait inside it, where no stop reaches them)."""
         try:
+            if self._broken is not None:
+                raise RuntimeError(self._broken)
             if self.ranks.ended() is None:
-                self.collectives.send_header(step_packet.stop_header())
+                self.collectives.send_header(step_packet.stop_header(), timedelta(seconds=timeout_s))
             if not self.ranks.wait(timeout_s):
                 raise TimeoutError(f"ranks still running after {timeout_s} s")
         except (RuntimeError, TimeoutError) as error:
@@ -235,8 +241,12 @@ class TPGroup:
         try:
             return collective()
         except RuntimeError as error:  # gloo/NCCL: a peer closed its connection or the timeout passed
+            self._broken = "a collective failed"
             self._name_the_dead_rank(grace_s=2.0)
             raise TensorParallelError(f"tensor-parallel collective failed: {error}") from error
+        except BaseException:  # KeyboardInterrupt, SystemExit: the ranks may be left inside the step
+            self._broken = "a step was interrupted"
+            raise
 
     def _name_the_dead_rank(self, grace_s: float) -> None:
         """A peer's socket can close a moment before its process is reapable: wait briefly to name it."""

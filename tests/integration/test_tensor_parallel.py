@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -63,14 +64,16 @@ def test_a_degree_the_model_cannot_split_is_a_clear_error(reference):
         LLMEngine.from_config(EngineConfig(model=str(model_dir), tensor_parallel_size=3), progress=False)
 
 
-def test_killing_a_rank_fails_the_group_within_bounded_time():
+def decoding_tp2_generate() -> tuple[subprocess.Popen, int, threading.Timer]:
+    """``kvtier generate --tp 2`` with a long decode, once it decodes: the process, its rank 1's pid, and a
+    watchdog that kills it after 180 s (a run that hangs fails the test instead of hanging it)."""
     command = [
         str(Path(sys.executable).parent / "kvtier"), "generate", "--model", "tiny", "--tp", "2",
         "--prompt-token-ids", ",".join(["7"] * 64), "--max-tokens", "3000", "--ignore-eos", "--temperature", "0",
         "--num-kv-blocks", "512",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(180, process.kill)  # a run that hangs fails the test instead of hanging it
+    watchdog = threading.Timer(180, process.kill)
     watchdog.start()
     rank_pid = None
     stderr_lines = []
@@ -83,19 +86,44 @@ def test_killing_a_rank_fails_the_group_within_bounded_time():
             break
     assert rank_pid is not None, "".join(stderr_lines)
     time.sleep(1.0)  # decoding is under way
-    subprocess.run(["kill", "-9", str(rank_pid)], check=True)
-    killed_at = time.monotonic()
+    return process, rank_pid, watchdog
+
+
+def finish_within(process: subprocess.Popen, watchdog: threading.Timer, timeout_s: float, what: str) -> str:
+    """The rest of its stderr, once it ended; fails the test if it did not within ``timeout_s``."""
     try:
-        _, remaining_stderr = process.communicate(timeout=60)
+        return process.communicate(timeout=timeout_s)[1]
     except subprocess.TimeoutExpired:
         process.kill()
-        raise AssertionError("kvtier generate --tp 2 was still running 60 s after its rank died") from None
+        raise AssertionError(f"kvtier generate --tp 2 was still running {timeout_s} s after {what}") from None
     finally:
         watchdog.cancel()
-    returncode = process.returncode
+
+
+def test_killing_a_rank_fails_the_group_within_bounded_time():
+    process, rank_pid, watchdog = decoding_tp2_generate()
+    subprocess.run(["kill", "-9", str(rank_pid)], check=True)
+    killed_at = time.monotonic()
+    remaining_stderr = finish_within(process, watchdog, 60, "its rank died")
     assert time.monotonic() - killed_at < 30
-    assert returncode != 0
+    assert process.returncode != 0
     assert f"tensor-parallel rank 1 (pid {rank_pid}) exited" in remaining_stderr, remaining_stderr
+
+
+def test_ctrl_c_stops_the_group_at_once_and_leaves_no_rank_behind():
+    """SIGINT lands inside a step (rank 1 waits in a collective, where no stop message reaches it): the ranks
+    are killed, not asked to stop between steps (that waited out the 60 s collective timeout first)."""
+    process, rank_pid, watchdog = decoding_tp2_generate()
+    process.send_signal(signal.SIGINT)
+    interrupted_at = time.monotonic()
+    remaining_stderr = finish_within(process, watchdog, 60, "Ctrl-C")
+    assert time.monotonic() - interrupted_at < 10
+    assert process.returncode == 130 and "kvtier: interrupted" in remaining_stderr, remaining_stderr
+    assert "Traceback" not in remaining_stderr
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{rank_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{rank_pid}").exists(), "rank 1 outlived kvtier generate"
 
 
 # --- tiers under tensor parallelism: per-rank CPU slices, Redis units by KV-head range ---------------------
@@ -273,7 +301,6 @@ def test_a_rank_that_stops_taking_steps_fails_the_next_step_within_the_collectiv
     between-steps group whose own timeout is a year, gives up after ``collective_timeout_s`` (2 s) instead of
     waiting for ever."""
     import os
-    import signal
 
     config = tiny_tp2_config(collective_timeout_s=2)
     engine = LLMEngine.from_config(config, KVStoreConfig(prefix_caching=False), progress=False)
