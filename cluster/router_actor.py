@@ -145,7 +145,10 @@ class RouterActor:
             for worker in self.pool.workers.values():
                 if worker.worker_id in stats.workers:
                     self._check_progress(worker, stats.workers[worker.worker_id].engine)
-                elif not worker.healthy:
+                elif worker.healthy:  # connected, but it did not answer within the interval
+                    self._set_stalled(worker, self.progress.no_answer(worker.worker_id, time.monotonic()),
+                                      "stalled: answers no stats reading")
+                else:
                     self.progress.forget(worker.worker_id)
             if isinstance(policy, CacheAware):
                 policy.rates = measured_rates(self.configured_rates, [dict(w.engine) for w in stats.workers.values()])
@@ -153,9 +156,12 @@ class RouterActor:
     def _check_progress(self, worker, engine: dict) -> None:
         stalled = self.progress.observe(worker.worker_id, engine.get("steps", 0.0),
                                         engine.get("running", 0.0) + engine.get("waiting", 0.0), time.monotonic())
+        self._set_stalled(worker, stalled, "stalled: no engine step while requests wait")
+
+    @staticmethod
+    def _set_stalled(worker, stalled: bool, why: str) -> None:
         if stalled != worker.stalled:
-            log.warning("worker %s %s", worker.worker_id, "stalled: no engine step while requests wait" if stalled
-                        else "makes progress again")
+            log.warning("worker %s %s", worker.worker_id, why if stalled else "makes progress again")
         worker.stalled = stalled
 
     async def _set_readiness(self) -> None:

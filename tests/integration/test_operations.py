@@ -168,3 +168,40 @@ def test_a_stalled_engine_turns_readiness_off_within_the_configured_time(metered
     while readiness(client) != health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() < deadline, "readiness did not come back"
         time.sleep(0.1)
+
+
+def test_a_hung_worker_process_gets_no_new_requests_once_it_answers_nothing_for_the_stall_timeout(metered_cluster):
+    """SIGSTOP one worker's process (its sockets stay open, so no call fails; nothing reports its steps): after
+    ``stall_timeout_s`` without a stats answer it takes no new request, and a request for the prefix it holds
+    goes to the other worker (it went to the hung one and waited out its deadline), readiness staying on."""
+    import os
+    import signal
+
+    import ray
+
+    client, _, handle, _ = metered_cluster
+    prefix = tokens(300, 160)
+    holder = client.complete(prefix + tokens(301, 9), GREEDY).worker_id
+    pid = ray.get(handle.workers[holder].__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(STALL_TIMEOUT_S + 4 * POLL_S + 1)  # (a silent round lasts two: the sleep, then the timeout)
+        served = [client.complete(prefix + tokens(302 + i, 9), GREEDY, timeout_s=15) for i in range(3)]
+        assert readiness(client) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert {c.worker_id for c in served} != {holder} and all(c.worker_id != holder for c in served)
+    assert all(len(c.token_ids) == GREEDY.max_tokens for c in served)
+
+    def takes_requests() -> bool:  # as the router's worker pool has it
+        def state(router) -> tuple[bool, bool]:
+            worker = router.pool.workers[holder]
+            return worker.healthy, worker.stalled
+
+        healthy, stalled = ray.get(handle.router.__ray_call__.remote(state))
+        return healthy and not stalled
+
+    deadline = time.monotonic() + 60  # it answers again: it takes requests again
+    while not takes_requests():
+        assert time.monotonic() < deadline, "the worker took no request after it resumed"
+        time.sleep(0.5)
