@@ -91,10 +91,10 @@ class RedisServer:
     def url(self) -> str:
         return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
-    def client(self, retries: int = 3) -> redis.Redis:
-        """redis-py's own retries (about 4 s with its default backoff) unless ``retries`` is 0."""
+    def client(self, retry: bool = True) -> redis.Redis:
+        """With redis-py's own retries (about 4 s with its default backoff), or none."""
         tls = {"ssl": True, "ssl_ca_certs": self.tls.ca_file} if self.tls else {}
-        retry = {} if retries else {"retry": Retry(NoBackoff(), 0)}
+        retry = {} if retry else {"retry": Retry(NoBackoff(), 0)}
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, password=self.password, **tls, **retry)
 
     def _security_args(self) -> list[str]:
@@ -106,12 +106,13 @@ class RedisServer:
         return args
 
     def start(self) -> RedisServer:
-        for _ in range(3 if self._pick_port else 1):
+        attempts = 3 if self._pick_port else 1
+        for attempt in range(attempts):
             try:
                 self._start_once()
                 break
             except PortTakenError:
-                if self._pick_port is None:
+                if attempt == attempts - 1:
                     raise
                 (self.directory / "redis.log").unlink(missing_ok=True)
                 self.port = self._pick_port()
@@ -132,7 +133,7 @@ class RedisServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if self.client(retries=0).ping():
+                if self.client(retry=False).ping():
                     return
             except redis.ConnectionError:
                 time.sleep(0.02)

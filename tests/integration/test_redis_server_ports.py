@@ -38,3 +38,15 @@ def test_an_explicit_port_that_is_taken_fails_with_the_reason(tmp_path):
     finally:
         server.stop()
         held.close()
+
+
+def test_a_first_start_whose_every_draw_is_taken_fails_instead_of_returning_no_server(tmp_path):
+    held = _held_socket()
+    server = RedisServer(tmp_path, pick_port=lambda: held.getsockname()[1])
+    try:
+        with pytest.raises(PortTakenError):
+            server.start()
+        assert server.process is None
+    finally:
+        server.stop()
+        held.close()
