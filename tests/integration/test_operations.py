@@ -190,7 +190,7 @@ def test_a_hung_worker_process_gets_no_new_requests_once_it_answers_nothing_for_
         assert readiness(client) == health_pb2.HealthCheckResponse.SERVING
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert {c.worker_id for c in served} != {holder} and all(c.worker_id != holder for c in served)
+    assert all(c.worker_id != holder for c in served)
     assert all(len(c.token_ids) == GREEDY.max_tokens for c in served)
 
     def takes_requests() -> bool:  # as the router's worker pool has it
