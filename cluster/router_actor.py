@@ -142,27 +142,26 @@ class RouterActor:
             await asyncio.sleep(_STATS_EVERY_S)
             stats = await self.servicer.worker_stats(timeout_s=_STATS_EVERY_S)
             self.metrics.workers.update(stats)
-            for worker in self.pool.workers.values():
-                if worker.worker_id in stats.workers:
-                    self._check_progress(worker, stats.workers[worker.worker_id].engine)
-                elif worker.healthy:  # connected, but it did not answer within the interval
-                    self._set_stalled(worker, self.progress.no_answer(worker.worker_id, time.monotonic()),
-                                      "stalled: answers no stats reading")
-                else:
-                    self.progress.forget(worker.worker_id)
+            self._check_progress(stats)
+            self.pool.move_streams_off_stalled()
             if isinstance(policy, CacheAware):
                 policy.rates = measured_rates(self.configured_rates, [dict(w.engine) for w in stats.workers.values()])
 
-    def _check_progress(self, worker, engine: dict) -> None:
+    def _check_progress(self, stats) -> None:
+        """Each worker's reading (or its silence) says whether it is stalled."""
+        for worker in self.pool.workers.values():
+            if worker.worker_id in stats.workers:
+                self._check_steps(worker, stats.workers[worker.worker_id].engine)
+            elif worker.healthy:  # connected, but it did not answer within the interval
+                silent = self.progress.no_answer(worker.worker_id, time.monotonic())
+                self.pool.set_stalled(worker.worker_id, silent, "stalled: answers no stats reading")
+            else:
+                self.progress.forget(worker.worker_id)
+
+    def _check_steps(self, worker, engine: dict) -> None:
         stalled = self.progress.observe(worker.worker_id, engine.get("steps", 0.0),
                                         engine.get("running", 0.0) + engine.get("waiting", 0.0), time.monotonic())
-        self._set_stalled(worker, stalled, "stalled: no engine step while requests wait")
-
-    @staticmethod
-    def _set_stalled(worker, stalled: bool, why: str) -> None:
-        if stalled != worker.stalled:
-            log.warning("worker %s %s", worker.worker_id, why if stalled else "makes progress again")
-        worker.stalled = stalled
+        self.pool.set_stalled(worker.worker_id, stalled, "stalled: no engine step while requests wait")
 
     async def _set_readiness(self) -> None:
         """Ready: not draining, and some worker is connected and making progress."""

@@ -124,7 +124,8 @@ class RouterMetrics:
                                         "predicted the chosen worker holds, per tier", ["tier"], registry=registry)
         self.routed = Counter("kvtier_routing_decisions", "Requests sent to each worker", ["worker", "policy"],
                               registry=registry)
-        self.migrations = Counter("kvtier_stream_migrations", "Streams moved off a failed worker", registry=registry)
+        self.migrations = Counter("kvtier_stream_migrations", "Streams moved to another worker, by why: the worker "
+                                  "failed, or stalled", ["reason"], registry=registry)
         self.workers = WorkerStatsCollector()
         registry.register(self.workers)
 

@@ -17,12 +17,40 @@ from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
 from router.metrics import RouterMetrics
 from router.errors import NoHealthyWorker, Overloaded, map_errors
 from router.requests import prompt_of, salt_of, sampling_of, with_token_ids
-from router.worker_pool import WorkerPool
+from router.worker_pool import Worker, WorkerPool
 from workers.tokenizer import Tokenizer
 from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
 log = logging.getLogger(__name__)
 _STATS_TIMEOUT_S = 5.0  # a worker slower than this to report its stats is left out of GetStats
+
+
+class MovedOff(Exception):
+    """The worker's call was cancelled because the worker stalled: the stream moves on to another worker."""
+
+
+async def responses_until_moved_off(worker: Worker, call):
+    """``call``'s responses, until the pool moves streams off ``worker`` (``Worker.move_off``): then the call is
+    cancelled (the worker, once it runs again, aborts the request) and MovedOff is raised. A cancellation of the
+    caller itself (the client went away) goes through as it is."""
+    moved_off = False
+
+    async def cancel_when_moved_off() -> None:
+        nonlocal moved_off
+        await worker.move_off.wait()
+        moved_off = True
+        call.cancel()
+
+    watchdog = asyncio.get_running_loop().create_task(cancel_when_moved_off())
+    try:
+        async for response in call:
+            yield response
+    except asyncio.CancelledError:
+        if not moved_off or asyncio.current_task().cancelling():
+            raise
+        raise MovedOff(worker.worker_id) from None
+    finally:
+        watchdog.cancel()
 
 
 @dataclass(frozen=True)
@@ -73,9 +101,10 @@ class RouterServicer(pb_grpc.GenerationServicer):
             self.metrics.running.dec()
 
     async def _stream(self, request, request_id, token_ids, max_tokens, salt, context, arrived):
-        """Proxy the worker's stream. If the worker fails, migrate: resubmit the prompt plus every token already
-        streamed to another worker, as resumed tokens, so the client's stream goes on with nothing repeated or
-        missing: the same tokens (a seeded draw included), the same text and stop strings."""
+        """Proxy the worker's stream. If the worker fails, or stalls while another worker takes requests, migrate:
+        resubmit the prompt plus every token already streamed to another worker, as resumed tokens, so the
+        client's stream goes on with nothing repeated or missing: the same tokens (a seeded draw included), the
+        same text and stop strings."""
         streamed: list[int] = []
         first_token_at, failure = None, ""
         for _ in range(len(self.pool.workers) + 1):
@@ -88,7 +117,8 @@ class RouterServicer(pb_grpc.GenerationServicer):
             forwarded.resumed_tokens = request.resumed_tokens + len(streamed)
             worker.in_flight += 1
             try:
-                async for response in worker.stub.Generate(forwarded, timeout=context.time_remaining()):
+                call = worker.stub.Generate(forwarded, timeout=context.time_remaining())
+                async for response in responses_until_moved_off(worker, call):
                     if response.HasField("delta"):
                         first_token_at = first_token_at or time.monotonic()
                         streamed += response.delta.token_ids
@@ -101,12 +131,14 @@ class RouterServicer(pb_grpc.GenerationServicer):
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
                 self.pool.mark_unhealthy(worker.worker_id, f"request failed: {error.code().name}")
-                failure = f" (the last one to fail: {error.details() or error.code().name})"
-                self.metrics.migrations.inc()
-                log.warning("migrating %s after %d tokens: worker %s failed", request_id, len(streamed),
-                            worker.worker_id)
+                failure, reason = f" (the last one to fail: {error.details() or error.code().name})", "failed"
+            except MovedOff:
+                failure, reason = f" (the last one stalled: {worker.worker_id})", "stalled"
             finally:
                 worker.in_flight -= 1
+            self.metrics.migrations.labels(reason).inc()
+            log.warning("migrating %s after %d tokens: worker %s %s", request_id, len(streamed), worker.worker_id,
+                        reason)
         raise NoHealthyWorker(f"request {request_id}: every worker failed{failure}")
 
     def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:

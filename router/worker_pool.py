@@ -28,6 +28,7 @@ class Worker:
     address: str = ""
     healthy: bool = False
     stalled: bool = False  # healthy, but its engine takes no step while it has requests (router.progress)
+    move_off: asyncio.Event = field(default_factory=asyncio.Event)  # set: its streams move to another worker
     in_flight: int = 0  # requests the router has routed here and not seen finish
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.GenerationStub | None = None
@@ -53,8 +54,29 @@ class WorkerPool:
         worker.snapshot_loaded = asyncio.Event()
         worker.watcher = asyncio.get_running_loop().create_task(self._watch(worker))
         await asyncio.wait_for(worker.snapshot_loaded.wait(), timeout=30)
-        worker.healthy = True
+        worker.healthy, worker.stalled = True, False  # a new process (Ray restarted it): its readings start afresh
+        worker.move_off.clear()
         log.info("worker %s at %s is serving", worker_id, address)
+
+    def set_stalled(self, worker_id: str, stalled: bool, why: str) -> None:
+        """A stalled worker takes no new request; one that makes progress again takes them again."""
+        worker = self.workers[worker_id]
+        if stalled != worker.stalled:
+            log.warning("worker %s %s", worker_id, why if stalled else "makes progress again")
+        worker.stalled = stalled
+        if not stalled:
+            worker.move_off.clear()
+
+    def move_streams_off_stalled(self) -> None:
+        """The streams on a stalled worker move to another worker, once one takes requests; while none does,
+        they wait where they are (the stall may end: a request is not failed for want of a better place)."""
+        if not self.healthy_loads():
+            return
+        for worker in self.workers.values():
+            if worker.healthy and worker.stalled and not worker.move_off.is_set():
+                log.warning("moving the streams of stalled worker %s (%d) to other workers", worker.worker_id,
+                            worker.in_flight)
+                worker.move_off.set()
 
     def mark_unhealthy(self, worker_id: str, reason: str) -> None:
         worker = self.workers[worker_id]

@@ -192,16 +192,63 @@ def test_a_hung_worker_process_gets_no_new_requests_once_it_answers_nothing_for_
         os.kill(pid, signal.SIGCONT)
     assert all(c.worker_id != holder for c in served)
     assert all(len(c.token_ids) == GREEDY.max_tokens for c in served)
+    wait_until_it_takes_requests(handle, holder)  # it answers again
 
-    def takes_requests() -> bool:  # as the router's worker pool has it
-        def state(router) -> tuple[bool, bool]:
-            worker = router.pool.workers[holder]
-            return worker.healthy, worker.stalled
 
-        healthy, stalled = ray.get(handle.router.__ray_call__.remote(state))
-        return healthy and not stalled
+def wait_until_it_takes_requests(handle, worker_id: str, timeout_s: float = 60) -> None:
+    """Until the router's worker pool has the worker healthy and not stalled."""
+    import ray
 
-    deadline = time.monotonic() + 60  # it answers again: it takes requests again
-    while not takes_requests():
-        assert time.monotonic() < deadline, "the worker took no request after it resumed"
+    def state(router) -> tuple[bool, bool]:
+        worker = router.pool.workers[worker_id]
+        return worker.healthy, worker.stalled
+
+    deadline = time.monotonic() + timeout_s
+    while ray.get(handle.router.__ray_call__.remote(state)) != (True, False):
+        assert time.monotonic() < deadline, f"worker {worker_id} took no request after it resumed"
         time.sleep(0.5)
+
+
+def test_a_stream_on_a_worker_that_hangs_moves_to_another_worker_with_no_token_lost_or_repeated(metered_cluster):
+    """SIGSTOP the worker serving a seeded, sampled stream after 20 tokens: once it is stalled, the router
+    cancels its call and resumes the stream on the other worker, and the client gets the unbroken run's tokens
+    and text (before, the stream waited on the hung worker until its deadline)."""
+    import os
+    import signal
+
+    import ray
+
+    from cluster.client import build_request
+    from kvstore.config import KVStoreConfig
+    from workers.engine import LLMEngine
+    from workers.engine_config import EngineConfig
+
+    client, url, handle, _ = metered_cluster
+    params = SamplingParams(max_tokens=300, temperature=0.8, top_p=0.95, seed=91, ignore_eos=True)
+    prompt = tokens(400, 50)
+    moved_before = total(scrape(url), "kvtier_stream_migrations_total", reason="stalled")
+    stream = client.stream(build_request(prompt, params), timeout_s=60)
+    received, text = [], ""
+    for response in stream:
+        received += response.delta.token_ids
+        text += response.delta.text
+        if len(received) >= 20:
+            break
+    (busy,) = [w.worker_id for w in client.cluster_info().workers if w.load > 0]
+    pid = ray.get(handle.workers[busy].__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for response in stream:
+            if response.HasField("delta"):
+                received += response.delta.token_ids
+                text += response.delta.text
+            else:
+                final = response.final
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    offline = LLMEngine.from_config(EngineConfig(), KVStoreConfig(prefix_caching=False), progress=False)
+    unbroken = offline.generate([prompt], params)[0]
+    assert (received, text) == (unbroken.token_ids, unbroken.text)
+    assert final.worker_id != busy and final.usage.completion_tokens == 300
+    assert total(scrape(url), "kvtier_stream_migrations_total", reason="stalled") == moved_before + 1
+    wait_until_it_takes_requests(handle, busy)
