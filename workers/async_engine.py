@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 
 from workers.engine import LLMEngine, PreparedRequest, RequestOutput
+from workers.output_stream import OutputStream
 from workers.sampling_params import SamplingParams
 from workers.validation import InvalidRequestError
 
@@ -30,7 +31,7 @@ class AsyncEngine:
         self.engine = engine
         self.on_fatal = on_fatal
         self.failed: Exception | None = None
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._to_add: list[PreparedRequest] = []
         self._to_abort: list[str] = []
         self._loop_task: asyncio.Task | None = None
@@ -65,24 +66,22 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they come; leaving early (or cancellation) aborts it."""
+        """Yield the request's outputs as they come (those of several steps as one, when the caller fell behind:
+        ``OutputStream``); leaving early (or cancellation) aborts it."""
         if self.failed is not None:
             raise EngineFailed(f"the engine failed and is being restarted: {self.failed}") from self.failed
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         request = self.engine.prepare_request(request_id, prompt, params, cache_salt)
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = queue
+        stream = self._streams[request_id] = OutputStream()
         self._to_add.append(request)
         self._wake()
         finished = False
         try:
             while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
+                output = await stream.get()
+                finished = output.finished
+                yield output
         finally:
             if not finished:
                 self.abort(request_id)
@@ -139,9 +138,9 @@ class AsyncEngine:
                     self.on_fatal(error)
                 return
             for output in outputs:
-                queue = self._streams.get(output.request_id)
-                if queue is not None:
-                    queue.put_nowait(output)
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.put(output)
                     if output.finished:
                         del self._streams[output.request_id]
             self._publish_kv_events()
@@ -186,8 +185,8 @@ class AsyncEngine:
             self.engine.abort(request_id)
 
     def _fail_all(self, error: Exception) -> None:
-        for queue in self._streams.values():
+        for stream in self._streams.values():
             failed = EngineFailed(f"the engine failed: {type(error).__name__}: {error}")
             failed.__cause__ = error
-            queue.put_nowait(failed)
+            stream.fail(failed)
         self._streams.clear()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from workers.async_engine import AsyncEngine
+from workers.async_engine import AsyncEngine, EngineFailed
 from workers.engine import LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig, EngineConfigError
 from workers.presets import EOS_ID
@@ -175,6 +175,53 @@ def test_async_validation_errors_raise_at_once_and_a_cancelled_stream_aborts(eng
     assert first.new_token_ids and not first.finished
     assert pool_is_full(engine)
 
+
+
+def test_outputs_a_stream_has_not_taken_come_as_one_with_every_token_and_character_in_order(engine):
+    params = SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True, stop=("never",))
+    expected = engine.generate(["slow consumer"], params)[0]
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        stream = async_engine.generate("slow", "slow consumer", params)
+        first = await stream.__anext__()
+        while engine.has_unfinished():  # the steps go on while this consumer takes nothing
+            await asyncio.sleep(0.01)
+        return first, [output async for output in stream]
+
+    first, rest = asyncio.run(main())
+    assert not first.finished and len(rest) == 1 and rest[0].finished
+    assert rest[0].finish_reason is FinishReason.LENGTH and rest[0].usage.completion_tokens == 24
+    assert list(first.new_token_ids + rest[0].new_token_ids) == expected.token_ids
+    assert first.new_text + rest[0].new_text == expected.text
+
+
+def test_a_failed_step_reaches_a_stream_after_the_tokens_it_had_not_taken(engine):
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        stream = async_engine.generate("fails", [5, 6, 7], params)
+        first = await stream.__anext__()
+        while engine.stats.generated_tokens < generated_before + 4:  # tokens put, not taken
+            await asyncio.sleep(0.005)
+        async_engine.fail_next_step_for_test(RuntimeError("a step raised (test)"))
+        while async_engine.failed is None:
+            await asyncio.sleep(0.005)
+        taken = list(first.new_token_ids)
+        with pytest.raises(EngineFailed, match="a step raised"):
+            async for output in stream:
+                taken += output.new_token_ids
+        return taken
+
+    generated_before = engine.stats.generated_tokens
+    taken = asyncio.run(main())
+    produced = engine.stats.generated_tokens - generated_before
+    engine.abort("fails")  # the failed step left it in the engine: its blocks go back before the next test
+    engine.step()
+    assert pool_is_full(engine)
+    assert 4 <= len(taken) == produced < 50
+    assert taken == engine.generate([[5, 6, 7]], params)[0].token_ids[:produced]
 
 def test_step_time_is_split_into_host_work_and_the_wait_for_sampled_tokens(engine):
     before = engine.stats.step_seconds
