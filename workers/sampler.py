@@ -61,17 +61,21 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Drop what top-k and top-p drop, by value: each keeps its least likely token's ties too, so what is kept
+    never depends on how a sort orders equal logits (bf16 logits tie often). Top-k is then transformers' (and
+    vLLM's): every token at least as likely as the k-th. Top-p is the smallest set of the best tokens whose
+    mass reaches p, taken from what top-k kept, plus the ties of its last token."""
     vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    top_k = upload([p.top_k if p.top_k > 0 else vocab for p in params], logits.device)
-    sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
-    top_p = upload([p.top_p for p in params], logits.device, logits.dtype)
+    sorted_logits = logits.sort(dim=-1, descending=True).values  # [R, V]
+    top_k = upload([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], logits.device)
+    kth = sorted_logits.gather(-1, top_k[:, None] - 1)  # [R, 1]: the least logit top-k keeps
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    top_p = upload([p.top_p for p in params], logits.device, logits.dtype)[:, None]  # [R, 1]
     sorted_probs = sorted_logits.softmax(dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the better-ranked tokens
-    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1) & (ranks > 0)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    needed = (mass_before < top_p).sum(dim=-1, keepdim=True)  # [R, 1], at least 1: the best token's is 0
+    floor = torch.where(top_p < 1, torch.maximum(sorted_logits.gather(-1, needed - 1), kth), kth)  # [R, 1]
+    return logits.masked_fill(logits < floor, float("-inf"))
 
 
 def _exponential(size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
