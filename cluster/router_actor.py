@@ -39,14 +39,16 @@ _STATS_EVERY_S = 2.0
 
 
 class RouterActor:
-    def __init__(self, config_json: str, worker_handles: dict) -> None:
-        logging.basicConfig(level=logging.INFO, format="kvtier router: %(message)s")
-        self.config: KvtierConfig = from_dict(KvtierConfig, json.loads(config_json))
-        self.handles = worker_handles
-        self.address: str | None = None
-        self._starting = asyncio.Lock()
+    def __init__(self, config_json: str, worker_actor_names: dict[str, str]) -> None:
+        """``worker_actor_names``: worker id -> its named Ray actor. Names, not handles: Ray keeps actor handles
+        among a restartable actor's constructor arguments in the object store, owned by the driver, and warns."""
         import ray
 
+        logging.basicConfig(level=logging.INFO, format="kvtier router: %(message)s")
+        self.config: KvtierConfig = from_dict(KvtierConfig, json.loads(config_json))
+        self.handles = {worker_id: ray.get_actor(name) for worker_id, name in worker_actor_names.items()}
+        self.address: str | None = None
+        self._starting = asyncio.Lock()
         ray.get_runtime_context().current_actor.start.remote()  # also after Ray restarts this actor
 
     async def start(self) -> str:

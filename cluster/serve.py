@@ -50,16 +50,20 @@ def start_cluster(config: KvtierConfig, timeout_s: float = 600) -> Cluster:
         ray.get(group.ready(), timeout=timeout_s)
         worker_id = f"worker-{index}"
         workers[worker_id] = worker_cls.options(  # rank 0, in bundle 0; it launches the other ranks
-            name=f"kvtier-{worker_id}", max_restarts=config.workers.max_restarts, max_task_retries=0,
+            name=worker_actor_name(worker_id), max_restarts=config.workers.max_restarts, max_task_retries=0,
             num_cpus=rank.get("CPU", 0), num_gpus=rank.get("GPU", 0), max_concurrency=1000,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0),
         ).remote(worker_id, config_json)
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     router = ray.remote(RouterActor).options(  # on this node, so the endpoint is where `kvtier serve` runs
         name="kvtier-router", max_restarts=-1, num_cpus=0, max_concurrency=1000, scheduling_strategy=here,
-    ).remote(config_json, workers)
+    ).remote(config_json, {worker_id: worker_actor_name(worker_id) for worker_id in workers})
     address = ray.get(router.start.remote(), timeout=timeout_s)
     return Cluster(address, router, workers, groups)
+
+
+def worker_actor_name(worker_id: str) -> str:
+    return f"kvtier-{worker_id}"
 
 
 def rank_resources(config: KvtierConfig) -> dict[str, float]:

@@ -20,7 +20,8 @@ from workers.sampling_params import SamplingParams
 LONG = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
 
 
-def start_serve(tmp_path, port: int) -> subprocess.Popen:
+def start_serve(tmp_path, port: int) -> tuple[subprocess.Popen, list[str]]:
+    """The running process, and what it printed before it said it serves."""
     config = tmp_path / "config.yaml"
     config.write_text(f"workers: {{count: 1}}\nrouter: {{port: {port}, drain_timeout_s: 120}}\n"
                       "kvstore: {cpu: {enabled: false}}\n")
@@ -38,7 +39,7 @@ def start_serve(tmp_path, port: int) -> subprocess.Popen:
         if line is None:
             raise AssertionError(f"kvtier serve exited with {process.wait()} before serving: {seen[-5:]}")
         if line.startswith("kvtier: serving"):
-            return process
+            return process, seen
         seen.append(line)
     process.kill()
     raise AssertionError(f"kvtier serve did not start within 180 s (silent or stuck): {seen[-5:]}")
@@ -52,7 +53,8 @@ def _forward_lines(process: subprocess.Popen, lines: queue.Queue) -> None:
 
 def test_sigterm_during_a_stream_lets_it_finish_and_exits_zero(tmp_path):
     port = free_port()
-    process = start_serve(tmp_path, port)
+    process, printed = start_serve(tmp_path, port)
+    assert not [line for line in printed if " E " in line or "Error" in line], printed  # a clean start
     client = KvtierClient(f"127.0.0.1:{port}")
     try:
         stream = client.stream(build_request([5, 6, 7, 8], LONG), timeout_s=300)
