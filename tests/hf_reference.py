@@ -28,6 +28,16 @@ SHAPES = {
         num_key_value_heads=1, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,
         sliding_window=1024, bos_token_id=1, eos_token_id=2,
     ),
+    "mistral-window": dict(  # a sliding window (every layer) far shorter than the longer prompts
+        family="mistral", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,
+        sliding_window=40, bos_token_id=1, eos_token_id=2,
+    ),
+    "qwen2-window": dict(  # the window on the layers from max_window_layers on: layer 0 full, layer 1 windowed
+        family="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=40, max_window_layers=1, bos_token_id=None, eos_token_id=None,
+    ),
     "qwen2": dict(
         family="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=320, max_position_embeddings=1024, tie_word_embeddings=False,

@@ -526,10 +526,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def max_model_len(config: EngineConfig, model: ModelConfig) -> int:
-    """The configured limit, capped by the model's positions and (if it has one) its sliding window."""
+    """The configured limit, capped by the model's positions."""
     limit = model.max_position_embeddings
-    if model.sliding_window:
-        limit = min(limit, model.sliding_window)  # full attention is exact only within the window
     if config.max_model_len is not None:
         if config.max_model_len > limit:
             raise EngineConfigError(

@@ -31,8 +31,10 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class Attention(nn.Module):
     def __init__(
-        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str, parallel: ParallelContext
+        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str,
+        parallel: ParallelContext, window: int = 0,
     ) -> None:
+        """``window``: the keys each query sees, itself included (a sliding window); 0 is every key before it."""
         super().__init__()
         q_heads, kv_heads, head_dim = parallel.q_heads(config), parallel.kv_heads(config), config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = q_heads.size, kv_heads.size, head_dim
@@ -44,6 +46,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_rows, config.hidden_size, config.o_bias, dtype, device, parallel)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
         self.backend = backend
+        self.window = window
 
     def forward(
         self, hidden: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, cache, meta, self.scale)  # [T, Hq, D]
+        out = self.backend.forward(q, k, v, cache, meta, self.scale, self.window)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -73,11 +76,12 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str, parallel: ParallelContext
+        self, config: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, device: str,
+        parallel: ParallelContext, window: int = 0,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(config, backend, dtype, device, parallel)
+        self.self_attn = Attention(config, backend, dtype, device, parallel, window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.mlp = MLP(config, dtype, device, parallel)
 
@@ -95,7 +99,7 @@ class LlamaBody(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, backend, dtype, device, parallel) for _ in range(config.num_layers)
+            DecoderLayer(config, backend, dtype, device, parallel, window) for window in config.attention_windows
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 

@@ -52,7 +52,7 @@ class ModelConfig:
     dtype: str
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
-    sliding_window: int | None
+    attention_windows: tuple[int, ...]  # per layer: the keys a query sees, itself included; 0 is all before it
 
     @property
     def q_size(self) -> int:
@@ -112,7 +112,7 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = 
         dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
         eos_token_ids=_eos_ids(raw, generation or {}),
         bos_token_id=raw.get("bos_token_id"),
-        sliding_window=_sliding_window(raw),
+        attention_windows=_attention_windows(raw, _require(raw, "num_hidden_layers")),
     )
 
 
@@ -148,9 +148,24 @@ def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _sliding_window(raw: dict[str, Any]) -> int | None:
-    """Mistral and Qwen2 may name a window; Qwen2 only uses it when ``use_sliding_window`` is set."""
-    if raw.get("model_type") == "qwen2" and not raw.get("use_sliding_window", False):
-        return None
-    window = raw.get("sliding_window")
-    return int(window) if window else None
+_DEFAULT_WINDOW = 4096  # transformers' Mistral and Qwen2 configs: a window their config.json does not name
+
+
+def _attention_windows(raw: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Each layer's sliding window as transformers reads the config: Mistral's is on every layer; Qwen2's only
+    with ``use_sliding_window``, on the layers ``layer_types`` marks (or from ``max_window_layers`` on)."""
+    window = raw.get("sliding_window", _DEFAULT_WINDOW)
+    model_type = raw.get("model_type")
+    if model_type not in ("mistral", "qwen2") or not window:
+        return (0,) * num_layers
+    if model_type == "mistral":
+        return (int(window),) * num_layers
+    if not raw.get("use_sliding_window", False):
+        return (0,) * num_layers
+    first = int(raw.get("max_window_layers", 0))
+    layer_types = raw.get("layer_types") or [
+        "sliding_attention" if layer >= first else "full_attention" for layer in range(num_layers)]
+    if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
+        raise ModelConfigError(f"layer_types: expected {num_layers} of 'sliding_attention' or 'full_attention', "
+                               f"got {layer_types!r}")
+    return tuple(int(window) if kind == "sliding_attention" else 0 for kind in layer_types)

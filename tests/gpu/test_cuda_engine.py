@@ -73,11 +73,13 @@ def test_the_compiled_triton_kernel_matches_the_reference_in_half_precision(dtyp
     from workers.attention.base import LayerKVCache
     from workers.attention.triton_backend import paged_attention
 
-    for chunks, splits in ((MIXED, None), ([(1, 4000), (1, 700)], 8)):
+    for chunks, splits, window in ((MIXED, None, 0), ([(1, 4000), (1, 700)], 8, 0), (MIXED, None, 33),
+                                   ([(1, 4000), (1, 700)], 8, 1000)):  # the last two: a sliding window
         query, cache, meta = step_inputs(chunks, 32, 8, 128, seed=11)
         query, cache = query.to(dtype), LayerKVCache(cache.key.to(dtype), cache.value.to(dtype))
-        got = paged_attention(query, cache, meta, 128 ** -0.5, num_splits=splits).float()
-        want = reference(query.float(), LayerKVCache(cache.key.float(), cache.value.float()), meta, 128 ** -0.5)
+        got = paged_attention(query, cache, meta, 128 ** -0.5, num_splits=splits, window=window).float()
+        want = reference(query.float(), LayerKVCache(cache.key.float(), cache.value.float()), meta, 128 ** -0.5,
+                         window)
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 

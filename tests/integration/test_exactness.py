@@ -19,7 +19,7 @@ MAX_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2", "llama2", "mistral"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "llama2", "mistral", "mistral-window", "qwen2-window"])
 def reference(request, tmp_path_factory):
     """(model directory, prompts, transformers' outputs) for one model shape."""
     model_dir = save_random_model(request.param, tmp_path_factory.mktemp(request.param))
@@ -58,6 +58,16 @@ def test_requests_staggered_across_steps(reference):
             outputs[output.request_id] += output.new_token_ids
         step += 1
     assert [outputs[rid] for rid in ids] == expected
+
+
+def test_the_same_prompts_again_read_their_cached_blocks_and_give_the_same_tokens(reference):
+    """The prefix cache on the exactness models: for the windowed ones a cached prefix is longer than the window."""
+    model_dir, prompts, expected = reference
+    engine = engine_for(model_dir)
+    engine.generate(prompts, GREEDY)
+    again = engine.generate(prompts, GREEDY)
+    assert [c.token_ids for c in again] == expected
+    assert [c.usage.cached_tokens.gpu for c in again] == [(len(p) - 1) // 16 * 16 for p in prompts]
 
 
 def test_a_pool_small_enough_to_force_preemption(reference):

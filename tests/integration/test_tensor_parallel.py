@@ -56,6 +56,12 @@ def test_tp_equals_tp1_and_transformers(reference, tp):
     assert pool_bytes == tp1_pool_bytes * kv_heads_per_rank // 2  # tp=2: half; tp=4: half (one head, shared)
 
 
+def test_a_model_with_a_sliding_window_at_tp_2_equals_transformers(tmp_path):
+    model_dir = save_random_model("qwen2-window", tmp_path / "model")  # layer 1: a 40-token window
+    prompts = random_prompts([17, 100, 300], vocab_size=320, seed=5)
+    assert run(model_dir, prompts, tp=2)[0] == hf_greedy(model_dir, prompts, GREEDY.max_tokens)
+
+
 def test_a_degree_the_model_cannot_split_is_a_clear_error(reference):
     model_dir, _, _ = reference
     from workers.parallel import TensorParallelError

@@ -70,6 +70,21 @@ def test_decode_steps_match_whether_or_not_contexts_are_split(num_splits):
     torch.testing.assert_close(got, reference(query, cache, meta, 0.2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [1, 7, 16, 33])
+def test_a_sliding_window_in_the_kernel_equals_the_reference(window):
+    """Every kind of chunk, each query over its last ``window`` positions only (a tile's queries start their
+    walks at the first one's window); decode contexts split or not."""
+    query, cache, meta = step_inputs(MIXED, 8, 2, 32, seed=window)
+    expected = reference(query, cache, meta, 0.2, window)
+    torch.testing.assert_close(paged_attention(query, cache, meta, 0.2, window=window), expected, rtol=1e-5,
+                               atol=1e-5)
+    query, cache, meta = step_inputs([(1, n) for n in (3, 16, 40, 300)], 8, 2, 32, seed=window)
+    expected = reference(query, cache, meta, 0.2, window)
+    for num_splits in (1, 3):
+        got = paged_attention(query, cache, meta, 0.2, num_splits=num_splits, window=window)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_long_whole_prompts_go_to_sdpa_and_the_kernel_takes_the_rest():
     """The backend's forward: the K/V of every token is written, then whole prompts of at least the threshold are
     attended by SDPA over their own K/V and every other chunk (short prompt, prefix + chunk, decode) by the
@@ -113,6 +128,27 @@ def test_an_engine_on_the_triton_backend_generates_what_the_reference_does():
         engine = LLMEngine.from_config(config, KVStoreConfig(cpu=CpuTierConfig(enabled=False)), progress=False)
         outputs[backend] = [c.token_ids for c in engine.generate(prompts, params)]
         outputs[backend].append(engine.generate([prompts[-1]], params)[0].token_ids)  # a GPU prefix-cache hit
+    assert outputs["triton"] == outputs["torch"]
+
+
+def test_a_windowed_model_on_the_triton_backend_generates_what_the_reference_does(tmp_path):
+    """Mistral with a 40-token sliding window (``tests.hf_reference``): prompts past the window, a chunked
+    prefill and a cached prefix longer than the window."""
+    from tests.hf_reference import random_prompts, save_random_model
+
+    model_dir = save_random_model("mistral-window", tmp_path / "model")
+    prompts = random_prompts([45, 90], vocab_size=320, seed=4)
+    prompts.append(prompts[1][:80] + [9, 8, 7])
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        config = EngineConfig(model=str(model_dir), attention_backend=backend, device=DEVICE,
+                              scheduler=SchedulerConfig(max_num_batched_tokens=32))
+        engine = LLMEngine.from_config(config, KVStoreConfig(cpu=CpuTierConfig(enabled=False)), progress=False)
+        outputs[backend] = [c.token_ids for c in engine.generate(prompts[:2], params)]
+        cached = engine.generate([prompts[2]], params)[0]
+        assert cached.usage.cached_tokens.gpu == 80
+        outputs[backend].append(cached.token_ids)
     assert outputs["triton"] == outputs["torch"]
 
 

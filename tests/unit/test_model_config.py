@@ -23,7 +23,24 @@ def test_older_rope_theta_and_rope_scaling():
 def test_qwen2_has_qkv_bias_and_eos_comes_from_generation_config():
     config = parse_model_config({**BASE, "model_type": "qwen2", "eos_token_id": 5}, {"eos_token_id": [7, 8]})
     assert config.qkv_bias and not config.o_bias and config.eos_token_ids == (7, 8)
-    assert config.sliding_window is None
+    assert config.attention_windows == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "change, windows",
+    [
+        ({"model_type": "mistral", "sliding_window": 32}, (32, 32)),
+        ({"model_type": "mistral", "sliding_window": None}, (0, 0)),
+        ({"model_type": "mistral"}, (4096, 4096)),  # transformers' default where config.json names none
+        ({"model_type": "qwen2", "sliding_window": 32}, (0, 0)),  # only with use_sliding_window
+        ({"model_type": "qwen2", "sliding_window": 32, "use_sliding_window": True, "max_window_layers": 1}, (0, 32)),
+        ({"model_type": "qwen2", "sliding_window": 32, "use_sliding_window": True,
+          "layer_types": ["sliding_attention", "full_attention"]}, (32, 0)),
+        ({"model_type": "llama", "sliding_window": 32}, (0, 0)),
+    ],
+)
+def test_each_layers_sliding_window_is_read_as_transformers_reads_it(change, windows):
+    assert parse_model_config({**BASE, **change}).attention_windows == windows
 
 
 @pytest.mark.parametrize(
@@ -35,6 +52,8 @@ def test_qwen2_has_qkv_bias_and_eos_comes_from_generation_config():
         ({"vocab_size": None}, "vocab_size: missing"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type: 'yarn' is not supported"),
         ({"rope_parameters": {"rope_type": "llama3"}}, "rope_parameters.factor: required"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "layer_types": ["full_attention"]},
+         "layer_types: expected 2"),
     ],
 )
 def test_unsupported_configs_name_the_key(change, message):

@@ -63,7 +63,9 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Writes the step's new K/V into the paged cache, then attends every query over its whole context."""
+    """Writes the step's new K/V into the paged cache, then attends every query over its context: every key
+    before it, or with ``window`` > 0 the last ``window`` positions up to its own (a sliding window, as
+    transformers masks it: key position > query position - window)."""
 
     def forward(
         self,
@@ -73,6 +75,7 @@ class AttentionBackend(Protocol):
         cache: LayerKVCache,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:  # [T, Hq, D]
         ...
 

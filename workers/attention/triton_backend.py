@@ -14,7 +14,8 @@ kernel combines them, so a batch-1 decode over 32k tokens uses the whole GPU rat
 
 A whole prompt (no cached prefix) of at least ``sdpa_min_tokens`` tokens is attended by torch's
 ``scaled_dot_product_attention`` (FlashAttention on CUDA) over its own contiguous K/V instead, as transformers
-does: the paged kernel skips such chunks. Steps mixing them with other chunks run both.
+does: the paged kernel skips such chunks. Steps mixing them with other chunks run both. A layer with a sliding
+window attends every chunk in the paged kernel, which walks only each query tile's window of keys.
 
 Runs on CUDA; with ``TRITON_INTERPRET=1`` it runs on the CPU (slowly), which is how the test suite checks it
 against the torch reference on machines without a GPU. Speed work (split-K decode for long contexts, tuning)
@@ -52,10 +53,12 @@ class TritonBackend:
         cache: LayerKVCache,
         meta: AttentionMetadata,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:  # [T, Hq, D]
         write_kv(cache, key, value, meta)
-        dense = dense_prompt_spans(meta, self.sdpa_min_tokens)
-        out = paged_attention(query, cache, meta, scale, dense_from=self.sdpa_min_tokens if dense else _NEVER)
+        dense = [] if window else dense_prompt_spans(meta, self.sdpa_min_tokens)
+        out = paged_attention(query, cache, meta, scale, dense_from=self.sdpa_min_tokens if dense else _NEVER,
+                              window=window)
         for start, end in dense:
             out[start:end] = causal_sdpa(query[start:end], key[start:end], value[start:end], scale)
         return out
@@ -78,38 +81,41 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
 
 
 def paged_attention(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
-                    num_splits: int | None = None, dense_from: int = _NEVER) -> torch.Tensor:
+                    num_splits: int | None = None, dense_from: int = _NEVER, window: int = 0) -> torch.Tensor:
     """Every query token attends causally over its chunk's context, read from ``cache`` ([T, Hq, D] out).
     ``num_splits`` (decode-only steps): pages per context split across programs; None picks it.
     ``dense_from``: chunks that are whole prompts of at least this many tokens are skipped (their rows of the
-    output are left for the caller)."""
+    output are left for the caller). ``window`` > 0: each query sees only the last ``window`` positions up to
+    its own (``AttentionBackend``)."""
     query = query if query.stride(-1) == 1 else query.contiguous()
     max_query_len = meta.max_query_len
+    window = window or _NEVER
     if max_query_len == 1:
-        splits = num_splits or _decode_splits(meta, cache.key.shape[1], cache.key.shape[2])
+        splits = num_splits or _decode_splits(meta, cache.key.shape[1], cache.key.shape[2], window)
         if splits > 1:
-            return _split_decode(query, cache, meta, scale, splits)
+            return _split_decode(query, cache, meta, scale, splits, window)
     out = torch.empty_like(query)
     group = query.shape[1] // cache.key.shape[2]
     block_q = 1 if max_query_len == 1 else max(1, _PREFILL_ROWS // group)
     grid = (meta.num_chunks, triton.cdiv(max_query_len, block_q), cache.key.shape[2])
     _paged_attention_kernel[grid](
-        out, query, cache.key, cache.value, *meta.device_tables, scale, dense_from, *_strides(query, out, cache, meta),
+        out, query, cache.key, cache.value, *meta.device_tables, scale, dense_from, window,
+        *_strides(query, out, cache, meta),
         BLOCK_Q=block_q, ROWS=max(_MIN_ROWS, triton.next_power_of_2(block_q * group)),
         **_shape_constants(query, cache),
     )
     return out
 
 
-def _decode_splits(meta: AttentionMetadata, page: int, num_kv_heads: int) -> int:
+def _decode_splits(meta: AttentionMetadata, page: int, num_kv_heads: int, window: int = _NEVER) -> int:
     """Enough splits to give the GPU about ``_TARGET_PROGRAMS`` programs, each still walking a fair run of pages."""
     programs = meta.num_chunks * num_kv_heads
-    longest_pages = triton.cdiv(max(meta.context_lens), page)
+    longest_pages = triton.cdiv(min(max(meta.context_lens), window), page)
     return max(1, min(_MAX_SPLITS, triton.cdiv(_TARGET_PROGRAMS, programs), longest_pages // _PAGES_PER_SPLIT))
 
 
 def _split_decode(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float,
-                  splits: int) -> torch.Tensor:
+                  splits: int, window: int) -> torch.Tensor:
     """Split-K decode: partial softmax state per (chunk, head, split), then one combine per (chunk, head)."""
     batch, num_heads, head_dim = meta.num_chunks, query.shape[1], query.shape[2]
     block_d = triton.next_power_of_2(head_dim)
@@ -118,7 +124,7 @@ def _split_decode(query: torch.Tensor, cache: LayerKVCache, meta: AttentionMetad
     partial_sum = torch.empty_like(partial_max)
     group = num_heads // cache.key.shape[2]
     _split_decode_kernel[(batch, cache.key.shape[2], splits)](
-        partial_acc, partial_max, partial_sum, query, cache.key, cache.value, *meta.device_tables, scale,
+        partial_acc, partial_max, partial_sum, query, cache.key, cache.value, *meta.device_tables, scale, window,
         *_strides(query, query, cache, meta), NUM_HEADS=num_heads, SPLITS=splits,
         ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)), **_shape_constants(query, cache),
     )
@@ -145,13 +151,14 @@ def _shape_constants(query: torch.Tensor, cache: LayerKVCache) -> dict:
 
 @triton.jit
 def _attend_keys(
-    q, query_pos, acc, row_max, row_sum, key_begin, key_end, table_row_ptr, k_ptr, v_ptr, kv_head,
+    q, query_pos, acc, row_max, row_sum, key_begin, key_end, window, table_row_ptr, k_ptr, v_ptr, kv_head,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims, dim_ok,
     PAGE: tl.constexpr, TILE_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Fold keys [key_begin, key_end) of one context into the rows' online softmax: (acc, max, sum). ``TILE_N``
     keys at a time (several pages: each key's block is looked up in the block table), so a long context takes
-    few iterations and each dot product is ``ROWS x TILE_N``."""
+    few iterations and each dot product is ``ROWS x TILE_N``. A row sees the keys at its position and the
+    ``window - 1`` before it."""
     offsets = tl.arange(0, TILE_N)
     start = key_begin
     while start < key_end:  # a while, not range(): Triton's interpreter cannot range over a loaded bound
@@ -168,7 +175,8 @@ def _attend_keys(
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [ROWS, TILE_N]
         else:
             scores = tl.dot(q, tl.trans(k)) * scale
-        visible = (key_pos[None, :] <= query_pos[:, None]) & valid[None, :]
+        visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
+        visible = visible & valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that saw no key yet
@@ -186,7 +194,7 @@ def _attend_keys(
 
 @triton.jit
 def _paged_attention_kernel(
-    out_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, query_start_ptr, context_lens_ptr, scale, dense_from,
+    out_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, query_start_ptr, context_lens_ptr, scale, dense_from, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -207,10 +215,13 @@ def _paged_attention_kernel(
         dim_ok = dims < HEAD_DIM
         q = tl.load(q_ptr + (query_begin + token)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
-        keys_end = tl.minimum(context_len - query_len + (tile + 1) * BLOCK_Q, context_len)  # exclusive
+        tile_first_pos = context_len - query_len + tile * BLOCK_Q
+        keys_begin = tl.maximum(tile_first_pos - window + 1, 0)  # the tile's first query's window
+        keys_end = tl.minimum(tile_first_pos + BLOCK_Q, context_len)  # exclusive
         acc, row_max, row_sum = _attend_keys(
             q, query_pos, tl.zeros([ROWS, BLOCK_D], tl.float32), tl.full([ROWS], float("-inf"), tl.float32),
-            tl.zeros([ROWS], tl.float32), 0, keys_end, block_table_ptr + chunk * stride_table, k_ptr, v_ptr,
+            tl.zeros([ROWS], tl.float32), keys_begin, keys_end, window, block_table_ptr + chunk * stride_table,
+            k_ptr, v_ptr,
             kv_head, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale, dims, dim_ok, PAGE,
             TILE_N, IEEE)
         result = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
@@ -221,7 +232,7 @@ def _paged_attention_kernel(
 @triton.jit
 def _split_decode_kernel(
     acc_ptr, max_ptr, sum_ptr, q_ptr, k_ptr, v_ptr, block_table_ptr, query_start_ptr, context_lens_ptr, scale,
-    stride_qt, stride_qh, stride_ot, stride_oh,
+    window, stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_table,
     NUM_HEADS: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, ROWS: tl.constexpr, PAGE: tl.constexpr, TILE_N: tl.constexpr, IEEE: tl.constexpr,
@@ -237,14 +248,15 @@ def _split_decode_kernel(
     dim_ok = dims < HEAD_DIM
     q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
-    tiles_per_split = tl.cdiv(tl.cdiv(context_len, TILE_N), SPLITS)  # splits walk whole key tiles
-    key_begin = split * tiles_per_split * TILE_N
+    first_key = tl.maximum(context_len - window, 0)  # the decode token's window
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len - first_key, TILE_N), SPLITS)  # splits walk whole key tiles
+    key_begin = first_key + split * tiles_per_split * TILE_N
     query_pos = tl.zeros([ROWS], tl.int32) + context_len - 1
     acc, row_max, row_sum = _attend_keys(
         q, query_pos, tl.zeros([ROWS, BLOCK_D], tl.float32), tl.full([ROWS], float("-inf"), tl.float32),
         tl.zeros([ROWS], tl.float32), key_begin, tl.minimum(key_begin + tiles_per_split * TILE_N, context_len),
-        block_table_ptr + chunk * stride_table, k_ptr, v_ptr, kv_head, stride_kb, stride_ks, stride_kh, stride_vb,
-        stride_vs, stride_vh, scale, dims, dim_ok, PAGE, TILE_N, IEEE)
+        window, block_table_ptr + chunk * stride_table, k_ptr, v_ptr, kv_head, stride_kb, stride_ks, stride_kh,
+        stride_vb, stride_vs, stride_vh, scale, dims, dim_ok, PAGE, TILE_N, IEEE)
     state = (chunk * NUM_HEADS + head) * SPLITS + split  # [ROWS] index into [B, Hq, SPLITS]
     tl.store(max_ptr + state, row_max, mask=row_ok)
     tl.store(sum_ptr + state, row_sum, mask=row_ok)
