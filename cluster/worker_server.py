@@ -75,7 +75,7 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         tokenizer = self.engine.engine.tokenizer
         if tokenizer is None:
             raise InvalidRequestError("text", "this model has no tokenizer")
-        return pb.TokenizeResponse(token_ids=tokenizer.encode(request.text))
+        return pb.TokenizeResponse(token_ids=await asyncio.to_thread(tokenizer.encode, request.text))  # (long texts)
 
     @map_errors
     async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -22,7 +25,16 @@ from workers.tokenizer import Tokenizer
 from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _STATS_TIMEOUT_S = 5.0  # a worker slower than this to report its stats is left out of GetStats
+# A prompt at least this long (characters or token ids) is tokenized, checked and hashed in a worker thread:
+# on the event loop, a 128k-token prompt would hold up every other stream's tokens for a tenth of a second.
+_OFF_LOOP_PROMPT = 8192
+
+
+async def _in_a_thread_if(long: bool, work: Callable[[], T]) -> T:
+    """``work()``, run in a worker thread when ``long`` (``_OFF_LOOP_PROMPT``), so the event loop goes on."""
+    return await asyncio.to_thread(work) if long else work()
 
 
 class MovedOff(Exception):
@@ -80,7 +92,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
-        token_ids, max_tokens, salt = self._validated(request)
+        token_ids, max_tokens, salt = await self.validated(request)
         if self.draining:
             self.metrics.requests.labels("rejected").inc()
             raise NoHealthyWorker("the router is draining (shutting down); retry on another replica")
@@ -109,7 +121,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         first_token_at, failure = None, ""
         for _ in range(len(self.pool.workers) + 1):
             try:
-                worker = self._choose(token_ids + streamed, salt)
+                worker = await self._choose(token_ids + streamed, salt)
             except NoHealthyWorker as error:
                 raise NoHealthyWorker(f"{error}{failure}") from None
             forwarded = with_token_ids(request, request_id, token_ids + streamed)
@@ -141,8 +153,14 @@ class RouterServicer(pb_grpc.GenerationServicer):
                         reason)
         raise NoHealthyWorker(f"request {request_id}: every worker failed{failure}")
 
+    async def validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
+        """(prompt token ids, max_tokens with its default applied, cache salt), or InvalidRequestError; a long
+        prompt's tokenizing and checks run in a worker thread (``_OFF_LOOP_PROMPT``)."""
+        kind = request.WhichOneof("prompt")
+        size = len(request.text) if kind == "text" else len(request.token_ids.ids) if kind else 0
+        return await _in_a_thread_if(size >= _OFF_LOOP_PROMPT, functools.partial(self._validated, request))
+
     def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
-        """(prompt token ids, max_tokens with its default applied, cache salt), or InvalidRequestError."""
         prompt, params, salt = prompt_of(request), sampling_of(request), salt_of(request)
         limits = self.facts.limits
         if isinstance(prompt, str):
@@ -151,11 +169,12 @@ class RouterServicer(pb_grpc.GenerationServicer):
         validate_request(prompt, params, limits, salt)
         return prompt, params.max_tokens, salt
 
-    def _choose(self, token_ids: list[int], salt: str | None):
+    async def _choose(self, token_ids: list[int], salt: str | None):
+        hash_blocks = functools.partial(block_hashes, token_ids[:-1], self.facts.block_size, salt=salt)
+        hashes = await _in_a_thread_if(len(token_ids) >= _OFF_LOOP_PROMPT, hash_blocks)
         candidates = self.pool.healthy_loads()
         if not candidates:
             raise NoHealthyWorker("no healthy worker")
-        hashes = block_hashes(token_ids[:-1], self.facts.block_size, salt=salt)
         choice = self.policy.choose(candidates, hashes, self.facts.block_size)
         self.metrics.routed_to(choice.worker_id, choice.predicted, self.facts.block_size)
         # The chosen worker will hold this prefix in a moment: index it now, so requests for the same prefix
@@ -175,7 +194,8 @@ class RouterServicer(pb_grpc.GenerationServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         if self.tokenizer is None:
             raise InvalidRequestError("text", "this model has no tokenizer")
-        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text))
+        encode = functools.partial(self.tokenizer.encode, request.text)
+        return pb.TokenizeResponse(token_ids=await _in_a_thread_if(len(request.text) >= _OFF_LOOP_PROMPT, encode))
 
     @map_errors
     async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:

@@ -8,8 +8,9 @@ between steps and runs each ``step`` in a worker thread so the event loop stays 
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 
 from workers.engine import LLMEngine, PreparedRequest, RequestOutput
@@ -18,6 +19,9 @@ from workers.sampling_params import SamplingParams
 from workers.validation import InvalidRequestError
 
 log = logging.getLogger(__name__)
+# A prompt at least this long (characters or token ids) is tokenized and checked in a worker thread, so the
+# event loop keeps streaming the other requests' tokens meanwhile (``prepare_request`` touches no engine state).
+_OFF_LOOP_PROMPT = 8192
 
 
 class EngineFailed(RuntimeError):
@@ -68,11 +72,12 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come (those of several steps as one, when the caller fell behind:
         ``OutputStream``); leaving early (or cancellation) aborts it."""
-        if self.failed is not None:
+        prepare = functools.partial(self.engine.prepare_request, request_id, prompt, params, cache_salt)
+        request = await asyncio.to_thread(prepare) if len(prompt) >= _OFF_LOOP_PROMPT else prepare()
+        if self.failed is not None:  # (checked after the await: nothing can come between them and the add)
             raise EngineFailed(f"the engine failed and is being restarted: {self.failed}") from self.failed
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
-        request = self.engine.prepare_request(request_id, prompt, params, cache_salt)
         stream = self._streams[request_id] = OutputStream()
         self._to_add.append(request)
         self._wake()
