@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import grpc
@@ -24,6 +25,7 @@ from workers.parallel import TensorParallelError
 from workers.validation import InvalidRequestError
 
 log = logging.getLogger(__name__)
+_HASHES_PER_MESSAGE = 32_768  # a KV event message's hashes: 1.1 MB, well under gRPC's 4 MiB default
 
 
 class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
@@ -119,7 +121,8 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         try:
             while True:
                 kind, payload = await queue.get()
-                yield _event_batch(kind, payload)
+                for batch in _event_batches(kind, payload):
+                    yield batch
         finally:
             self.engine.unsubscribe_kv_events(queue)
 
@@ -138,12 +141,34 @@ def _measured_rates(engine) -> dict[str, float]:
     return rates
 
 
-def _event_batch(kind: str, payload) -> pb.KVEventBatch:
-    if kind == "snapshot":
-        events = [pb.KVEvent(tier=tier, stored=True, block_hashes=hashes) for tier, hashes in payload.items()]
-        return pb.KVEventBatch(snapshot=True, events=events)
-    events = [pb.KVEvent(tier=e.tier, stored=e.stored, block_hashes=e.block_hashes) for e in payload]
-    return pb.KVEventBatch(snapshot=False, events=events)
+def _event_batches(kind: str, payload) -> Iterator[pb.KVEventBatch]:
+    """A snapshot as one message or several (``KVEventBatch.snapshot_continues``); changes as one message (the
+    engine's event log turns into a snapshot past 65,536 hashes, so that stays under 2.3 MB)."""
+    if kind != "snapshot":
+        events = [pb.KVEvent(tier=e.tier, stored=e.stored, block_hashes=e.block_hashes) for e in payload]
+        yield pb.KVEventBatch(snapshot=False, events=events)
+        return
+    parts = _snapshot_parts(payload)
+    for index, events in enumerate(parts):
+        yield pb.KVEventBatch(snapshot=index == 0, snapshot_continues=index < len(parts) - 1, events=events)
+
+
+def _snapshot_parts(snapshot: dict[str, list[bytes]]) -> list[list[pb.KVEvent]]:
+    """The snapshot's tiers and hashes cut into messages of at most ``_HASHES_PER_MESSAGE`` hashes (at least
+    one message), each naming a tier at most once."""
+    parts, part, room = [], [], _HASHES_PER_MESSAGE
+    for tier, hashes in snapshot.items():
+        start = 0
+        while start < len(hashes):
+            piece = hashes[start : start + room]
+            part.append(pb.KVEvent(tier=tier, stored=True, block_hashes=piece))
+            start, room = start + len(piece), room - len(piece)
+            if room == 0:
+                parts.append(part)
+                part, room = [], _HASHES_PER_MESSAGE
+    if part or not parts:
+        parts.append(part)
+    return parts
 
 
 async def start_worker_server(engine: AsyncEngine, worker_id: str, model_name: str, host: str = "127.0.0.1",

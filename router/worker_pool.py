@@ -92,10 +92,14 @@ class WorkerPool:
                 events = [KVEvent(e.tier, e.stored, tuple(e.block_hashes)) for e in batch.events]
                 if batch.snapshot:
                     self.index.replace(worker.worker_id, {e.tier: list(e.block_hashes) for e in events})
-                    worker.snapshot_loaded.set()
-                else:
+                else:  # changes, or the later parts of a snapshot
                     self.index.apply(worker.worker_id, events)
+                if not batch.snapshot_continues:
+                    worker.snapshot_loaded.set()
         except grpc.aio.AioRpcError as error:
+            if not worker.healthy:  # (mark_unhealthy says nothing of a worker that was not healthy yet)
+                log.warning("worker %s: its KV event stream ended: %s %s", worker.worker_id, error.code().name,
+                            error.details())
             self.mark_unhealthy(worker.worker_id, f"event stream ended: {error.code().name}")
 
     async def _close(self, worker: Worker) -> None:

@@ -285,12 +285,14 @@ class WatchKVEventsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVEventBatch(_message.Message):
-    __slots__ = ("snapshot", "events")
+    __slots__ = ("snapshot", "events", "snapshot_continues")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_CONTINUES_FIELD_NUMBER: _ClassVar[int]
     snapshot: bool
     events: _containers.RepeatedCompositeFieldContainer[KVEvent]
-    def __init__(self, snapshot: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ...) -> None: ...
+    snapshot_continues: bool
+    def __init__(self, snapshot: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ..., snapshot_continues: _Optional[bool] = ...) -> None: ...
 
 class KVEvent(_message.Message):
     __slots__ = ("tier", "stored", "block_hashes")
