@@ -22,18 +22,16 @@ from router.errors import NoHealthyWorker, Overloaded, map_errors
 from router.requests import prompt_of, salt_of, sampling_of, with_token_ids
 from router.worker_pool import Worker, WorkerPool
 from workers.tokenizer import Tokenizer
-from workers.validation import InvalidRequestError, RequestLimits, validate_request, validate_text_prompt
+from workers.validation import (LONG_PROMPT, InvalidRequestError, RequestLimits, validate_request,
+                                validate_text_prompt)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _STATS_TIMEOUT_S = 5.0  # a worker slower than this to report its stats is left out of GetStats
-# A prompt at least this long (characters or token ids) is tokenized, checked and hashed in a worker thread:
-# on the event loop, a 128k-token prompt would hold up every other stream's tokens for a tenth of a second.
-_OFF_LOOP_PROMPT = 8192
 
 
 async def _in_a_thread_if(long: bool, work: Callable[[], T]) -> T:
-    """``work()``, run in a worker thread when ``long`` (``_OFF_LOOP_PROMPT``), so the event loop goes on."""
+    """``work()``, run in a worker thread when ``long`` (``LONG_PROMPT``), so the event loop goes on."""
     return await asyncio.to_thread(work) if long else work()
 
 
@@ -155,10 +153,10 @@ class RouterServicer(pb_grpc.GenerationServicer):
 
     async def validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
         """(prompt token ids, max_tokens with its default applied, cache salt), or InvalidRequestError; a long
-        prompt's tokenizing and checks run in a worker thread (``_OFF_LOOP_PROMPT``)."""
+        prompt's tokenizing and checks run in a worker thread (``LONG_PROMPT``)."""
         kind = request.WhichOneof("prompt")
         size = len(request.text) if kind == "text" else len(request.token_ids.ids) if kind else 0
-        return await _in_a_thread_if(size >= _OFF_LOOP_PROMPT, functools.partial(self._validated, request))
+        return await _in_a_thread_if(size >= LONG_PROMPT, functools.partial(self._validated, request))
 
     def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
         prompt, params, salt = prompt_of(request), sampling_of(request), salt_of(request)
@@ -171,7 +169,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
 
     async def _choose(self, token_ids: list[int], salt: str | None):
         hash_blocks = functools.partial(block_hashes, token_ids[:-1], self.facts.block_size, salt=salt)
-        hashes = await _in_a_thread_if(len(token_ids) >= _OFF_LOOP_PROMPT, hash_blocks)
+        hashes = await _in_a_thread_if(len(token_ids) >= LONG_PROMPT, hash_blocks)
         candidates = self.pool.healthy_loads()
         if not candidates:
             raise NoHealthyWorker("no healthy worker")
@@ -195,7 +193,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         if self.tokenizer is None:
             raise InvalidRequestError("text", "this model has no tokenizer")
         encode = functools.partial(self.tokenizer.encode, request.text)
-        return pb.TokenizeResponse(token_ids=await _in_a_thread_if(len(request.text) >= _OFF_LOOP_PROMPT, encode))
+        return pb.TokenizeResponse(token_ids=await _in_a_thread_if(len(request.text) >= LONG_PROMPT, encode))
 
     @map_errors
     async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:

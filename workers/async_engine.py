@@ -16,12 +16,9 @@ from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from workers.engine import LLMEngine, PreparedRequest, RequestOutput
 from workers.output_stream import OutputStream
 from workers.sampling_params import SamplingParams
-from workers.validation import InvalidRequestError
+from workers.validation import LONG_PROMPT, InvalidRequestError
 
 log = logging.getLogger(__name__)
-# A prompt at least this long (characters or token ids) is tokenized and checked in a worker thread, so the
-# event loop keeps streaming the other requests' tokens meanwhile (``prepare_request`` touches no engine state).
-_OFF_LOOP_PROMPT = 8192
 
 
 class EngineFailed(RuntimeError):
@@ -73,7 +70,7 @@ class AsyncEngine:
         """Yield the request's outputs as they come (those of several steps as one, when the caller fell behind:
         ``OutputStream``); leaving early (or cancellation) aborts it."""
         prepare = functools.partial(self.engine.prepare_request, request_id, prompt, params, cache_salt)
-        request = await asyncio.to_thread(prepare) if len(prompt) >= _OFF_LOOP_PROMPT else prepare()
+        request = await asyncio.to_thread(prepare) if len(prompt) >= LONG_PROMPT else prepare()  # (no engine state)
         if self.failed is not None:  # (checked after the await: nothing can come between them and the add)
             raise EngineFailed(f"the engine failed and is being restarted: {self.failed}") from self.failed
         if request_id in self._streams:

@@ -38,6 +38,10 @@ def validate_text_prompt(prompt: str, limits: RequestLimits, resumed_tokens: int
 
 
 MAX_CACHE_SALT_CHARS = 1024
+# A prompt at least this long (characters or token ids) is tokenized and checked in a worker thread by whatever
+# serves it from an event loop (the router, a worker): on the loop, a 128k-token prompt would hold up every
+# other stream's tokens for a tenth of a second.
+LONG_PROMPT = 8192
 
 
 def validate_request(
