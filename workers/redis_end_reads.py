@@ -21,6 +21,8 @@ start of the run in ``EndRead``.
 
 from __future__ import annotations
 
+import math
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,6 +35,11 @@ from workers.redis_fetch import EndRead, FetchOutcome, RedisFetcher
 
 _NEVER = 1 << 62  # a floor above every block: the read stops after the round it is in
 _ROUND_WAIT_S = 0.05  # the longest wait for a read's next round before looking again
+# A read waited for that makes no progress for this many times what its rest was predicted to take (and at
+# least _STALL_MIN_S) is far slower than measured, a stalled Redis say: its blocks are computed instead of
+# waiting out the socket timeout. (One noisy prefill measurement can make the cost model say "wait".)
+_STALL_FACTOR = 4.0
+_STALL_MIN_S = 0.1
 
 
 @dataclass
@@ -44,6 +51,8 @@ class _Reading:
     salt: str | None  # their cache salt
     reported: bool = False  # whether the blocks Redis holds (and lacks) went to the news
     stopped: bool = False  # told to read no further: computing the rest is faster
+    seen_rounds: int = -1  # the read's rounds when a step last looked, and since when (``_STALL_FACTOR``)
+    progressed_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,8 @@ class EndReads:
         - Otherwise None, and how many of ``max_tokens`` to compute this step before the two meet (the read is
           told not to go below them); 0 when the read is better waited for. With ``wait_for_it`` it waits for
           the read's next round instead, and answers again. Where computing all the blocks up to what the read
-          staged is faster than reading them, the read stops (counted in the news' ``skipped``) and they are
+          staged is faster than reading them, or the read waited for made no progress for far longer than
+          predicted (``_STALL_FACTOR``), the read stops (counted in the news' ``skipped``) and they are
           computed."""
         reading = self._reading[request_id]
         offset = first_block - reading.first_block
@@ -166,6 +176,8 @@ class EndReads:
             tokens = left * self.block_size
             if not (done or reading.stopped):
                 tokens = self._compute_first(first_block, left)
+                if tokens == 0 and self._stalled(reading, rounds, left):
+                    tokens = left * self.block_size
                 if tokens >= left * self.block_size:  # computing the rest beats reading it: what is read is used
                     reading.stopped = True
                     reading.read.raise_floor(_NEVER)
@@ -185,11 +197,11 @@ class EndReads:
         reading = self._reading[request_id]
         first_block = reading.first_block if first_block is None else first_block
         offset = first_block - reading.first_block
-        low, end, done, _ = reading.read.state()
+        low, end, done, rounds = reading.read.state()
         if done or (end is not None and offset >= end) or (low is not None and low <= offset):
             return False  # the read has nothing more to give, or meets the request already
         left = (low if low is not None else len(reading.hashes)) - offset
-        return self._compute_first(first_block, left) == 0
+        return self._compute_first(first_block, left) == 0 and not self._stalled(reading, rounds, left)
 
     def _take(self, request_id: str, reading: _Reading, offset: int, end: int) -> dict[bytes, torch.Tensor]:
         self._news.finished.append(self.forget(request_id))
@@ -208,6 +220,17 @@ class EndReads:
     def stop_all(self) -> None:
         for request_id in list(self._reading):
             self._news.finished.append(self.forget(request_id))
+
+    def _stalled(self, reading: _Reading, rounds: int, num_blocks: int) -> bool:
+        """Whether the read, at ``rounds`` now with ``num_blocks`` blocks left, has made no progress for
+        ``_STALL_FACTOR`` times what they were predicted to take (never while Redis's rate is not measured:
+        waiting for the read is then all there is to go by)."""
+        now = time.monotonic()
+        if rounds != reading.seen_rounds:
+            reading.seen_rounds, reading.progressed_at = rounds, now
+        rate = self.cost_model.rate("redis")
+        patience_s = max(_STALL_MIN_S, _STALL_FACTOR * num_blocks * self.block_bytes / rate) if rate else math.inf
+        return now - reading.progressed_at > patience_s
 
     def _compute_first(self, first_block: int, num_blocks: int) -> int:
         """The cost model's meeting point for ``num_blocks`` blocks from ``first_block``, in tokens."""

@@ -92,6 +92,32 @@ def test_a_stalled_redis_does_not_stall_the_request_it_computes_on(redis_server)
     assert reader.kv_store_stats()["redis"]["errors"] > 0
 
 
+def test_a_read_waited_for_that_stalls_is_computed_instead_of_waited_out(redis_server):
+    """The cost model says to wait for the read (Redis measured 100 times faster than computing, after the read
+    began), and Redis stalls: once the read has made no progress for several times what it was predicted to
+    take, its blocks are computed rather than waiting out the socket timeout."""
+    prompt = tokens(73, PREFIX_BLOCKS * BLOCK + 5)
+    timeout_s = 5.0
+    expected, reader = expected_and_reader(redis_server.url, prompt, socket_timeout_s=timeout_s, max_retries=0)
+    redis_server.pause()
+    try:
+        reader.add_request("r", prompt, GREEDY)
+        assert reader.tiers.reading_from_end("r")
+        model, block_bytes = reader.cost_model, reader.tiers.block_bytes
+        for _ in range(20):  # the average forgets the even rate it had
+            model.observe_fetch("redis", PREFIX_BLOCKS * block_bytes,
+                                model.recompute_seconds(0, PREFIX_BLOCKS * BLOCK) / 100)
+        assert model.tokens_to_compute_first("redis", 0, PREFIX_BLOCKS, block_bytes, BLOCK) == 0  # "wait"
+        began = time.monotonic()
+        (done,) = reader.run_to_completion(["r"])
+        took = time.monotonic() - began
+    finally:
+        redis_server.resume()
+    assert done.token_ids == expected and done.usage.cached_tokens.redis == 0
+    assert took < timeout_s / 2, took
+    assert reader.kv_store_stats()["redis"]["skipped_fetches"] == 1
+
+
 def test_two_requests_reading_one_prefix_from_the_end_give_the_uncached_tokens(redis_server):
     """Two questions about one document, both reading from the end (held at a gate): b arrives once a has
     computed the document's first half, finds that on the GPU and reads the rest itself. The next step both
