@@ -9,6 +9,7 @@ import time
 import pytest
 
 from protos.kvtier.v1 import generation_pb2 as pb
+from router.errors import NoHealthyWorker
 from router.prefix_index import PrefixIndex
 from router.servicer import ModelFacts, RouterServicer
 from router.worker_pool import WorkerPool
@@ -57,7 +58,7 @@ def test_the_router_tokenizes_checks_and_hashes_a_long_prompt_off_the_event_loop
 
     async def validate_and_hash() -> None:
         result["validated"] = await servicer.validated(request)
-        with pytest.raises(Exception, match="no healthy worker"):  # hashed first, then no worker to take it
+        with pytest.raises(NoHealthyWorker):  # hashed first, then no worker to take it
             await servicer._choose(result["validated"][0], None)
 
     took, pause = asyncio.run(longest_pause_during(validate_and_hash))
