@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -96,7 +97,6 @@ def join_ray(config: KvtierConfig) -> None:
     """Join ``ray.address`` (waiting up to ``ray.connect_timeout_s`` for its head to come up) or start Ray, with
     Ray's token auth as ``ray.auth`` says (Ray reads its auth settings from the environment, so they go there).
     A host:port where nothing listens yet is waited for here: one ``ray.init`` there takes minutes to give up."""
-    import ray
     from ray.exceptions import AuthenticationError
 
     _apply_ray_auth(config.ray)
@@ -109,7 +109,8 @@ def join_ray(config: KvtierConfig) -> None:
         if listening:
             _refuse_a_wrong_token(config.ray)
         try:
-            ray.init(address=address, namespace=config.ray.namespace, include_dashboard=False, log_to_driver=True)
+            _ray_init_holding_interrupts(address=address, namespace=config.ray.namespace, include_dashboard=False,
+                                         log_to_driver=True)
             return
         except AuthenticationError as error:
             raise ConfigError(f"ray.auth_token_file: {error}") from None
@@ -118,6 +119,35 @@ def join_ray(config: KvtierConfig) -> None:
                 raise ConfigError(f"ray: cannot start a local Ray: {error}") from None
             hint = " (is ray.auth_token_file the cluster's token?)" if config.ray.auth == "token" else ""
             _wait_or_give_up(address, f"{error}{hint}", deadline)
+
+
+def _ray_init_holding_interrupts(**options) -> None:
+    """``ray.init(**options)``, with a Ctrl-C that comes meanwhile held until it returns (then raised): Ray's
+    driver interrupted halfway through connecting crashes the process on its way out (SIGSEGV). A second Ctrl-C
+    goes through at once. Held only in the main thread, where Python runs signal handlers."""
+    import ray
+
+    if threading.current_thread() is not threading.main_thread():
+        ray.init(**options)
+        return
+    interrupted = False
+    previous = signal.getsignal(signal.SIGINT)
+
+    def hold(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, previous)
+        print("kvtier: interrupted; stopping once Ray has started (Ctrl-C again to stop now)", file=sys.stderr,
+              flush=True)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        ray.init(**options)
+    finally:
+        if signal.getsignal(signal.SIGINT) is hold:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _wait_or_give_up(address: str, reason: str, deadline: float) -> None:

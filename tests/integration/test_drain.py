@@ -8,6 +8,7 @@ import queue
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -20,11 +21,16 @@ from workers.sampling_params import SamplingParams
 LONG = SamplingParams(max_tokens=1500, temperature=0, ignore_eos=True)
 
 
-def start_serve(tmp_path, port: int) -> tuple[subprocess.Popen, list[str]]:
-    """The running process, and what it printed before it said it serves."""
+def serve_config(tmp_path, port: int):
     config = tmp_path / "config.yaml"
     config.write_text(f"workers: {{count: 1}}\nrouter: {{port: {port}, drain_timeout_s: 120}}\n"
                       "kvstore: {cpu: {enabled: false}}\n")
+    return config
+
+
+def start_serve(tmp_path, port: int) -> tuple[subprocess.Popen, list[str]]:
+    """The running process, and what it printed before it said it serves."""
+    config = serve_config(tmp_path, port)
     env = dict(os.environ, RAY_ADDRESS="")  # a Ray of its own, not the test process's
     process = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -80,3 +86,28 @@ def test_sigterm_during_a_stream_lets_it_finish_and_exits_zero(tmp_path):
         client.close()
         if process.poll() is None:
             process.kill()
+
+
+# `kvtier serve`, with a Ctrl-C (SIGINT) sent 50 ms into Ray's driver connecting (ray.init's last part)
+CTRL_C_WHILE_RAY_CONNECTS = textwrap.dedent("""
+    import os, signal, sys, threading
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (a test run in the background may ignore it)
+    import ray._private.worker as ray_worker
+    connect = ray_worker.connect
+    def connect_and_get_interrupted(*args, **kwargs):
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return connect(*args, **kwargs)
+    ray_worker.connect = connect_and_get_interrupted
+    from cluster.cli import main
+    sys.exit(main(["serve", "--config", sys.argv[1]]))
+""")
+
+
+def test_ctrl_c_while_ray_connects_stops_serve_with_130_not_a_crash(tmp_path):
+    """Ray's driver interrupted halfway through connecting crashed the process on its way out (SIGSEGV, exit
+    139); the Ctrl-C is now held until ray.init returns, and then stops `kvtier serve` as any other does."""
+    config = serve_config(tmp_path, free_port())
+    result = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_RAY_CONNECTS, str(config)], capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, RAY_ADDRESS=""))
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "kvtier: interrupted" in result.stderr
