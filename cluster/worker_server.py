@@ -7,6 +7,7 @@ Ray only places and restarts the process that hosts it (``cluster.worker_actor``
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ from router.requests import FINISH_REASONS, prompt_of, salt_of, sampling_of
 from workers.async_engine import AsyncEngine, EngineFailed
 from workers.engine import RequestOutput
 from workers.parallel import TensorParallelError
-from workers.validation import InvalidRequestError
+from workers.validation import InvalidRequestError, in_a_thread_if_long
 
 log = logging.getLogger(__name__)
 _HASHES_PER_MESSAGE = 32_768  # a KV event message's hashes: 1.1 MB, well under gRPC's 4 MiB default
@@ -77,7 +78,8 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         tokenizer = self.engine.engine.tokenizer
         if tokenizer is None:
             raise InvalidRequestError("text", "this model has no tokenizer")
-        return pb.TokenizeResponse(token_ids=await asyncio.to_thread(tokenizer.encode, request.text))  # (long texts)
+        encode = functools.partial(tokenizer.encode, request.text)
+        return pb.TokenizeResponse(token_ids=await in_a_thread_if_long(len(request.text), encode))
 
     @map_errors
     async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:

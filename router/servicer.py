@@ -7,9 +7,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 
@@ -22,17 +20,11 @@ from router.errors import NoHealthyWorker, Overloaded, map_errors
 from router.requests import prompt_of, salt_of, sampling_of, with_token_ids
 from router.worker_pool import Worker, WorkerPool
 from workers.tokenizer import Tokenizer
-from workers.validation import (LONG_PROMPT, InvalidRequestError, RequestLimits, validate_request,
+from workers.validation import (InvalidRequestError, RequestLimits, in_a_thread_if_long, validate_request,
                                 validate_text_prompt)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 _STATS_TIMEOUT_S = 5.0  # a worker slower than this to report its stats is left out of GetStats
-
-
-async def _in_a_thread_if(long: bool, work: Callable[[], T]) -> T:
-    """``work()``, run in a worker thread when ``long`` (``LONG_PROMPT``), so the event loop goes on."""
-    return await asyncio.to_thread(work) if long else work()
 
 
 class MovedOff(Exception):
@@ -153,10 +145,10 @@ class RouterServicer(pb_grpc.GenerationServicer):
 
     async def validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
         """(prompt token ids, max_tokens with its default applied, cache salt), or InvalidRequestError; a long
-        prompt's tokenizing and checks run in a worker thread (``LONG_PROMPT``)."""
+        prompt's tokenizing and checks run in a worker thread (``in_a_thread_if_long``)."""
         kind = request.WhichOneof("prompt")
         size = len(request.text) if kind == "text" else len(request.token_ids.ids) if kind else 0
-        return await _in_a_thread_if(size >= LONG_PROMPT, functools.partial(self._validated, request))
+        return await in_a_thread_if_long(size, functools.partial(self._validated, request))
 
     def _validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:
         prompt, params, salt = prompt_of(request), sampling_of(request), salt_of(request)
@@ -169,7 +161,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
 
     async def _choose(self, token_ids: list[int], salt: str | None):
         hash_blocks = functools.partial(block_hashes, token_ids[:-1], self.facts.block_size, salt=salt)
-        hashes = await _in_a_thread_if(len(token_ids) >= LONG_PROMPT, hash_blocks)
+        hashes = await in_a_thread_if_long(len(token_ids), hash_blocks)
         candidates = self.pool.healthy_loads()
         if not candidates:
             raise NoHealthyWorker("no healthy worker")
@@ -193,7 +185,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         if self.tokenizer is None:
             raise InvalidRequestError("text", "this model has no tokenizer")
         encode = functools.partial(self.tokenizer.encode, request.text)
-        return pb.TokenizeResponse(token_ids=await _in_a_thread_if(len(request.text) >= LONG_PROMPT, encode))
+        return pb.TokenizeResponse(token_ids=await in_a_thread_if_long(len(request.text), encode))
 
     @map_errors
     async def GetClusterInfo(self, request, context) -> pb.ClusterInfo:

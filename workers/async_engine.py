@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from workers.engine import LLMEngine, PreparedRequest, RequestOutput
 from workers.output_stream import OutputStream
 from workers.sampling_params import SamplingParams
-from workers.validation import LONG_PROMPT, InvalidRequestError
+from workers.validation import InvalidRequestError, in_a_thread_if_long
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class AsyncEngine:
         """Yield the request's outputs as they come (those of several steps as one, when the caller fell behind:
         ``OutputStream``); leaving early (or cancellation) aborts it."""
         prepare = functools.partial(self.engine.prepare_request, request_id, prompt, params, cache_salt)
-        request = await asyncio.to_thread(prepare) if len(prompt) >= LONG_PROMPT else prepare()  # (no engine state)
+        request = await in_a_thread_if_long(len(prompt), prepare)  # (prepare_request touches no engine state)
         if self.failed is not None:  # (checked after the await: nothing can come between them and the add)
             raise EngineFailed(f"the engine failed and is being restarted: {self.failed}") from self.failed
         if request_id in self._streams:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import TypeVar
 
 from workers.sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 
 class InvalidRequestError(ValueError):
@@ -42,6 +47,12 @@ MAX_CACHE_SALT_CHARS = 1024
 # serves it from an event loop (the router, a worker): on the loop, a 128k-token prompt would hold up every
 # other stream's tokens for a tenth of a second.
 LONG_PROMPT = 8192
+
+
+async def in_a_thread_if_long(prompt_size: int, work: Callable[[], T]) -> T:
+    """``work()`` on a prompt of ``prompt_size`` characters or ids: in a worker thread from ``LONG_PROMPT`` on,
+    so the event loop goes on meanwhile; at once for a shorter one (a thread costs more than the work)."""
+    return await asyncio.to_thread(work) if prompt_size >= LONG_PROMPT else work()
 
 
 def validate_request(
