@@ -1,6 +1,6 @@
 """Serving benchmark over gRPC: routing policies on shared-prefix and random workloads, and router overhead.
 
-    python bench/serving.py                       # CPU defaults: tiny model, 2 workers, both parts
+    python bench/serving.py                       # CPU defaults: tiny model, 2 workers, every part
     python bench/serving.py --part policies --concurrency 16 --requests 96 --prefix-len 2048
     kvtier bench serving                          # the same, with a PNG plot and JSON
 
@@ -9,6 +9,8 @@ concurrency: a shared-prefix workload (groups of requests sharing a long prefix,
 prompts. Per run: TTFT and ITL p50/p99 (ms), TPOT (ms), output tokens/s, and prompt tokens found per tier.
 Overhead: a bench-only worker streams tokens without a model; clients call it directly or through the
 router's servicer: the TTFT the router adds (p50/p99) and the tokens/s it sustains.
+Priority: one worker with fewer running slots (--priority-slots) than clients; every --urgent-every-th request
+is sent at priority -1. TTFT of those and of the rest, and the same requests with every priority 0.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from workers.sampling_params import SamplingParams  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["policies", "overhead", "both"], default="both")
+    parser.add_argument("--part", choices=["policies", "priority", "overhead", "all"], default="all")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--policies", default="cache_aware,least_loaded,round_robin")
@@ -48,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--question-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--overhead-streams", type=int, default=400)
+    parser.add_argument("--priority-slots", type=int, default=4, help="the worker's max_num_seqs in --part priority")
+    parser.add_argument("--urgent-every", type=int, default=8, help="every n-th request is urgent (--part priority)")
     parser.add_argument("--num-kv-blocks", type=int, help="GPU pool per worker (default: from memory)")
     parser.add_argument("--no-cpu-tier", action="store_true", help="only the GPU pool caches (no CPU tier)")
     parser.add_argument("--router-prefill-tokens-per-s", type=float, default=20000.0,
@@ -153,6 +157,46 @@ def bench_policies(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def bench_priority(args: argparse.Namespace) -> list[dict]:
+    import ray
+
+    from cluster.config import load_config
+    from cluster.serve import start_cluster, stop_cluster
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    overrides = {"engine": {"model": args.model, "scheduler": {"max_num_seqs": args.priority_slots}},
+                 "workers": {"count": 1, "num_cpus": 0.5}, "router": {"port": 0}}
+    cluster = start_cluster(load_config(overrides=overrides))
+    rng = random.Random(1)  # fresh prompts for each run: none finds another's prefix cached
+
+    def random_prompts() -> list[list[int]]:
+        return [[rng.randrange(3, 250) for _ in range(args.prefix_len + args.question_len)]
+                for _ in range(args.requests)]
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    urgent = {i for i in range(args.requests) if i % args.urgent_every == args.urgent_every - 1}
+    print(f"\npriority: 1 worker with {args.priority_slots} running slots, model {args.model}, concurrency "
+          f"{args.concurrency}, {args.requests} requests ({len(urgent)} urgent: priority -1), "
+          f"{args.prefix_len + args.question_len} prompt tokens, {args.max_tokens} new tokens\n")
+    print("| priorities | requests | TTFT p50 ms | TTFT p99 ms | TPOT ms |")
+    print("|---|---|---:|---:|---:|")
+    run_load(cluster.address, [build_request(p, params) for p in random_prompts()[: args.concurrency]],
+             args.concurrency)  # warm-up
+    rows = []
+    for sent in progress((False, True), "runs"):
+        requests = [build_request(p, params, priority=-1 if sent and i in urgent else 0)
+                    for i, p in enumerate(random_prompts())]
+        samples, wall = run_load(cluster.address, requests, args.concurrency)
+        for kind, chosen in (("urgent", urgent), ("the rest", set(range(args.requests)) - urgent)):
+            r = summarize([samples[i] for i in sorted(chosen)], wall)
+            rows.append({"priorities": "sent" if sent else "all 0", "requests": kind, **r})
+            print(f"| {'sent' if sent else 'all 0'} | {kind} | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | "
+                  f"{r['tpot']:.1f} |", flush=True)
+    stop_cluster(cluster)
+    ray.shutdown()
+    return rows
+
+
 class TokenEmitter(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
     """A bench-only worker: streams max_tokens one-token deltas at once, no model."""
 
@@ -217,7 +261,7 @@ def bench_overhead(args: argparse.Namespace) -> list[dict]:
     return [{"path": name, **r} for name, r in results.items()]
 
 
-def plot(args: argparse.Namespace, overhead: list[dict], policies: list[dict]) -> None:
+def plot(args: argparse.Namespace, overhead: list[dict], policies: list[dict], priority: list[dict]) -> None:
     panels = []
     if policies:
         names = list(dict.fromkeys(row["policy"] for row in policies))
@@ -231,6 +275,11 @@ def plot(args: argparse.Namespace, overhead: list[dict], policies: list[dict]) -
                    ("output tokens/s", names, series(lambda r: r["tok_s"])),
                    ("prompt tokens cached (%)", names,
                     series(lambda r: 100 * (r["hit_gpu"] + r["hit_cpu"] + r["hit_redis"])))]
+    if priority:
+        runs = list(dict.fromkeys(row["priorities"] for row in priority))
+        panels.append(("TTFT p50 (ms) by priority", [f"priorities {run}" for run in runs],
+                       {kind: [r["ttft_p50"] for r in priority if r["requests"] == kind] for kind in ("urgent",
+                                                                                                     "the rest")}))
     if overhead:
         paths = [row["path"].replace(" -> ", "\n-> ") for row in overhead]
         panels.append(("router overhead: TTFT (ms)", paths, {"p50": [r["ttft_p50"] for r in overhead],
@@ -243,11 +292,13 @@ def main() -> None:
     args = parse_args()
     # Policies first: Ray forks its processes, and a fork while this process's gRPC server threads run (the
     # overhead part's) can hang the child.
-    policies = bench_policies(args) if args.part in ("policies", "both") else []
-    overhead = bench_overhead(args) if args.part in ("overhead", "both") else []
+    policies = bench_policies(args) if args.part in ("policies", "all") else []
+    priority = bench_priority(args) if args.part in ("priority", "all") else []
+    overhead = bench_overhead(args) if args.part in ("overhead", "all") else []
     write_json(args.json_out, "serving", args, [*({"part": "policies", **r} for r in policies),
+                                                 *({"part": "priority", **r} for r in priority),
                                                  *({"part": "overhead", **r} for r in overhead)])
-    plot(args, overhead, policies)
+    plot(args, overhead, policies, priority)
 
 
 if __name__ == "__main__":

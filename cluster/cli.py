@@ -137,6 +137,9 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     sampling.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="1,2")
     sampling.add_argument("--ignore-eos", action="store_true")
+    sampling.add_argument("--priority", type=int, default=0,
+                          help="scheduling priority of each prompt, lower first (0; with --server, against the "
+                               "cluster's other requests)")
     engine = _add_model_flags(parser)
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     engine.add_argument("--attention-backend", help="torch (reference) or triton (paged kernels, CUDA)")
@@ -197,7 +200,7 @@ def run_generate(args: argparse.Namespace) -> int:
     params = sampling_params_of(args)
     engine = LLMEngine.from_config(config.engine, config.kvstore, progress=not args.quiet)
     try:
-        completions = engine.generate(args.prompts, params, cache_salt=args.cache_salt)
+        completions = engine.generate(args.prompts, params, cache_salt=args.cache_salt, priority=args.priority)
     finally:
         engine.close()  # queued Redis writes land before the process exits
     for completion in completions:
@@ -225,7 +228,8 @@ def run_remote_generate(args: argparse.Namespace) -> int:
     params = sampling_params_of(args)
     try:
         with ThreadPoolExecutor(max_workers=min(32, len(args.prompts))) as pool:
-            completions = list(pool.map(lambda p: client.complete(p, params, args.cache_salt), args.prompts))
+            completions = list(pool.map(lambda p: client.complete(p, params, args.cache_salt, priority=args.priority),
+                                        args.prompts))
     except grpc.RpcError as error:
         print(f"kvtier: error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 2

@@ -27,10 +27,10 @@ class RemoteCompletion:
 
 
 def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
-                  request_id: str = "") -> pb.GenerateRequest:
+                  request_id: str = "", priority: int = 0) -> pb.GenerateRequest:
     request = pb.GenerateRequest(request_id=request_id, max_tokens=params.max_tokens, stop=list(params.stop),
                                  stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                                 resumed_tokens=params.resumed_tokens)
+                                 resumed_tokens=params.resumed_tokens, priority=priority)
     if isinstance(prompt, str):
         request.text = prompt
     else:
@@ -65,9 +65,9 @@ class KvtierClient:
         return self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata)
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
-                 timeout_s: float | None = None) -> RemoteCompletion:
+                 timeout_s: float | None = None, priority: int = 0) -> RemoteCompletion:
         token_ids, text = [], ""
-        for response in self.stream(build_request(prompt, params, cache_salt), timeout_s):
+        for response in self.stream(build_request(prompt, params, cache_salt, priority=priority), timeout_s):
             if response.HasField("delta"):
                 token_ids += response.delta.token_ids
                 text += response.delta.text

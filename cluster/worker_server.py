@@ -39,7 +39,8 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         arrived = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
-        stream = self.engine.generate(request_id, prompt_of(request), sampling_of(request), salt_of(request))
+        stream = self.engine.generate(request_id, prompt_of(request), sampling_of(request), salt_of(request),
+                                      priority=request.priority)
         first_token_at, broken_before = None, self.engine.failed is not None
         try:
             async for output in stream:

@@ -66,10 +66,13 @@ class AsyncEngine:
         prompt: str | Seq[int],
         params: SamplingParams | None = None,
         cache_salt: str | None = None,
+        *,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come (those of several steps as one, when the caller fell behind:
         ``OutputStream``); leaving early (or cancellation) aborts it."""
-        prepare = functools.partial(self.engine.prepare_request, request_id, prompt, params, cache_salt)
+        prepare = functools.partial(self.engine.prepare_request, request_id, prompt, params, cache_salt,
+                                    priority=priority)
         request = await in_a_thread_if_long(len(prompt), prepare)  # (prepare_request touches no engine state)
         if self.failed is not None:  # (checked after the await: nothing can come between them and the add)
             raise EngineFailed(f"the engine failed and is being restarted: {self.failed}") from self.failed

@@ -89,6 +89,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     cache_salt: str | None = None
+    priority: int = 0  # lower is served first (``workers.scheduler``)
 
 
 @dataclass
@@ -258,6 +259,8 @@ class LLMEngine:
         prompt: str | Seq[int],
         params: SamplingParams | None = None,
         cache_salt: str | None = None,
+        *,
+        priority: int = 0,
     ) -> PreparedRequest:
         """Tokenize and validate; raises ``InvalidRequestError`` naming the field. Touches no engine state."""
         params = params or SamplingParams()
@@ -266,8 +269,8 @@ class LLMEngine:
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = list(prompt)
-        validate_request(prompt_ids, params, self.limits, cache_salt)
-        return PreparedRequest(str(request_id), prompt_ids, params, cache_salt)
+        validate_request(prompt_ids, params, self.limits, cache_salt, priority)
+        return PreparedRequest(str(request_id), prompt_ids, params, cache_salt, priority)
 
     def add_request(
         self,
@@ -275,8 +278,10 @@ class LLMEngine:
         prompt: str | Seq[int],
         params: SamplingParams | None = None,
         cache_salt: str | None = None,
+        *,
+        priority: int = 0,
     ) -> None:
-        self.submit(self.prepare_request(request_id, prompt, params, cache_salt))
+        self.submit(self.prepare_request(request_id, prompt, params, cache_salt, priority=priority))
 
     def submit(self, request: PreparedRequest) -> None:
         if request.request_id in self._requests:
@@ -287,6 +292,7 @@ class LLMEngine:
             seed = self._seed_source.randrange(2**63)
         seq = Sequence(
             request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids), request.params,
+            request.priority,
         )
         if self.kvstore_config.prefix_caching:
             seq.hasher = BlockHasher(self.cache_shape.block_size, salt=request.cache_salt)
@@ -332,6 +338,7 @@ class LLMEngine:
         stepped = time.perf_counter()
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
+        self.stats.preemptions += len(plan.preempted)
         if not plan.chunks:
             return outputs
         self._move_blocks_in(plan)
@@ -382,7 +389,6 @@ class LLMEngine:
 
     def _observe_step(self, plan: SchedulerOutput, forward_seconds: float | None) -> None:
         self.stats.steps += 1
-        self.stats.preemptions += len(plan.preempted)
         self.stats.computed_tokens += plan.num_tokens
         prefill_tokens = sum(chunk.num_tokens for chunk in plan.chunks if chunk.num_tokens > 1)
         # a step that is mostly prefill measures the prefill rate, by its forward's time alone (not the copies
@@ -460,13 +466,13 @@ class LLMEngine:
         prompts: Seq[str | Seq[int]],
         params: SamplingParams | Seq[SamplingParams],
         cache_salt: str | None = None,
+        priority: int = 0,
     ) -> list[Completion]:
         """Run ``prompts`` as one batch to completion; results in prompt order."""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         request_ids = [f"generate-{self._arrivals + i}" for i in range(len(prompts))]
-        prepared = [
-            self.prepare_request(rid, p, sp, cache_salt) for rid, p, sp in zip(request_ids, prompts, params_list)
-        ]
+        prepared = [self.prepare_request(rid, p, sp, cache_salt, priority=priority)
+                    for rid, p, sp in zip(request_ids, prompts, params_list)]
         for request in prepared:
             self.submit(request)
         return self.run_to_completion(request_ids)

@@ -1,12 +1,19 @@
 """Continuous batching with chunked prefill and preemption by recompute. Pure Python.
 
-Each step has a token budget (``max_num_batched_tokens``). Running sequences are served first, oldest first:
+Each step has a token budget (``max_num_batched_tokens``). Running sequences are served first, in order:
 a decoding sequence takes one token, a sequence still prefilling takes the next chunk of its prompt. Waiting
-sequences are admitted, oldest first, with whatever budget and blocks remain, up to ``max_num_seqs`` running.
+sequences are admitted, in order, with whatever budget and blocks remain, up to ``max_num_seqs`` running.
 
-When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks
-are freed and it goes back to the head of the waiting queue, to be recomputed (prompt and generated tokens)
-when it is admitted again. No waiting sequence is admitted in a step that preempted.
+Order is by priority (a lower value first, as in vLLM; 0 is normal), then by arrival: both queues are kept
+sorted by priority, and within one priority a sequence joins the tail (the head, when it is preempted).
+
+When a running sequence needs a block and none is free, the last running sequence (the newest of the least
+urgent) is preempted: its blocks are freed and it goes back to the head of its priority in the waiting
+queue, to be recomputed (prompt and generated tokens) when it is admitted again. No waiting sequence is
+admitted in a step that preempted so. And when the head of the waiting queue is more urgent than the last
+running sequence but its first chunk finds no blocks or no running slot, running sequences less urgent than
+it are preempted, last first, until it fits; it is admitted in the same step. (A running sequence's prefill
+chunk is not cut for it: it may wait for the token budget, a step or a few.)
 
 Prefix caching: a sequence being admitted first takes the GPU blocks that already cache the leading blocks
 of its tokens (shared, reference-counted), then asks the lower tiers (CPU, Redis) for the run that follows;
@@ -123,21 +130,24 @@ class Scheduler:
         self.stats = stats or KVStoreStats()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._refused: Sequence | None = None  # the last sequence admission found no blocks for
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue ``seq`` behind every waiting sequence of its priority or a more urgent one."""
+        _insert_after_peers(self.waiting, seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        yielded = self._preempt_for_priority(budget)
         chunks, preempted, loads = self._schedule_running(budget)
         budget -= sum(chunk.num_tokens for chunk in chunks)
         if not preempted:
             admitted = self._admit_waiting(budget, busy=bool(chunks), earlier_loads=loads)
-            return SchedulerOutput(chunks + admitted.chunks, preempted, loads + admitted.loads, admitted.pool_hits)
-        return SchedulerOutput(chunks, preempted, loads)
+            return SchedulerOutput(chunks + admitted.chunks, yielded, loads + admitted.loads, admitted.pool_hits)
+        return SchedulerOutput(chunks, yielded + preempted, loads)
 
     def mark_computed(self, output: SchedulerOutput) -> None:
         """Call after the step ran: the scheduled tokens' KV is now in the cache."""
@@ -175,6 +185,36 @@ class Scheduler:
         if self.lower_tiers is not None:
             self.lower_tiers.forget(seq.request_id)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+
+    def _preempt_for_priority(self, budget: int) -> list[Sequence]:
+        """Preempt running sequences less urgent than the head of the waiting queue, last first, while its first
+        chunk would find no running slot or no blocks; those preempted, in order."""
+        preempted = []
+        while self.waiting and self.running and self.running[-1].priority > self.waiting[0].priority:
+            head = self.waiting[0]
+            if self._reading_lower_tiers(head):  # it is admitted once its read ends, not before
+                break
+            refused = self._refused is head  # the estimate said it fits, yet it did not: make room for one more
+            if not refused and len(self.running) < self.config.max_num_seqs and self._fits_beside_running(head, budget):
+                break
+            self._refused = None
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+        return preempted
+
+    def _fits_beside_running(self, seq: Sequence, budget: int) -> bool:
+        """Whether the free blocks hold what the running sequences take this step and ``seq``'s first chunk after
+        the leading blocks the GPU pool caches. An estimate for ``_preempt_for_priority``: each running sequence
+        is counted with its next chunk under the whole budget (an upper bound), and ``seq``'s hits in the lower
+        tiers, which need blocks too, are not asked for (a refusal the estimate missed makes room next step)."""
+        hits = self.block_pool.match_prefix(seq.reusable_block_hashes()) if seq.hasher is not None else []
+        idle_hits = sum(1 for block_id in hits if self.block_pool.ref_count(block_id) == 0)  # come off the free list
+        first_chunk = min(seq.num_tokens - len(hits) * self.block_size, budget)
+        needed = -(-first_chunk // self.block_size) + idle_hits
+        for running in self.running:
+            needed += self._blocks_needed(running, min(running.num_tokens - running.num_computed_tokens, budget))
+        return self.block_pool.can_allocate(needed)
 
     def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Sequence], list[BlockLoad]]:
         chunks: list[ScheduledChunk] = []
@@ -248,6 +288,7 @@ class Scheduler:
                 continue
             num_tokens = self._admit(seq, budget, alone=not (busy or admitted.chunks), admitted=admitted)
             if num_tokens is None:
+                self._refused = seq
                 break
             budget -= num_tokens
         self.waiting.extendleft(reversed(reading))
@@ -268,7 +309,7 @@ class Scheduler:
             return None
         self.waiting.popleft()
         seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        _insert_after_peers(self.running, seq)
         if num_tokens:
             admitted.chunks.append(ScheduledChunk.of(seq, num_tokens))
         self._count_match(seq, match)
@@ -328,10 +369,14 @@ class Scheduler:
         if seq.cached_tokens is None:
             seq.cached_tokens = match.cached_tokens(self.block_size)
 
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """The blocks ``seq`` lacks to hold ``num_tokens`` more tokens."""
+        return max(0, -(-(seq.num_computed_tokens + num_tokens) // self.block_size) - len(seq.block_ids))
+
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Give ``seq`` enough blocks to hold ``num_tokens`` more tokens; False (and no change) if the pool can't."""
-        blocks_needed = -(-(seq.num_computed_tokens + num_tokens) // self.block_size) - len(seq.block_ids)
-        if blocks_needed <= 0:
+        blocks_needed = self._blocks_needed(seq, num_tokens)
+        if blocks_needed == 0:
             return True
         if not self.block_pool.can_allocate(blocks_needed):
             return False
@@ -346,8 +391,24 @@ class Scheduler:
         seq.num_cached_blocks = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        _insert_before_peers(self.waiting, seq)
 
     def _release(self, seq: Sequence) -> None:
         self.block_pool.free(reversed(seq.block_ids))  # tail first: a shared prefix is evicted last
         seq.block_ids = []
+
+
+def _insert_after_peers(queue: list[Sequence] | deque[Sequence], seq: Sequence) -> None:
+    """Put ``seq`` after every sequence of ``queue`` (sorted by priority) of its priority or a lower value."""
+    index = len(queue)
+    while index > 0 and queue[index - 1].priority > seq.priority:
+        index -= 1
+    queue.insert(index, seq)
+
+
+def _insert_before_peers(queue: deque[Sequence], seq: Sequence) -> None:
+    """Put ``seq`` before every sequence of ``queue`` (sorted by priority) of its priority or a higher value."""
+    index = 0
+    while index < len(queue) and queue[index].priority < seq.priority:
+        index += 1
+    queue.insert(index, seq)

@@ -33,6 +33,7 @@ class Sequence:
     token_ids: list[int]  # the prompt, then every generated token
     num_prompt_tokens: int
     params: SamplingParams
+    priority: int = 0  # lower is served first (``workers.scheduler``)
     status: SequenceStatus = SequenceStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

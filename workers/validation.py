@@ -43,6 +43,7 @@ def validate_text_prompt(prompt: str, limits: RequestLimits, resumed_tokens: int
 
 
 MAX_CACHE_SALT_CHARS = 1024
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)  # the wire's int32
 # A prompt at least this long (characters or token ids) is tokenized and checked in a worker thread by whatever
 # serves it from an event loop (the router, a worker): on the loop, a 128k-token prompt would hold up every
 # other stream's tokens for a tenth of a second.
@@ -56,8 +57,11 @@ async def in_a_thread_if_long(prompt_size: int, work: Callable[[], T]) -> T:
 
 
 def validate_request(
-    prompt_token_ids: list[int], params: SamplingParams, limits: RequestLimits, cache_salt: str | None = None
+    prompt_token_ids: list[int], params: SamplingParams, limits: RequestLimits, cache_salt: str | None = None,
+    priority: int = 0,
 ) -> None:
+    if type(priority) is not int or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+        raise InvalidRequestError("priority", f"must be an integer in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}]")
     if cache_salt is not None and (not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT_CHARS):
         raise InvalidRequestError("cache_salt", f"must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
     _check_prompt_ids(prompt_token_ids, limits)

@@ -37,9 +37,10 @@ def test_every_benchmark_writes_its_table_json_and_plot(tmp_path):
     assert prefix["prefix_tokens"] == 256 and prefix["redis hit"] > 0 and prefix["redis GB/s"] > 0
     # a fresh process fetches it (on CUDA it may compute its first blocks meanwhile: workers/redis_end_reads.py)
     assert 0 < prefix["redis tokens"] <= 256 and not prefix["redis fetch stopped"]
-    parts = [(row["part"], row.get("workload") or row["path"]) for row in rows["serving"]]
-    assert parts == [("policies", "shared prefix"), ("policies", "random"), ("overhead", "client -> worker"),
-                     ("overhead", "client -> router -> worker")]
+    parts = [(row["part"], row.get("workload") or row.get("path") or row["requests"]) for row in rows["serving"]]
+    assert parts == [("policies", "shared prefix"), ("policies", "random"), ("priority", "urgent"),
+                     ("priority", "the rest"), ("priority", "urgent"), ("priority", "the rest"),
+                     ("overhead", "client -> worker"), ("overhead", "client -> router -> worker")]
     for name in rows:
         assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     summary = (out / "summary.md").read_text()

@@ -50,9 +50,18 @@ def test_a_request_longer_than_the_whole_kv_pool_is_rejected():
     assert caught.value.field == "max_tokens"
 
 
+@pytest.mark.parametrize("priority", [2**31, -(2**31) - 1, 1.5, True, "1"])
+def test_a_priority_outside_int32_or_not_an_int_is_named(priority):
+    with pytest.raises(InvalidRequestError) as caught:
+        validate_request([1], SamplingParams(), LIMITS, priority=priority)
+    assert caught.value.field == "priority"
+
+
 def test_valid_requests_pass():
     validate_request([1] * 48, SamplingParams(max_tokens=16, temperature=0, top_k=-1, top_p=1.0), LIMITS)
     validate_request([99], SamplingParams(temperature=2, top_k=5, top_p=0.1, min_p=1.0, seed=0, stop=("x",)), LIMITS)
+    for priority in (-(2**31), -1, 0, 2**31 - 1):
+        validate_request([1], SamplingParams(), LIMITS, priority=priority)
 
 
 def test_text_prompt_checks():
