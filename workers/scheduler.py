@@ -130,7 +130,7 @@ class Scheduler:
         self.stats = stats or KVStoreStats()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._refused: Sequence | None = None  # the last sequence admission found no blocks for
+        self._refused: Sequence | None = None  # the waiting sequence the last admission found no blocks for
 
     def add(self, seq: Sequence) -> None:
         """Queue ``seq`` behind every waiting sequence of its priority or a more urgent one."""
@@ -280,6 +280,7 @@ class Scheduler:
         sequence loads this step (``earlier_loads``, or one admitted before) is shared, not looked up again."""
         admitted = _Admitted(loading={load.block_hash: load.block_id for load in earlier_loads})
         reading: list[Sequence] = []
+        self._refused = None
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             last_hope = not (busy or admitted.chunks or reading or len(self.waiting) > 1)  # nothing else to run
