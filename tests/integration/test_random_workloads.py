@@ -1,7 +1,8 @@
 """Random workloads over shared prefixes with every tier on, against a real redis-server: two engines (two
 workers) with small GPU pools (preemption), small step budgets (chunked prefill) and CPU tiers, several
 prefetch threads, reads from the end on or off; requests with cache salts, greedy or seeded sampling,
-arriving together or between steps, some aborted. Every request that is not aborted gets the tokens of a run
+arriving together or between steps, some aborted, and (in one test) of random priorities, so that requests
+preempt each other for slots and blocks. Every request that is not aborted gets the tokens of a run
 without caches, and every GPU block comes back. (Run three times on the code before requests admitted, or
 meeting their reads, in one step could load the same block, one seed failed in each run, with KeyError in
 the step's moves; which one depends on the threads' timing.) The same, with Redis killed and restarted,
@@ -31,11 +32,13 @@ class Request:
     params: SamplingParams
     salt: str | None
     aborted: bool
+    priority: int = 0
 
 
-def random_waves(rng: random.Random) -> list[list[Request]]:
+def random_waves(rng: random.Random, priorities: random.Random | None = None) -> list[list[Request]]:
     """Eight waves of 1-6 requests, each prompt a leading part of one of four documents (3, 10 or 25 blocks),
-    then 1-39 tokens of its own."""
+    then 1-39 tokens of its own; priorities drawn from ``priorities`` (all 0 without it; a second generator,
+    so the rest of a seed's workload is the same either way)."""
     documents = [tokens(1000 + i, rng.choice([3, 10, 25]) * BLOCK) for i in range(4)]
 
     def request() -> Request:
@@ -43,7 +46,9 @@ def random_waves(rng: random.Random) -> list[list[Request]]:
         prompt = document[: rng.randrange(1, len(document) + 1)] + tokens(rng.randrange(10**6), rng.randrange(1, 40))
         params = SamplingParams(max_tokens=rng.randrange(1, 24), temperature=rng.choice([0, 0.8]),
                                 top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1000), ignore_eos=True)
-        return Request(prompt, params, rng.choice([None, None, "tenant-1", "tenant-2"]), rng.random() < 0.15)
+        priority = priorities.choice([-1, 0, 0, 1, 2]) if priorities is not None else 0
+        return Request(prompt, params, rng.choice([None, None, "tenant-1", "tenant-2"]), rng.random() < 0.15,
+                       priority)
 
     return [[request() for _ in range(rng.randrange(1, 7))] for _ in range(8)]
 
@@ -84,7 +89,7 @@ def run_wave(rng: random.Random, engine: LLMEngine, wave: list[Request], name: s
             generated.setdefault(output.request_id, []).extend(output.new_token_ids)
 
     for i, request in enumerate(wave):
-        engine.add_request(f"{name}-{i}", request.prompt, request.params, request.salt)
+        engine.add_request(f"{name}-{i}", request.prompt, request.params, request.salt, priority=request.priority)
         if rng.random() < 0.5:
             step()
     for i, request in enumerate(wave):
@@ -167,10 +172,11 @@ def warmed_up(engines: list[LLMEngine]) -> list[LLMEngine]:
     return engines
 
 
-@pytest.mark.parametrize("seed", range(1, 13))
-def test_random_shared_prefix_workloads_give_the_uncached_tokens(redis_server, seed):
+@pytest.mark.parametrize("seed, with_priorities", [*((seed, False) for seed in range(1, 13)),
+                                                   *((seed, True) for seed in range(1, 9))])
+def test_random_shared_prefix_workloads_give_the_uncached_tokens(redis_server, seed, with_priorities):
     rng = random.Random(seed)
-    waves = random_waves(rng)
+    waves = random_waves(rng, random.Random(-seed) if with_priorities else None)
     expected = uncached_tokens(waves)
     compute_while_reading = rng.choice(["on", "off"])
     engines = warmed_up([tiered_engine(rng, redis_server.url, compute_while_reading) for _ in range(2)])
