@@ -208,6 +208,7 @@ def run_generate(args: argparse.Namespace) -> int:
             record = {
                 "token_ids": completion.token_ids, "text": completion.text,
                 "finish_reason": completion.finish_reason.value, "usage": asdict(completion.usage),
+                "seed": completion.seed,
             }
             print(json.dumps(record), flush=True)
         else:
@@ -238,7 +239,7 @@ def run_remote_generate(args: argparse.Namespace) -> int:
     for completion in completions:
         if args.json:
             record = {"token_ids": completion.token_ids, "text": completion.text,
-                      "finish_reason": completion.finish_reason, "usage": completion.usage}
+                      "finish_reason": completion.finish_reason, "usage": completion.usage, "seed": completion.seed}
             print(json.dumps(record), flush=True)
         else:
             print(completion.text, flush=True)

@@ -24,6 +24,7 @@ class RemoteCompletion:
     usage: dict
     worker_id: str
     ttft_s: float
+    seed: int | None = None  # a sampled request's seed (its own, or the one the server drew)
 
 
 def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
@@ -77,7 +78,7 @@ class KvtierClient:
         usage = {"prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens,
                  "cached_tokens": {"gpu": cached.gpu, "cpu": cached.cpu, "redis": cached.redis}}
         return RemoteCompletion(token_ids, text, FINISH_REASON_NAMES[final.finish_reason], usage, final.worker_id,
-                                final.timings.ttft_s)
+                                final.timings.ttft_s, final.seed if final.HasField("seed") else None)
 
     def cluster_info(self, timeout_s: float = 30.0) -> pb.ClusterInfo:
         return self.stub.GetClusterInfo(pb.GetClusterInfoRequest(), metadata=self.metadata, timeout=timeout_s)

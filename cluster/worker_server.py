@@ -66,7 +66,7 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
         )
         timings = pb.Timings(ttft_s=(first or now) - arrived, total_s=now - arrived)
         return pb.Final(finish_reason=FINISH_REASONS[output.finish_reason.value], usage=usage, timings=timings,
-                        worker_id=self.worker_id, request_id=request_id)
+                        worker_id=self.worker_id, request_id=request_id, seed=output.seed)
 
     @map_errors
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:

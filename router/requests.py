@@ -6,6 +6,8 @@ place for every front end); this module only checks what only the protocol can g
 
 from __future__ import annotations
 
+import secrets
+
 from protos.kvtier.v1 import generation_pb2 as pb
 from workers.sampling_params import SamplingParams
 from workers.validation import InvalidRequestError
@@ -41,6 +43,14 @@ def sampling_of(request: pb.GenerateRequest) -> SamplingParams:
         ignore_eos=request.ignore_eos,
         resumed_tokens=request.resumed_tokens,
     )
+
+
+def drawn_seed(request: pb.GenerateRequest) -> int | None:
+    """A seed for a sampled request that has none (None for a greedy one, or one with its own): drawn by the
+    router, so that every worker the stream may move to samples with the same one (``Final.seed``)."""
+    if request.sampling.HasField("seed") or sampling_of(request).is_greedy:
+        return None
+    return secrets.randbelow(2**63)
 
 
 def salt_of(request: pb.GenerateRequest) -> str | None:

@@ -17,7 +17,7 @@ from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
 from router.metrics import RouterMetrics
 from router.errors import NoHealthyWorker, Overloaded, map_errors
-from router.requests import prompt_of, salt_of, sampling_of, with_token_ids
+from router.requests import drawn_seed, prompt_of, salt_of, sampling_of, with_token_ids
 from router.worker_pool import Worker, WorkerPool
 from workers.tokenizer import Tokenizer
 from workers.validation import (InvalidRequestError, RequestLimits, in_a_thread_if_long, validate_request,
@@ -109,6 +109,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         same text and stop strings."""
         streamed: list[int] = []
         first_token_at, failure = None, ""
+        seed = drawn_seed(request)
         for _ in range(len(self.pool.workers) + 1):
             try:
                 worker = await self._choose(token_ids + streamed, salt)
@@ -117,6 +118,8 @@ class RouterServicer(pb_grpc.GenerationServicer):
             forwarded = with_token_ids(request, request_id, token_ids + streamed)
             forwarded.max_tokens = max_tokens - len(streamed)
             forwarded.resumed_tokens = request.resumed_tokens + len(streamed)
+            if seed is not None:
+                forwarded.sampling.seed = seed
             worker.in_flight += 1
             try:
                 call = worker.stub.Generate(forwarded, timeout=context.time_remaining())

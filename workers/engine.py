@@ -79,6 +79,7 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None
     usage: Usage
+    seed: int | None = None  # on the last one of a sampled (not greedy) request: what it was sampled with
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Completion:
     text: str
     finish_reason: FinishReason
     usage: Usage
+    seed: int | None = None  # a sampled request's seed (its own, or the one the engine drew); None when greedy
 
 
 @dataclass
@@ -488,10 +490,8 @@ class LLMEngine:
                     collected[output.request_id].text += output.new_text
                     if output.finished:
                         finals[output.request_id] = output
-        return [
-            Completion(rid, collected[rid].token_ids, collected[rid].text, finals[rid].finish_reason, finals[rid].usage)
-            for rid in request_ids
-        ]
+        return [Completion(rid, collected[rid].token_ids, collected[rid].text, finals[rid].finish_reason,
+                           finals[rid].usage, finals[rid].seed) for rid in request_ids]
 
     def _append_token(self, state: _RequestState, token: int) -> RequestOutput:
         seq = state.seq
@@ -518,8 +518,9 @@ class LLMEngine:
         seq = state.seq
         cached = CachedTokens(**(seq.cached_tokens or {}))
         usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, cached)
+        seed = state.seed if finished and not seq.params.is_greedy else None
         return RequestOutput(
-            seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage
+            seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage, seed
         )
 
 

@@ -1,7 +1,7 @@
 """One request's outputs on their way from the step loop to whoever streams them.
 
 Outputs the consumer has not taken yet are merged into one (their tokens and text joined, the later one's
-finish and usage kept), so a consumer that falls behind the steps (a slow client, a busy event loop, a router
+finish, usage and seed kept), so a consumer that falls behind the steps (a slow client, a busy event loop, a router
 relaying many streams) gets fewer, larger messages, and the per-message work shrinks just when it is the
 bottleneck; a consumer that keeps up gets each step's output as it comes. Nothing is ever lost or reordered:
 the tokens taken, joined, are the tokens the engine produced.
@@ -10,6 +10,7 @@ the tokens taken, joined, are the tokens the engine produced.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from workers.engine import RequestOutput
 
@@ -40,8 +41,7 @@ class OutputStream:
         latest = self._latest
         if latest is None:
             raise self._error
-        output = RequestOutput(latest.request_id, tuple(self._token_ids), "".join(self._texts), latest.finished,
-                               latest.finish_reason, latest.usage)
+        output = dataclasses.replace(latest, new_token_ids=tuple(self._token_ids), new_text="".join(self._texts))
         self._token_ids, self._texts, self._latest = [], [], None
         if self._error is None:
             self._ready.clear()

@@ -219,22 +219,33 @@ def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token
         cluster, offline, params, prompt, lambda handle, busy: ray.kill(handle.workers[busy], no_restart=False))
     assert received == unbroken.token_ids and text == unbroken.text
     assert final.worker_id != busy and final.usage.completion_tokens == 300
-    assert final.usage.prompt_tokens == len(prompt)
+    assert final.usage.prompt_tokens == len(prompt) and final.seed == 77
 
 
 def test_a_stream_whose_worker_loses_a_rank_moves_on_to_another_worker(cluster, offline):
     """A step fails mid-stream as with a dead tensor-parallel rank: the worker answers UNAVAILABLE, so the
     router moves the stream on; the client gets the unbroken run's tokens and text, and no error (before, it
-    got INTERNAL). The worker exits and Ray restarts it."""
+    got INTERNAL). The worker exits and Ray restarts it. The request is sampled without a seed: the router
+    draws one before the first worker, the next worker goes on with it, and the final message tells it, so
+    the run can be repeated (before, each worker drew its own and told none)."""
+    import dataclasses
+
     import ray
 
     def lose_a_rank(handle, busy):
         ray.get(handle.workers[busy].fail_next_step_for_test.remote("rank 1 died (test)", rank_died=True))
 
-    params = SamplingParams(max_tokens=200, temperature=0.8, seed=5, ignore_eos=True)
-    received, text, final, busy, unbroken = broken_mid_stream(cluster, offline, params, question(600) * 2,
-                                                              lose_a_rank)
-    assert (received, text) == (unbroken.token_ids, unbroken.text) and final.worker_id != busy
+    params = SamplingParams(max_tokens=200, temperature=0.8, ignore_eos=True)
+    _, client, _ = cluster
+    wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
+    direct = KvtierClient(client.cluster_info().workers[0].address)  # one worker draws a seed, the other not:
+    direct.complete([5, 6, 7], SamplingParams(max_tokens=2))  # their next draws (engine.seed 0) differ
+    direct.close()
+    prompt = question(600) * 2
+    received, text, final, busy, _ = broken_mid_stream(cluster, offline, params, prompt, lose_a_rank)
+    assert final.HasField("seed") and final.worker_id != busy
+    unbroken = offline.generate([prompt], dataclasses.replace(params, seed=final.seed))[0]
+    assert (received, text) == (unbroken.token_ids, unbroken.text)
     _, client, _ = cluster
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
 

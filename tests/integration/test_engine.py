@@ -41,6 +41,17 @@ def test_unseeded_requests_differ_from_each_other(engine):
     assert first.token_ids != second.token_ids
 
 
+def test_an_unseeded_request_tells_the_seed_it_drew_which_repeats_its_tokens(engine):
+    import dataclasses
+
+    params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    (drawn,) = engine.generate(["same prompt"], params)
+    assert drawn.seed is not None
+    (again,) = engine.generate(["same prompt"], dataclasses.replace(params, seed=drawn.seed))
+    assert again.token_ids == drawn.token_ids and again.seed == drawn.seed
+    assert engine.generate(["same prompt"], SamplingParams(max_tokens=4, temperature=0))[0].seed is None
+
+
 def test_finished_requests_return_every_block(engine):
     engine.generate(["a" * 50, "b" * 3], SamplingParams(max_tokens=5))
     assert pool_is_full(engine) and not engine.has_unfinished()
