@@ -3,7 +3,8 @@
 ``cache_aware`` (the default) picks the worker with the least expected time to first token:
     tokens to recompute / prefill rate
   + tokens found in each tier / that tier's load rate
-  + requests ahead of it x the time one request holds the queue.
+  + requests ahead of it x the time one request holds the queue (ahead: as urgent as it or more, since a
+    worker preempts less urgent requests for it: ``WorkerPool.healthy_loads``).
 A hot prefix on an overloaded worker therefore spreads to another worker, which loads it from Redis.
 """
 

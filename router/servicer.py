@@ -112,7 +112,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         seed = drawn_seed(request)
         for _ in range(len(self.pool.workers) + 1):
             try:
-                worker = await self._choose(token_ids + streamed, salt)
+                worker = await self._choose(token_ids + streamed, salt, request.priority)
             except NoHealthyWorker as error:
                 raise NoHealthyWorker(f"{error}{failure}") from None
             forwarded = with_token_ids(request, request_id, token_ids + streamed)
@@ -120,7 +120,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
             forwarded.resumed_tokens = request.resumed_tokens + len(streamed)
             if seed is not None:
                 forwarded.sampling.seed = seed
-            worker.in_flight += 1
+            worker.started(request.priority)
             try:
                 call = worker.stub.Generate(forwarded, timeout=context.time_remaining())
                 async for response in responses_until_moved_off(worker, call):
@@ -140,7 +140,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
             except MovedOff:
                 failure, reason = f" (the last one stalled: {worker.worker_id})", "stalled"
             finally:
-                worker.in_flight -= 1
+                worker.ended(request.priority)
             self.metrics.migrations.labels(reason).inc()
             log.warning("migrating %s after %d tokens: worker %s %s", request_id, len(streamed), worker.worker_id,
                         reason)
@@ -162,10 +162,10 @@ class RouterServicer(pb_grpc.GenerationServicer):
         validate_request(prompt, params, limits, salt)
         return prompt, params.max_tokens, salt
 
-    async def _choose(self, token_ids: list[int], salt: str | None):
+    async def _choose(self, token_ids: list[int], salt: str | None, priority: int):
         hash_blocks = functools.partial(block_hashes, token_ids[:-1], self.facts.block_size, salt=salt)
         hashes = await in_a_thread_if_long(len(token_ids), hash_blocks)
-        candidates = self.pool.healthy_loads()
+        candidates = self.pool.healthy_loads(priority)
         if not candidates:
             raise NoHealthyWorker("no healthy worker")
         choice = self.policy.choose(candidates, hashes, self.facts.block_size)

@@ -8,6 +8,7 @@ the index; ``reconnect`` (from the supervisor, which asks Ray where the worker n
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass, field
 
@@ -29,11 +30,29 @@ class Worker:
     healthy: bool = False
     stalled: bool = False  # healthy, but its engine takes no step while it has requests (router.progress)
     move_off: asyncio.Event = field(default_factory=asyncio.Event)  # set: its streams move to another worker
-    in_flight: int = 0  # requests the router has routed here and not seen finish
+    # priority -> requests the router has routed here and not seen finish
+    priorities: collections.Counter[int] = field(default_factory=collections.Counter)
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.GenerationStub | None = None
     watcher: asyncio.Task | None = None
     snapshot_loaded: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def in_flight(self) -> int:
+        return self.priorities.total()
+
+    def started(self, priority: int) -> None:
+        self.priorities[priority] += 1
+
+    def ended(self, priority: int) -> None:
+        self.priorities[priority] -= 1
+        if not self.priorities[priority]:
+            del self.priorities[priority]
+
+    def load_ahead_of(self, priority: int) -> int:
+        """Requests here that a request of ``priority`` waits for: those as urgent or more (a worker preempts
+        less urgent ones for it: ``workers.scheduler``)."""
+        return sum(count for queued, count in self.priorities.items() if queued <= priority)
 
 
 class WorkerPool:
@@ -41,8 +60,10 @@ class WorkerPool:
         self.index = index
         self.workers = {worker_id: Worker(worker_id) for worker_id in worker_ids}
 
-    def healthy_loads(self) -> list[WorkerLoad]:
-        return [WorkerLoad(w.worker_id, w.in_flight) for w in self.workers.values() if w.healthy and not w.stalled]
+    def healthy_loads(self, priority: int = 0) -> list[WorkerLoad]:
+        """The workers taking requests, each with its load as a request of ``priority`` sees it."""
+        return [WorkerLoad(w.worker_id, w.load_ahead_of(priority)) for w in self.workers.values()
+                if w.healthy and not w.stalled]
 
     async def connect(self, worker_id: str, address: str) -> None:
         """(Re)connect and start following the worker's KV events; healthy once its snapshot is indexed."""
