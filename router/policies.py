@@ -71,8 +71,9 @@ class CacheAware:
 
     def choose(self, workers: list[WorkerLoad], block_hashes: list[bytes], block_size: int) -> RouteChoice:
         scored = []
+        matched = self.index.match_all([worker.worker_id for worker in workers], block_hashes)
         for order, worker in enumerate(workers):
-            found = self.index.match(worker.worker_id, block_hashes)
+            found = matched[worker.worker_id]
             cost = self.expected_ttft(worker, found, len(block_hashes), block_size)
             scored.append((cost, worker.load, order, worker.worker_id, found))
         _, _, _, worker_id, found = min(scored)

@@ -59,7 +59,7 @@ def test_the_router_tokenizes_checks_and_hashes_a_long_prompt_off_the_event_loop
     async def validate_and_hash() -> None:
         result["validated"] = await servicer.validated(request)
         with pytest.raises(NoHealthyWorker):  # hashed first, then no worker to take it
-            await servicer._choose(result["validated"][0], None)
+            await servicer._choose(result["validated"][0], None, 0)
 
     took, pause = asyncio.run(longest_pause_during(validate_and_hash))
     assert result["validated"][0] == tokenizer.encode(LONG_TEXT)
