@@ -80,6 +80,8 @@ class RouterConfig:
     metrics_port: int | None = None  # Prometheus /metrics over HTTP (None: off)
     stall_timeout_s: float = 30.0  # a worker with requests and no engine step for this long stops taking requests
     drain_timeout_s: float = 60.0  # on SIGTERM, how long open streams may take to finish
+    # the most urgent GenerateRequest.priority a client may ask for (a lower one is INVALID_ARGUMENT); None: any
+    min_priority: int | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
@@ -94,6 +96,8 @@ class RouterConfig:
             raise ValueError("stall_timeout_s: must be > 0 (and drain_timeout_s >= 0)")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+        if self.min_priority is not None and not -(2**31) <= self.min_priority < 2**31:
+            raise ValueError(f"min_priority: must be an int32 (or null), got {self.min_priority}")
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ class RouterActor:
         policy = make_policy(router.policy, self.pool.index, self.configured_rates)
         self.metrics = RouterMetrics(router.policy)
         self.servicer = RouterServicer(self.pool, policy, router.policy, facts, tokenizer, router.max_in_flight,
-                                       self.metrics)
+                                       self.metrics, min_priority=router.min_priority)
         self.address = await self._serve(facts)
         if router.metrics_port is not None:
             start_http_server(router.metrics_port, addr=router.host, registry=self.metrics.registry)

@@ -68,13 +68,14 @@ class ModelFacts:
 
 class RouterServicer(pb_grpc.GenerationServicer):
     def __init__(self, pool: WorkerPool, policy, policy_name: str, facts: ModelFacts, tokenizer: Tokenizer | None,
-                 max_in_flight: int, metrics: RouterMetrics | None = None) -> None:
+                 max_in_flight: int, metrics: RouterMetrics | None = None, min_priority: int | None = None) -> None:
         self.pool = pool
         self.policy = policy
         self.policy_name = policy_name
         self.facts = facts
         self.tokenizer = tokenizer
         self.max_in_flight = max_in_flight
+        self.min_priority = min_priority  # the most urgent priority clients may ask for (None: any)
         self.in_flight = 0
         self.draining = False  # set on SIGTERM: open streams finish, new requests are refused
         self.metrics = metrics or RouterMetrics(policy_name)
@@ -160,6 +161,9 @@ class RouterServicer(pb_grpc.GenerationServicer):
             validate_text_prompt(prompt, limits, params.resumed_tokens)
             prompt = self.tokenizer.encode(prompt)
         validate_request(prompt, params, limits, salt)
+        if self.min_priority is not None and request.priority < self.min_priority:
+            raise InvalidRequestError("priority", f"{request.priority} is more urgent than this cluster allows "
+                                                  f"(router.min_priority: {self.min_priority})")
         return prompt, params.max_tokens, salt
 
     async def _choose(self, token_ids: list[int], salt: str | None, priority: int):

@@ -149,6 +149,14 @@ def test_engine_and_router_timeouts_are_set_from_values_and_the_head_outlives_it
     head_pod = containers(raycluster)["head"][1]
     assert head_pod["terminationGracePeriodSeconds"] == 660  # SIGKILL never cuts the drain short
 
+def test_the_most_urgent_priority_allowed_is_set_from_values(tmp_path):
+    assert loaded_config(render({}), tmp_path).router.min_priority is None
+    for value in (0, -5, 2**31 - 1):
+        (tmp_path / str(value)).mkdir()
+        config = loaded_config(render({"router": {"minPriority": value}}), tmp_path / str(value))
+        assert config.router.min_priority == value
+
+
 def test_tp2_with_four_workers_asks_kuberay_for_four_pods_of_two_gpus(tmp_path):
     objects = render(TP2_FOUR_WORKERS)
     config = loaded_config(objects, tmp_path)
@@ -218,6 +226,7 @@ INVALID = {
     "negative refresh": ({"redis": {"refreshSeconds": -1}}, "redis.refreshSeconds"),
     "zero collective timeout": ({"engine": {"collectiveTimeoutSeconds": 0}}, "engine.collectiveTimeoutSeconds"),
     "negative drain": ({"router": {"drainTimeoutSeconds": -1}}, "router.drainTimeoutSeconds"),
+    "fractional min priority": ({"router": {"minPriority": 0.5}}, "router.minPriority"),
     "cluster node without port": ({"redis": {"mode": "external", "external": {
         "url": "redis://r:6379/0", "cluster": True, "clusterNodes": ["r2"]}}}, "redis.external.clusterNodes.0"),
 }

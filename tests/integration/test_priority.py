@@ -70,3 +70,52 @@ def test_an_urgent_request_preempts_a_running_less_urgent_one_and_every_stream_i
     assert finished == ["urgent", "background", "normal"]  # background resumed before normal: it came first
     assert preemptions == 1
     assert tokens == expected
+
+
+def test_the_router_refuses_a_priority_more_urgent_than_its_floor_and_serves_the_rest():
+    from router.policies import make_policy
+    from router.prefix_index import PrefixIndex
+    from router.servicer import ModelFacts, RouterServicer
+    from router.worker_pool import WorkerPool
+    from workers.validation import RequestLimits
+
+    offline = LLMEngine.from_config(EngineConfig(model="tiny"), progress=False)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = offline.generate([prompt(4, 12)], params)[0].token_ids
+
+    async def main():
+        engine = AsyncEngine(LLMEngine.from_config(EngineConfig(model="tiny"), progress=False))
+        worker, worker_address = await start_worker_server(engine, "w0", "tiny")
+        pool = WorkerPool(["w0"], PrefixIndex())
+        await asyncio.wait_for(pool.connect("w0", worker_address), 20)
+        limits = RequestLimits(vocab_size=259, max_model_len=4096, kv_capacity_tokens=2**40, has_tokenizer=True)
+        servicer = RouterServicer(pool, make_policy("cache_aware", pool.index), "cache_aware",
+                                  ModelFacts("tiny", "f" * 16, 16, limits), None, 8, min_priority=0)
+        router = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(servicer, router)
+        port = router.add_insecure_port("127.0.0.1:0")
+        await router.start()
+        outcomes = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GenerationStub(channel)
+                for priority in (-1, 0, 2):
+                    tokens = []
+                    try:
+                        async for response in stub.Generate(build_request(prompt(4, 12), params, priority=priority),
+                                                            timeout=60):
+                            tokens += response.delta.token_ids
+                        outcomes[priority] = tokens
+                    except grpc.aio.AioRpcError as error:
+                        outcomes[priority] = (error.code(), error.details())
+        finally:
+            await router.stop(0)
+            await pool.close()
+            await worker.stop(0)
+            engine.engine.close()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert outcomes[-1] == (grpc.StatusCode.INVALID_ARGUMENT,
+                            "priority: -1 is more urgent than this cluster allows (router.min_priority: 0)")
+    assert outcomes[0] == outcomes[2] == expected

@@ -30,6 +30,7 @@ def test_yaml_and_overrides_merge_with_overrides_winning(tmp_path):
         ({"engine": []}, "engine: must be a mapping"),
         ({"routr": {}}, "routr: unknown key"),
         ({"router": {"policy": "random"}}, "router.policy: 'random' is unknown"),
+        ({"router": {"min_priority": 2**31}}, "router.min_priority: must be an int32"),
         ({"workers": {"count": 0}}, "workers.count: must be >= 1"),
         ({"kvstore": {"redis": {"staging_memory": "big"}}}, "kvstore.redis.staging_memory: 'big' is not a size"),
         ({"kvstore": {"redis": {"cluster_nodes": ["a:1"]}}}, "kvstore.redis.cluster_nodes: set, but cluster is false"),

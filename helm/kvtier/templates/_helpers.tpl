@@ -90,6 +90,7 @@ Mounted files: /etc/kvtier/redis-auth/password, /etc/kvtier/redis-ca/ca.crt, /et
 {{- if $v.router.auth.enabled }}{{ $auth = dict "tokens_file" "/etc/kvtier/auth/tokens.yaml" }}{{ end -}}
 {{- $router := dict "host" "0.0.0.0" "port" ($v.router.port | int) "health_port" ($v.probes.healthPort | int) "policy" $v.router.policy "max_in_flight" ($v.router.maxInFlight | int) "stall_timeout_s" $v.router.stallTimeoutSeconds "drain_timeout_s" ($v.router.drainTimeoutSeconds | int) "tls" $tls "auth" $auth -}}
 {{- if $v.metrics.enabled }}{{ $_ := set $router "metrics_port" ($v.metrics.port | int) }}{{ end -}}
+{{- if not (kindIs "invalid" $v.router.minPriority) }}{{ $_ := set $router "min_priority" ($v.router.minPriority | int64) }}{{ end -}}
 {{- $ray := dict "address" "auto" "namespace" "kvtier" "connect_timeout_s" ($v.ray.connectTimeoutSeconds | int) "auth" (ternary "token" "disabled" $v.ray.auth.enabled) -}}
 {{- toYaml (dict "engine" $engine "kvstore" $kvstore "workers" $workers "router" $router "ray" $ray) -}}
 {{- end -}}
