@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "of a running cluster too (every worker's GPU and CPU tiers)")
     _add_model_flags(flush)
     flush.add_argument("--cache-salt", help="only this salt's blocks (default: every salt of the model)")
+    flush.add_argument("--tenant", help="only this tenant's blocks (what requests with its tokens stored, whatever "
+                       "their salts; with --cache-salt, that salt of it); a router with token auth uses the "
+                       "token's tenant anyway")
     flush.add_argument("--server", help="flush a running cluster through its router (host:port): its model, "
                        "every worker's GPU and CPU tiers, and Redis")
     _add_connection_flags(flush)
@@ -286,6 +289,21 @@ def _print_status(client, args: argparse.Namespace) -> int:
     return 0 if report["ready"] else 1
 
 
+def _flushed_salts(args: argparse.Namespace):
+    """The salts ``kvtier cache flush`` covers, and how to name them in its report ("" for every salt)."""
+    from kvstore.redis_keys import SaltSelection
+    from router.tenancy import tenant_salt, tenant_scope
+
+    if args.tenant is not None and args.cache_salt is not None:
+        return SaltSelection.one_salt(tenant_salt(args.tenant, args.cache_salt)), \
+            f"cache salt {args.cache_salt!r} of tenant {args.tenant!r}"
+    if args.tenant is not None:
+        return SaltSelection.in_scope(tenant_scope(args.tenant)), f"tenant {args.tenant!r}"
+    if args.cache_salt is not None:
+        return SaltSelection.one_salt(args.cache_salt), f"cache salt {args.cache_salt!r}"
+    return SaltSelection(), ""
+
+
 def run_cache_flush(args: argparse.Namespace) -> int:
     if args.server:
         return _flush_cluster(args)
@@ -297,13 +315,14 @@ def run_cache_flush(args: argparse.Namespace) -> int:
     if config.kvstore.redis.url is None:
         raise ConfigError("kvstore.redis.url: flush needs a Redis URL (--redis-url or the config file)")
     fingerprint = model_fingerprint_of(config.engine)
+    salts, named = _flushed_salts(args)
     store = RedisStore(config.kvstore.redis)
-    deleted = store.delete_matching(flush_pattern(fingerprint, args.cache_salt, any_salt=args.cache_salt is None))
+    deleted = store.delete_matching(flush_pattern(fingerprint, salts))
     store.close()
     if deleted is None:
         print(f"kvtier: error: Redis at {config.kvstore.redis.url} did not answer", file=sys.stderr)
         return 1
-    scope = f"cache salt {args.cache_salt!r} of " if args.cache_salt is not None else ""
+    scope = f"{named} of " if named else ""
     print(f"deleted {deleted} keys (block units and manifests) of {scope}model {config.engine.model} "
           f"({fingerprint[:16]}) from Redis")
     return 0
@@ -313,9 +332,10 @@ def _flush_cluster(args: argparse.Namespace) -> int:
     """Exit 0 only when every worker and Redis were flushed."""
     import grpc
 
+    salts, named = _flushed_salts(args)
     client = connect(args)
     try:
-        response = client.flush_cache(args.cache_salt)
+        response = client.flush_cache(None if salts.everything else salts.salt, salts.scope)
     except grpc.RpcError as error:
         print(f"kvtier: error: {args.server}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 2
@@ -323,7 +343,7 @@ def _flush_cluster(args: argparse.Namespace) -> int:
         client.close()
     for worker_id, flushed in sorted(response.workers.items()):
         print(f"{worker_id}: dropped {flushed.gpu_blocks} GPU blocks and {flushed.cpu_blocks} CPU-tier blocks")
-    scope = f" of cache salt {args.cache_salt!r}" if args.cache_salt is not None else ""
+    scope = f" of {named}" if named else ""
     print(f"Redis: deleted {response.redis_keys} keys (block units and manifests){scope}")
     for worker_id, why in sorted(response.not_flushed.items()):
         print(f"kvtier: error: {worker_id} was not flushed: {why}", file=sys.stderr)

@@ -86,8 +86,10 @@ class KvtierClient:
     def stats(self, timeout_s: float = 30.0) -> pb.Stats:
         return self.stub.GetStats(pb.GetStatsRequest(), metadata=self.metadata, timeout=timeout_s)
 
-    def flush_cache(self, cache_salt: str | None = None, timeout_s: float = 300.0) -> pb.FlushCacheResponse:
-        request = pb.FlushCacheRequest(cache_salt=cache_salt) if cache_salt is not None else pb.FlushCacheRequest()
+    def flush_cache(self, cache_salt: str | None = None, salt_scope: str | None = None,
+                    timeout_s: float = 300.0) -> pb.FlushCacheResponse:
+        """Every block of the model, or ``cache_salt``'s, or every salt in ``salt_scope``'s (not both)."""
+        request = pb.FlushCacheRequest(cache_salt=cache_salt, salt_scope=salt_scope)
         return self.stub.FlushCache(request, metadata=self.metadata, timeout=timeout_s)
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import grpc
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
 from router.errors import WorkerUnavailable, map_errors
-from router.requests import FINISH_REASONS, prompt_of, salt_of, sampling_of
+from router.requests import FINISH_REASONS, prompt_of, salt_of, salts_of, sampling_of
 from workers.async_engine import AsyncEngine, EngineFailed
 from workers.engine import RequestOutput
 from workers.parallel import TensorParallelError
@@ -110,9 +110,7 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
 
     @map_errors
     async def FlushCache(self, request: pb.FlushCacheRequest, context) -> pb.FlushCacheResponse:
-        salt = salt_of(request)
-        dropped = await self.engine.flush_cache(salt=salt, all_salts=salt is None,
-                                                redis=not request.local_tiers_only)
+        dropped = await self.engine.flush_cache(salts=salts_of(request), redis=not request.local_tiers_only)
         flushed = pb.FlushedBlocks(gpu_blocks=dropped["gpu"], cpu_blocks=dropped["cpu"])
         response = pb.FlushCacheResponse(workers={self.worker_id: flushed}, redis_keys=dropped["redis"] or 0)
         if dropped["redis"] is None:

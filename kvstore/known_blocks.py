@@ -21,6 +21,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from kvstore.redis_keys import SaltSelection
+
 
 class KnownBlocks:
     def __init__(self, capacity: int, refresh_s: float) -> None:
@@ -63,13 +65,13 @@ class KnownBlocks:
         with self._lock:
             self._confirmed.clear()
 
-    def forget_salt(self, salt: str | None) -> int:
-        """Forget every block of ``salt`` (None: the blocks of no salt); how many."""
+    def forget_salts(self, salts: SaltSelection) -> int:
+        """Forget every block of the selected salts; how many."""
         with self._lock:
-            salts = [block_hash for block_hash, (_, of) in self._confirmed.items() if of == salt]
-            for block_hash in salts:
+            covered = [block_hash for block_hash, (_, of) in self._confirmed.items() if salts.covers(of)]
+            for block_hash in covered:
                 del self._confirmed[block_hash]
-        return len(salts)
+        return len(covered)
 
     def due(self, block_hashes: Iterable[bytes], now: float) -> list[bytes]:
         """Of ``block_hashes``, the known ones last confirmed ``refresh_s`` or more before ``now``, in order,

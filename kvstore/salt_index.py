@@ -1,7 +1,7 @@
 """Which cache salt each block a worker caches locally belongs to. Pure Python.
 
 The GPU pool and the CPU tier index blocks by hash alone, and a hash does not tell its salt (the salt enters
-only the chain's first block). A flush of one tenant's salt asks this index for that salt's hashes and drops
+only the chain's first block). A flush of one tenant's salts asks this index for their hashes and drops
 only those from the local tiers. An entry is added whenever a block enters the GPU pool's cache (computed or
 loaded; the CPU tier only takes blocks the GPU pool evicts); ``prune`` forgets the ones no local tier holds any
 more, so the index stays near the tiers' size.
@@ -10,6 +10,8 @@ more, so the index stays near the tiers' size.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+
+from kvstore.redis_keys import SaltSelection
 
 
 class SaltIndex:
@@ -28,8 +30,8 @@ class SaltIndex:
         for block_hash in block_hashes:
             self._salt_of[block_hash] = salt
 
-    def hashes_of(self, salt: str | None) -> list[bytes]:
-        return [block_hash for block_hash, its_salt in self._salt_of.items() if its_salt == salt]
+    def hashes_of(self, salts: SaltSelection) -> list[bytes]:
+        return [block_hash for block_hash, its_salt in self._salt_of.items() if salts.covers(its_salt)]
 
     def prune(self, held: Callable[[bytes], bool]) -> None:
         """Forget every hash no local tier holds (``held`` says whether one does)."""

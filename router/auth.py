@@ -4,7 +4,8 @@ Every call except the health and reflection services must carry ``authorization:
 without a known token ends ``UNAUTHENTICATED`` before any servicer code runs. A ``Generate`` or ``FlushCache``
 call's cache salt is replaced by its tenant's (``router.tenancy.tenant_salt``), so the servicer, the workers
 and every KV tier only ever see salts the server derived: two tenants' identical prompts never share a block
-anywhere, and a tenant's flush drops only its own blocks.
+anywhere, and a tenant's flush drops only its own blocks: with a cache salt, that salt's; without one, every
+block of the tenant (its scope, ``router.tenancy.tenant_scope``), whatever salts its requests gave.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import grpc
 
 from protos.kvtier.v1 import generation_pb2 as pb
-from router.tenancy import TokenTable, tenant_salt
+from router.tenancy import TokenTable, tenant_salt, tenant_scope
 
 GENERATE_METHOD = "/kvtier.v1.Generation/Generate"
 FLUSH_METHOD = "/kvtier.v1.Generation/FlushCache"
@@ -77,11 +78,15 @@ def _with_tenant_salt(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMe
 
 
 def _flushing_tenant_salt(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
-    """FlushCache (unary-unary) of the tenant's own salt only: it can never delete another tenant's blocks."""
+    """FlushCache (unary-unary) of the tenant's own blocks only: it can never delete another tenant's."""
     flush = handler.unary_unary
 
     async def salted(request: pb.FlushCacheRequest, context):
-        _salt_for(request, tenant)
+        if request.HasField("cache_salt"):
+            _salt_for(request, tenant)
+            request.ClearField("salt_scope")
+        else:
+            request.salt_scope = tenant_scope(tenant)
         return await flush(request, context)
 
     return grpc.unary_unary_rpc_method_handler(salted, request_deserializer=handler.request_deserializer,
@@ -89,5 +94,6 @@ def _flushing_tenant_salt(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.R
 
 
 def _salt_for(request: pb.GenerateRequest | pb.FlushCacheRequest, tenant: str) -> None:
+    """The request's cache salt (or none) replaced by the tenant's derived one."""
     client_salt = request.cache_salt if request.HasField("cache_salt") else None
     request.cache_salt = tenant_salt(tenant, client_salt)

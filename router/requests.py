@@ -1,4 +1,5 @@
-"""From a GenerateRequest to what the engine takes: the prompt, SamplingParams, the cache salt.
+"""From a GenerateRequest to what the engine takes (the prompt, SamplingParams, the cache salt), and from a
+FlushCacheRequest to the salts it covers.
 
 Unset optional fields take SamplingParams' defaults. Checks on values live in ``workers.validation`` (one
 place for every front end); this module only checks what only the protocol can get wrong.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 
+from kvstore.redis_keys import SaltSelection
 from protos.kvtier.v1 import generation_pb2 as pb
 from workers.sampling_params import SamplingParams
 from workers.validation import InvalidRequestError
@@ -55,6 +57,18 @@ def drawn_seed(request: pb.GenerateRequest) -> int | None:
 
 def salt_of(request: pb.GenerateRequest) -> str | None:
     return request.cache_salt if request.HasField("cache_salt") else None
+
+
+def salts_of(request: pb.FlushCacheRequest) -> SaltSelection:
+    """The salts a flush covers: ``salt_scope``'s, ``cache_salt``, or (neither set) every salt."""
+    if request.HasField("salt_scope") and request.HasField("cache_salt"):
+        raise InvalidRequestError("salt_scope", "set salt_scope or cache_salt, not both")
+    if request.HasField("salt_scope"):
+        try:
+            return SaltSelection.in_scope(request.salt_scope)
+        except ValueError as error:
+            raise InvalidRequestError("salt_scope", str(error)) from None
+    return SaltSelection.one_salt(request.cache_salt) if request.HasField("cache_salt") else SaltSelection()
 
 
 def with_token_ids(request: pb.GenerateRequest, request_id: str, token_ids: list[int]) -> pb.GenerateRequest:

@@ -17,7 +17,7 @@ from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
 from router.metrics import RouterMetrics
 from router.errors import NoHealthyWorker, Overloaded, map_errors
-from router.requests import drawn_seed, prompt_of, salt_of, sampling_of, with_token_ids
+from router.requests import drawn_seed, prompt_of, salt_of, salts_of, sampling_of, with_token_ids
 from router.worker_pool import Worker, WorkerPool
 from workers.tokenizer import Tokenizer
 from workers.validation import (InvalidRequestError, RequestLimits, in_a_thread_if_long, validate_request,
@@ -213,6 +213,7 @@ class RouterServicer(pb_grpc.GenerationServicer):
         """Every healthy worker drops the blocks (or the salt's) from its GPU and CPU tiers and writes what its
         queue holds; then one of them deletes from Redis, so no write queued before the flush lands after it.
         An unhealthy worker is named in ``not_flushed`` (restarted, it starts empty)."""
+        salts_of(request)  # a request no worker would take fails here, once
         response = pb.FlushCacheResponse()
         healthy = [worker for worker in self.pool.workers.values() if worker.healthy]
         for worker in self.pool.workers.values():

@@ -6,7 +6,9 @@ the answer's timing nor a memory dump gives a token away. A token is never logge
 
 A tenant's cache salt is derived here from the tenant's name and whatever salt the client asked for, so a
 client can partition its own tenant's cache further but can never name another tenant's salt: the tenant
-name is part of every salt, unambiguously (the two parts are JSON-encoded as a list, then hashed).
+name is part of every salt, unambiguously (the two parts are JSON-encoded as a list, then hashed). Every salt
+of a tenant lies in the tenant's scope (``<scope>/<hash>``: ``kvstore.redis_keys.salt_scope``), so one flush
+finds all of a tenant's blocks in every tier.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import re
 from pathlib import Path
 
 import yaml
+
+from kvstore.redis_keys import SCOPE_SEPARATOR
 
 MIN_TOKEN_CHARS = 16
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -85,7 +89,13 @@ def _checked_tokens(path: str | Path, tenant: object, tokens: object) -> list[st
     return tokens
 
 
+def tenant_scope(tenant: str) -> str:
+    """The scope of every cache salt of ``tenant``."""
+    return "tenant-" + hashlib.sha256(b"kvtier-tenant:" + tenant.encode()).hexdigest()
+
+
 def tenant_salt(tenant: str, client_salt: str | None) -> str:
-    """The cache salt of a tenant's request: distinct for every (tenant, client salt) pair."""
+    """The cache salt of a tenant's request: distinct for every (tenant, client salt) pair, in the tenant's
+    scope."""
     encoded = json.dumps([tenant, client_salt], separators=(",", ":")).encode()
-    return "tenant-" + hashlib.sha256(encoded).hexdigest()
+    return f"{tenant_scope(tenant)}{SCOPE_SEPARATOR}{hashlib.sha256(encoded).hexdigest()}"

@@ -20,6 +20,7 @@ from kvstore.config import KVStoreConfig
 from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
 from kvstore.hashing import BlockHasher
+from kvstore.redis_keys import SaltSelection
 from kvstore.redis_store import RedisHealth
 from kvstore.salt_index import SaltIndex
 from kvstore.stats import KVStoreStats
@@ -400,18 +401,17 @@ class LLMEngine:
             flops = sum(work.flops(chunk.start, chunk.num_tokens) for chunk in plan.chunks) if work else 0.0
             self.cost_model.observe_prefill(plan.num_tokens, forward_seconds, flops)
 
-    def flush_cache(self, salt: str | None = None, all_salts: bool = True,
-                    redis: bool = True) -> dict[str, int | None]:
-        """Drop this model's cached blocks, or only ``salt``'s when ``all_salts`` is False: from the GPU and CPU
-        tiers (a block a running request holds stays its own) and, unless ``redis`` is False, Redis. Returns blocks
-        dropped per tier (Redis: keys, None when it did not answer)."""
+    def flush_cache(self, salts: SaltSelection = SaltSelection(), redis: bool = True) -> dict[str, int | None]:
+        """Drop this model's cached blocks of the selected salts (every block, by default): from the GPU and CPU
+        tiers (a block a running request holds stays its own) and, unless ``redis`` is False, Redis. Returns
+        blocks dropped per tier (Redis: keys, None when it did not answer)."""
         self.mover.settle_gathers()  # uncached blocks can be overwritten next step, reported as reused or not
-        local = None if all_salts else self._salts.hashes_of(salt)  # None: every block
+        local = None if salts.everything else self._salts.hashes_of(salts)  # None: every block
         gpu = self.block_pool.reset_cache() if local is None else self.block_pool.uncache(local)
         dropped = {"gpu": gpu, "cpu": 0, "redis": 0}
-        self._pending_stores = [] if local is None else [s for s in self._pending_stores if s[2].salt != salt]
+        self._pending_stores = [s for s in self._pending_stores if not salts.covers(s[2].salt)]
         if self.tiers is not None:
-            dropped.update(self.tiers.flush(salt, all_salts, redis, local))
+            dropped.update(self.tiers.flush(salts, redis, local))
         self._salts.prune(self._held_locally)
         return dropped
 

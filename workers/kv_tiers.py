@@ -34,7 +34,7 @@ from kvstore.config import KVStoreConfig, parse_size
 from kvstore.cost_model import FetchCostModel
 from kvstore.events import KVEventLog
 from kvstore.known_blocks import KnownBlocks
-from kvstore.redis_keys import BlockLoad, PrefixRef, block_key, flush_pattern, manifest_key
+from kvstore.redis_keys import BlockLoad, PrefixRef, SaltSelection, block_key, flush_pattern, manifest_key
 from kvstore.redis_store import RedisStore
 from kvstore.stats import KVStoreStats
 from kvstore.tier_policy import LRUTierPolicy
@@ -501,26 +501,26 @@ class KVTiers:
 
     # --- flush, stats, close -------------------------------------------------------------------------------
 
-    def flush(self, salt: str | None = None, all_salts: bool = True, redis: bool = True,
+    def flush(self, salts: SaltSelection = SaltSelection(), redis: bool = True,
               local: list[bytes] | None = None) -> dict[str, int | None]:
-        """Drop this model's blocks (or one salt's) from Redis (unless ``redis`` is False) and from the CPU tier:
-        every block, or only ``local``'s (the salt's, which the CPU tier cannot tell); counts per tier (Redis:
-        keys, None when it did not answer). The blocks remembered as in Redis (all, or the salt's) are forgotten
-        either way."""
+        """Drop this model's blocks of the selected salts from Redis (unless ``redis`` is False) and from the CPU
+        tier: every block, or only ``local``'s (the salts', which the CPU tier cannot tell); counts per tier
+        (Redis: keys, None when it did not answer). The blocks remembered as in Redis (all, or the salts') are
+        forgotten either way."""
         dropped: dict[str, int | None] = {"cpu": 0, "redis": 0}
         if self.cpu:
             held = self.cpu.lru_order()
             dropped["cpu"] = self.cpu.clear() if local is None else self.cpu.drop(local)
             kept = set(self.cpu.lru_order())  # entries a load in flight pins stay
             self.events.record("cpu", False, [h for h in held if h not in kept])
-        if all_salts:
+        if salts.everything:
             self._known_in_redis.clear()
         else:
-            self._known_in_redis.forget_salt(salt)
+            self._known_in_redis.forget_salts(salts)
         if self.redis is not None:
             self.writer.flush()  # (what is queued lands before a delete, this worker's or another's)
         if self.redis is not None and redis:
-            dropped["redis"] = self.redis.delete_matching(flush_pattern(self.fingerprint, salt, any_salt=all_salts))
+            dropped["redis"] = self.redis.delete_matching(flush_pattern(self.fingerprint, salts))
         return dropped
 
     def sync_writer_stats(self) -> None:

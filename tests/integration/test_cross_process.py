@@ -64,6 +64,25 @@ def test_flush_removes_the_models_blocks(redis_server):
     assert result.returncode == 0 and client.dbsize() == 0
 
 
+def test_a_tenant_flush_removes_every_salt_of_that_tenant_and_no_other(redis_server):
+    """The salts a router with token auth derives for acme (none asked, and "x") and one for globex."""
+    from router.tenancy import tenant_salt
+
+    for tenant, client_salt in (("acme", None), ("acme", "x"), ("globex", None)):
+        generate(PREFIX[:100] + QUESTION_A, "--redis-url", redis_server.url, "--cache-salt",
+                 tenant_salt(tenant, client_salt))
+    client = redis_server.client()
+    per_salt = client.dbsize() // 3
+    flush = [KVTIER, "cache", "flush", "--model", "tiny", "--redis-url", redis_server.url, "--tenant", "acme"]
+    result = subprocess.run(flush, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"deleted {2 * per_salt} keys (block units and manifests) of tenant 'acme'" in result.stdout
+    assert client.dbsize() == per_salt
+    again, _ = generate(PREFIX[:100] + QUESTION_A, "--redis-url", redis_server.url, "--cache-salt",
+                        tenant_salt("globex", None))
+    assert again["usage"]["cached_tokens"]["redis"] == 112  # (124 - 1) // 16 blocks, globex's untouched
+
+
 def test_a_three_node_redis_cluster_serves_the_second_process(tmp_path):
     cluster = RedisClusterNodes(tmp_path / "cluster").start()
     try:

@@ -11,6 +11,7 @@ import pytest
 from kvstore import codec
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
 from kvstore.hashing import block_hashes
+from kvstore.redis_keys import SaltSelection, flush_pattern
 from workers.engine import LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig
 from workers.sampling_params import SamplingParams
@@ -124,7 +125,7 @@ def test_a_flush_of_one_salt_drops_its_blocks_from_every_tier_and_no_one_elses(r
     engine.generate([document + tokens(17, 5)], GREEDY, cache_salt="b")
     engine.tiers.writer.flush()
     keys_before = redis_server.client().dbsize()
-    dropped = engine.flush_cache(salt="a", all_salts=False)
+    dropped = engine.flush_cache(SaltSelection.one_salt("a"))
     assert dropped["cpu"] > 0 and 0 < dropped["redis"] < keys_before  # a's units and manifests only
     assert redis_server.client().dbsize() == keys_before - dropped["redis"]
     (a,) = engine.generate([document + tokens(18, 5)], GREEDY, cache_salt="a")
@@ -132,6 +133,30 @@ def test_a_flush_of_one_salt_drops_its_blocks_from_every_tier_and_no_one_elses(r
     assert a.usage.cached_tokens.total == 0 and b.usage.cached_tokens.gpu == 96
     (c,) = make_engine(kvstore).generate([tokens(15, 96) + tokens(20, 5)], GREEDY, cache_salt="c")
     assert c.usage.cached_tokens.redis == 96  # another salt's blocks in Redis, untouched
+
+
+def test_a_flush_of_a_scope_drops_every_salt_in_it_from_every_tier_and_nothing_else(redis_server):
+    """Salts t/1 and t/2 lie in scope t (as a tenant's salts do); 'other/1', 't' and no salt do not. One flush
+    of scope t drops both of its salts' blocks from the GPU pool, the CPU tier and Redis; the rest stay."""
+    document = tokens(31, 96)
+    kvstore = KVStoreConfig(cpu=CpuTierConfig(capacity="1MiB"), redis=RedisConfig(url=redis_server.url))
+    engine = make_engine(kvstore, num_blocks=32)
+    salts = ["t/1", "t/2", "other/1", "t", None]
+    for index, salt in enumerate(salts):
+        engine.generate([document + tokens(40 + index, 5)], GREEDY, cache_salt=salt)
+    engine.tiers.writer.flush()
+    client = redis_server.client()
+
+    def keys_of(salt):
+        return len(list(client.scan_iter(match=flush_pattern(engine.tiers.fingerprint, SaltSelection.one_salt(salt)))))
+
+    assert [keys_of(salt) for salt in salts] == [12] * 5  # 6 blocks: a unit and a manifest each
+    dropped = engine.flush_cache(SaltSelection.in_scope("t"))
+    assert dropped["gpu"] + dropped["cpu"] == 12 and dropped["redis"] == 24  # t/1's and t/2's
+    assert [keys_of(salt) for salt in salts] == [0, 0, 12, 12, 12]
+    again = {salt: engine.generate([document + tokens(50, 5)], GREEDY, cache_salt=salt)[0].usage.cached_tokens
+             for salt in salts}
+    assert [again[salt].total for salt in salts] == [0, 0, 96, 96, 96]
 
 
 def test_a_salts_flush_of_the_local_tiers_drops_the_blocks_it_loaded_from_redis(redis_server):
@@ -142,7 +167,7 @@ def test_a_salts_flush_of_the_local_tiers_drops_the_blocks_it_loaded_from_redis(
     writer.close()
     reader = make_engine(kvstore)
     assert reader.generate([document + tokens(23, 5)], GREEDY, cache_salt="a")[0].usage.cached_tokens.redis == 96
-    assert reader.flush_cache(salt="a", all_salts=False, redis=False)["gpu"] >= 6  # the 6 it loaded, at least
+    assert reader.flush_cache(SaltSelection.one_salt("a"), redis=False)["gpu"] >= 6  # the 6 it loaded, at least
     (again,) = reader.generate([document + tokens(24, 5)], GREEDY, cache_salt="a")
     assert (again.usage.cached_tokens.gpu, again.usage.cached_tokens.redis) == (0, 96)  # Redis kept them
 
@@ -158,7 +183,7 @@ def test_a_salts_flush_forgets_only_that_salt_has_written_blocks(redis_server):
     engine.tiers.writer.flush()
     written = engine.kv_store_stats()["redis"]["stored_blocks"]
     assert written == 12  # each salt's 6 blocks
-    engine.flush_cache(salt="a", all_salts=False)
+    engine.flush_cache(SaltSelection.one_salt("a"))
     (b,) = engine.generate([document + tokens(28, 5)], GREEDY, cache_salt="b")
     (a,) = engine.generate([document + tokens(29, 5)], GREEDY, cache_salt="a")
     engine.tiers.writer.flush()

@@ -14,7 +14,7 @@ from cluster.client import KvtierClient
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
-from router.tenancy import tenant_salt
+from router.tenancy import tenant_salt, tenant_scope
 from tests.local_cluster import local_cluster
 from tests.pki import make_pki
 from tests.redis_server import RedisServer, free_port
@@ -177,20 +177,31 @@ def test_two_tenants_identical_prompts_share_no_block_in_any_tier(secure_cluster
 
 
 def test_a_tenants_flush_deletes_its_own_blocks_from_redis_and_no_one_elses(secure_cluster, pki, secure_redis):
+    """Without a cache salt, a tenant's flush drops every block of the tenant, whatever salts its requests
+    gave (before, only those of requests without one); naming another tenant's scope changes nothing."""
     acme = client_of(secure_cluster, pki, TOKENS["acme"])
     globex = client_of(secure_cluster, pki, TOKENS["globex"])
-    mine, theirs = prompt(7), prompt(8)
+    mine, mine_salted, theirs = prompt(7), prompt(9), prompt(8)
     acme.complete(mine, GREEDY)
+    acme.complete(mine_salted, GREEDY, cache_salt="project-x")
     globex.complete(theirs, GREEDY)
     wait_for_redis_to_settle(secure_redis)
     before = secure_redis.client().dbsize()
-    response = acme.flush_cache()  # no salt asked: acme's own (the router puts it in)
+    sneaky = globex.flush_cache(salt_scope=tenant_scope("acme"))  # the router puts globex's own scope in
+    assert secure_redis.client().dbsize() == before - sneaky.redis_keys
+    again = globex.complete(theirs, GREEDY)
+    assert again.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}  # globex flushed itself
+    wait_for_redis_to_settle(secure_redis)
+    before = secure_redis.client().dbsize()
+    response = acme.flush_cache()  # no salt asked: every block of acme's (the router puts its scope in)
     assert not response.not_flushed and not response.redis_error
     assert 0 < response.redis_keys < before and secure_redis.client().dbsize() == before - response.redis_keys
     assert set(response.workers) == {"worker-0", "worker-1"}
     again = globex.complete(theirs, GREEDY)  # globex's blocks are all still cached, on a GPU or in Redis
     assert again.usage["cached_tokens"]["gpu"] + again.usage["cached_tokens"]["redis"] == 144
-    assert response.workers["worker-0"].gpu_blocks + response.workers["worker-1"].gpu_blocks >= 9  # acme's
+    assert response.workers["worker-0"].gpu_blocks + response.workers["worker-1"].gpu_blocks >= 18  # acme's
     assert acme.complete(mine, GREEDY).usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}
+    salted = acme.complete(mine_salted, GREEDY, cache_salt="project-x")
+    assert salted.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}
     acme.close()
     globex.close()

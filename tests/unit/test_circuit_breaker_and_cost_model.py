@@ -1,6 +1,8 @@
+import pytest
+
 from kvstore.circuit_breaker import CircuitBreaker
 from kvstore.cost_model import FetchCostModel, PrefillWork
-from kvstore.redis_keys import PrefixRef, block_key, flush_pattern
+from kvstore.redis_keys import PrefixRef, SaltSelection, block_key, flush_pattern
 
 
 class Clock:
@@ -84,11 +86,33 @@ def test_keys_put_a_prefix_in_one_cluster_slot_and_scope_flushes():
     import fnmatch
 
     assert fnmatch.fnmatchcase(first, flush_pattern(fingerprint))
-    assert fnmatch.fnmatchcase(first, flush_pattern(fingerprint, "acme", any_salt=False))
-    assert not fnmatch.fnmatchcase(first, flush_pattern(fingerprint, "other", any_salt=False))
+    assert fnmatch.fnmatchcase(first, flush_pattern(fingerprint, SaltSelection.one_salt("acme")))
+    assert not fnmatch.fnmatchcase(first, flush_pattern(fingerprint, SaltSelection.one_salt("other")))
     assert not fnmatch.fnmatchcase(first, flush_pattern("cd" * 32))
     unsalted = block_key(fingerprint, PrefixRef(None, b"\x11" * 32), b"\x11" * 32, (0, 8))
-    assert not fnmatch.fnmatchcase(unsalted, flush_pattern(fingerprint, "acme", any_salt=False))
+    assert not fnmatch.fnmatchcase(unsalted, flush_pattern(fingerprint, SaltSelection.one_salt("acme")))
+    assert fnmatch.fnmatchcase(unsalted, flush_pattern(fingerprint, SaltSelection.one_salt(None)))
+
+
+def test_a_scope_flush_finds_every_salt_in_the_scope_and_no_other():
+    import fnmatch
+
+    fingerprint, root = "ab" * 32, b"\x11" * 32
+
+    def key(salt):
+        return block_key(fingerprint, PrefixRef(salt, root), root, (0, 8))
+
+    acme = flush_pattern(fingerprint, SaltSelection.in_scope("acme"))
+    assert [fnmatch.fnmatchcase(key(salt), acme) for salt in ("acme/1", "acme/x/y", "acme/", "acme", "acmex/1",
+                                                              "other/1", None)] == \
+        [True, True, True, False, False, False, False]
+    one = flush_pattern(fingerprint, SaltSelection.one_salt("acme/1"))
+    assert [fnmatch.fnmatchcase(key(salt), one) for salt in ("acme/1", "acme/2")] == [True, False]
+    selection = SaltSelection.in_scope("acme")
+    assert [selection.covers(s) for s in ("acme/1", "acme", None, "b/acme")] == [True, False, False, False]
+    for bad in ("", "a/b"):
+        with pytest.raises(ValueError, match="salt scope"):
+            SaltSelection.in_scope(bad)
 
 
 def test_a_tier_has_a_rate_once_a_fetch_moved_bytes():

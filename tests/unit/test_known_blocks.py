@@ -1,6 +1,7 @@
 import pytest
 
 from kvstore.known_blocks import KnownBlocks
+from kvstore.redis_keys import SaltSelection
 
 A, B, C, D = (bytes([i]) * 32 for i in range(1, 5))
 
@@ -53,8 +54,8 @@ def test_a_salts_flush_forgets_that_salts_blocks_only_and_a_refresh_keeps_each_b
     known.confirm([C], "b", now=0.0)
     known.confirm([D], None, now=0.0)
     assert known.due([A, C], now=2.0) == [A, C]  # re-confirmed, with their salts
-    assert known.forget_salt("a") == 2
+    assert known.forget_salts(SaltSelection.one_salt("a")) == 2
     assert [block for block in (A, B, C, D) if block in known] == [C, D]
-    assert known.forget_salt(None) == 1  # the blocks of no salt are a flush target of their own
+    assert known.forget_salts(SaltSelection.one_salt(None)) == 1  # the blocks of no salt are a flush target of their own
     assert [block for block in (A, B, C, D) if block in known] == [C]
-    assert known.forget_salt("a") == 0
+    assert known.forget_salts(SaltSelection.one_salt("a")) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import ConfigError, load_config
-from router.tenancy import TokensFileError, TokenTable, load_token_table, tenant_salt
+from router.tenancy import TokensFileError, TokenTable, load_token_table, tenant_salt, tenant_scope
 
 ACME, GLOBEX = "acme-token-0123456789", "globex-token-0123456789"
 
@@ -43,6 +43,25 @@ def test_tenant_salts_never_collide_across_tenants_or_client_salts():
     assert len(salts) == 15
     assert tenant_salt("a", "x") == tenant_salt("a", "x")
     assert tenant_salt("acme", None) != tenant_salt("globex", tenant_salt("acme", None))
+
+
+def test_every_salt_of_a_tenant_lies_in_its_scope_and_a_flush_request_names_one_selection():
+    from kvstore.redis_keys import SaltSelection, salt_scope
+    from protos.kvtier.v1 import generation_pb2 as pb
+    from router.requests import salts_of
+    from workers.validation import InvalidRequestError
+
+    for client_salt in (None, "x", "a/b"):
+        assert salt_scope(tenant_salt("acme", client_salt)) == tenant_scope("acme") != tenant_scope("globex")
+    assert salts_of(pb.FlushCacheRequest()) == SaltSelection()
+    assert salts_of(pb.FlushCacheRequest(cache_salt="s")) == SaltSelection.one_salt("s")
+    assert salts_of(pb.FlushCacheRequest(salt_scope="t")) == SaltSelection.in_scope("t")
+    for request, field in ((pb.FlushCacheRequest(cache_salt="s", salt_scope="t"), "salt_scope"),
+                           (pb.FlushCacheRequest(salt_scope="a/b"), "salt_scope"),
+                           (pb.FlushCacheRequest(salt_scope=""), "salt_scope")):
+        with pytest.raises(InvalidRequestError) as caught:
+            salts_of(request)
+        assert caught.value.field == field
 
 
 def test_tls_keys_come_in_pairs_and_name_their_path():

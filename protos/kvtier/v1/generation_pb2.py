@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/kvtier/v1/generation.proto\x12\tkvtier.v1\"\xca\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvtier.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvtier.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\ncache_salt\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0eresumed_tokens\x18\x0b \x01(\rB\x08\n\x06promptB\r\n\x0b_max_tokensB\r\n\x0b_cache_salt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb0\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seed\"a\n\x10GenerateResponse\x12!\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x10.kvtier.v1.DeltaH\x00\x12!\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x10.kvtier.v1.FinalH\x00\x42\x07\n\x05\x65vent\"(\n\x05\x44\x65lta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xc0\x01\n\x05\x46inal\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.kvtier.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kvtier.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.kvtier.v1.Timings\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"i\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rcached_tokens\x18\x03 \x01(\x0b\x32\x17.kvtier.v1.CachedTokens\"7\n\x0c\x43\x61\x63hedTokens\x12\x0b\n\x03gpu\x18\x01 \x01(\r\x12\x0b\n\x03\x63pu\x18\x02 \x01(\r\x12\r\n\x05redis\x18\x03 \x01(\r\";\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"U\n\x11\x46lushCacheRequest\x12\x17\n\ncache_salt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10local_tiers_only\x18\x02 \x01(\x08\x42\r\n\x0b_cache_salt\"\xbb\x02\n\x12\x46lushCacheResponse\x12;\n\x07workers\x18\x01 \x03(\x0b\x32*.kvtier.v1.FlushCacheResponse.WorkersEntry\x12\x12\n\nredis_keys\x18\x02 \x01(\x04\x12\x42\n\x0bnot_flushed\x18\x03 \x03(\x0b\x32-.kvtier.v1.FlushCacheResponse.NotFlushedEntry\x12\x13\n\x0bredis_error\x18\x04 \x01(\t\x1aH\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kvtier.v1.FlushedBlocks:\x02\x38\x01\x1a\x31\n\x0fNotFlushedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\rFlushedBlocks\x12\x12\n\ngpu_blocks\x18\x01 \x01(\x04\x12\x12\n\ncpu_blocks\x18\x02 \x01(\x04\"\x17\n\x15GetClusterInfoRequest\"\xbf\x01\n\x0b\x43lusterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x16\n\x0erouting_policy\x18\x03 \x01(\t\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.kvtier.v1.WorkerInfo\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\"m\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x0c\n\x04load\x18\x05 \x01(\r\"\x11\n\x0fGetStatsRequest\"\x7f\n\x05Stats\x12.\n\x07workers\x18\x01 \x03(\x0b\x32\x1d.kvtier.v1.Stats.WorkersEntry\x1a\x46\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.kvtier.v1.WorkerStats:\x02\x38\x01\"\xe6\x01\n\x0bWorkerStats\x12\x32\n\x06\x65ngine\x18\x01 \x03(\x0b\x32\".kvtier.v1.WorkerStats.EngineEntry\x12\x30\n\x05tiers\x18\x02 \x03(\x0b\x32!.kvtier.v1.WorkerStats.TiersEntry\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x42\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.kvtier.v1.TierStats:\x02\x38\x01\"r\n\tTierStats\x12\x34\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\".kvtier.v1.TierStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x16\n\x14WatchKVEventsRequest\"`\n\x0cKVEventBatch\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.kvtier.v1.KVEvent\x12\x1a\n\x12snapshot_continues\x18\x03 \x01(\x08\"=\n\x07KVEvent\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa5\x03\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.kvtier.v1.GenerateRequest\x1a\x1b.kvtier.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.kvtier.v1.AbortRequest\x1a\x18.kvtier.v1.AbortResponse\x12\x43\n\x08Tokenize\x12\x1a.kvtier.v1.TokenizeRequest\x1a\x1b.kvtier.v1.TokenizeResponse\x12J\n\x0eGetClusterInfo\x12 .kvtier.v1.GetClusterInfoRequest\x1a\x16.kvtier.v1.ClusterInfo\x12\x38\n\x08GetStats\x12\x1a.kvtier.v1.GetStatsRequest\x1a\x10.kvtier.v1.Stats\x12I\n\nFlushCache\x12\x1c.kvtier.v1.FlushCacheRequest\x1a\x1d.kvtier.v1.FlushCacheResponse2\\\n\rWorkerControl\x12K\n\rWatchKVEvents\x12\x1f.kvtier.v1.WatchKVEventsRequest\x1a\x17.kvtier.v1.KVEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/kvtier/v1/generation.proto\x12\tkvtier.v1\"\xca\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.kvtier.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.kvtier.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x17\n\ncache_salt\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x16\n\x0eresumed_tokens\x18\x0b \x01(\rB\x08\n\x06promptB\r\n\x0b_max_tokensB\r\n\x0b_cache_salt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb0\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seed\"a\n\x10GenerateResponse\x12!\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x10.kvtier.v1.DeltaH\x00\x12!\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x10.kvtier.v1.FinalH\x00\x42\x07\n\x05\x65vent\"(\n\x05\x44\x65lta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xc0\x01\n\x05\x46inal\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.kvtier.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.kvtier.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.kvtier.v1.Timings\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"i\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12.\n\rcached_tokens\x18\x03 \x01(\x0b\x32\x17.kvtier.v1.CachedTokens\"7\n\x0c\x43\x61\x63hedTokens\x12\x0b\n\x03gpu\x18\x01 \x01(\r\x12\x0b\n\x03\x63pu\x18\x02 \x01(\r\x12\r\n\x05redis\x18\x03 \x01(\r\";\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"}\n\x11\x46lushCacheRequest\x12\x17\n\ncache_salt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10local_tiers_only\x18\x02 \x01(\x08\x12\x17\n\nsalt_scope\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_cache_saltB\r\n\x0b_salt_scope\"\xbb\x02\n\x12\x46lushCacheResponse\x12;\n\x07workers\x18\x01 \x03(\x0b\x32*.kvtier.v1.FlushCacheResponse.WorkersEntry\x12\x12\n\nredis_keys\x18\x02 \x01(\x04\x12\x42\n\x0bnot_flushed\x18\x03 \x03(\x0b\x32-.kvtier.v1.FlushCacheResponse.NotFlushedEntry\x12\x13\n\x0bredis_error\x18\x04 \x01(\t\x1aH\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.kvtier.v1.FlushedBlocks:\x02\x38\x01\x1a\x31\n\x0fNotFlushedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\rFlushedBlocks\x12\x12\n\ngpu_blocks\x18\x01 \x01(\x04\x12\x12\n\ncpu_blocks\x18\x02 \x01(\x04\"\x17\n\x15GetClusterInfoRequest\"\xbf\x01\n\x0b\x43lusterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x16\n\x0erouting_policy\x18\x03 \x01(\t\x12&\n\x07workers\x18\x04 \x03(\x0b\x32\x15.kvtier.v1.WorkerInfo\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\r\n\x05ready\x18\x08 \x01(\x08\"m\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\x0c\n\x04load\x18\x05 \x01(\r\"\x11\n\x0fGetStatsRequest\"\x7f\n\x05Stats\x12.\n\x07workers\x18\x01 \x03(\x0b\x32\x1d.kvtier.v1.Stats.WorkersEntry\x1a\x46\n\x0cWorkersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.kvtier.v1.WorkerStats:\x02\x38\x01\"\xe6\x01\n\x0bWorkerStats\x12\x32\n\x06\x65ngine\x18\x01 \x03(\x0b\x32\".kvtier.v1.WorkerStats.EngineEntry\x12\x30\n\x05tiers\x18\x02 \x03(\x0b\x32!.kvtier.v1.WorkerStats.TiersEntry\x1a-\n\x0b\x45ngineEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x42\n\nTiersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.kvtier.v1.TierStats:\x02\x38\x01\"r\n\tTierStats\x12\x34\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\".kvtier.v1.TierStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x16\n\x14WatchKVEventsRequest\"`\n\x0cKVEventBatch\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.kvtier.v1.KVEvent\x12\x1a\n\x12snapshot_continues\x18\x03 \x01(\x08\"=\n\x07KVEvent\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa5\x03\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.kvtier.v1.GenerateRequest\x1a\x1b.kvtier.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.kvtier.v1.AbortRequest\x1a\x18.kvtier.v1.AbortResponse\x12\x43\n\x08Tokenize\x12\x1a.kvtier.v1.TokenizeRequest\x1a\x1b.kvtier.v1.TokenizeResponse\x12J\n\x0eGetClusterInfo\x12 .kvtier.v1.GetClusterInfoRequest\x1a\x16.kvtier.v1.ClusterInfo\x12\x38\n\x08GetStats\x12\x1a.kvtier.v1.GetStatsRequest\x1a\x10.kvtier.v1.Stats\x12I\n\nFlushCache\x12\x1c.kvtier.v1.FlushCacheRequest\x1a\x1d.kvtier.v1.FlushCacheResponse2\\\n\rWorkerControl\x12K\n\rWatchKVEvents\x12\x1f.kvtier.v1.WatchKVEventsRequest\x1a\x17.kvtier.v1.KVEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSTATS_TIERSENTRY']._serialized_options = b'8\001'
   _globals['_TIERSTATS_COUNTERSENTRY']._loaded_options = None
   _globals['_TIERSTATS_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2762
-  _globals['_FINISHREASON']._serialized_end=2882
+  _globals['_FINISHREASON']._serialized_start=2802
+  _globals['_FINISHREASON']._serialized_end=2922
   _globals['_GENERATEREQUEST']._serialized_start=49
   _globals['_GENERATEREQUEST']._serialized_end=379
   _globals['_TOKENIDS']._serialized_start=381
@@ -72,45 +72,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZERESPONSE']._serialized_start=1249
   _globals['_TOKENIZERESPONSE']._serialized_end=1286
   _globals['_FLUSHCACHEREQUEST']._serialized_start=1288
-  _globals['_FLUSHCACHEREQUEST']._serialized_end=1373
-  _globals['_FLUSHCACHERESPONSE']._serialized_start=1376
-  _globals['_FLUSHCACHERESPONSE']._serialized_end=1691
-  _globals['_FLUSHCACHERESPONSE_WORKERSENTRY']._serialized_start=1568
-  _globals['_FLUSHCACHERESPONSE_WORKERSENTRY']._serialized_end=1640
-  _globals['_FLUSHCACHERESPONSE_NOTFLUSHEDENTRY']._serialized_start=1642
-  _globals['_FLUSHCACHERESPONSE_NOTFLUSHEDENTRY']._serialized_end=1691
-  _globals['_FLUSHEDBLOCKS']._serialized_start=1693
-  _globals['_FLUSHEDBLOCKS']._serialized_end=1748
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=1750
-  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=1773
-  _globals['_CLUSTERINFO']._serialized_start=1776
-  _globals['_CLUSTERINFO']._serialized_end=1967
-  _globals['_WORKERINFO']._serialized_start=1969
-  _globals['_WORKERINFO']._serialized_end=2078
-  _globals['_GETSTATSREQUEST']._serialized_start=2080
-  _globals['_GETSTATSREQUEST']._serialized_end=2097
-  _globals['_STATS']._serialized_start=2099
-  _globals['_STATS']._serialized_end=2226
-  _globals['_STATS_WORKERSENTRY']._serialized_start=2156
-  _globals['_STATS_WORKERSENTRY']._serialized_end=2226
-  _globals['_WORKERSTATS']._serialized_start=2229
-  _globals['_WORKERSTATS']._serialized_end=2459
-  _globals['_WORKERSTATS_ENGINEENTRY']._serialized_start=2346
-  _globals['_WORKERSTATS_ENGINEENTRY']._serialized_end=2391
-  _globals['_WORKERSTATS_TIERSENTRY']._serialized_start=2393
-  _globals['_WORKERSTATS_TIERSENTRY']._serialized_end=2459
-  _globals['_TIERSTATS']._serialized_start=2461
-  _globals['_TIERSTATS']._serialized_end=2575
-  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_start=2528
-  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_end=2575
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=2577
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=2599
-  _globals['_KVEVENTBATCH']._serialized_start=2601
-  _globals['_KVEVENTBATCH']._serialized_end=2697
-  _globals['_KVEVENT']._serialized_start=2699
-  _globals['_KVEVENT']._serialized_end=2760
-  _globals['_GENERATION']._serialized_start=2885
-  _globals['_GENERATION']._serialized_end=3306
-  _globals['_WORKERCONTROL']._serialized_start=3308
-  _globals['_WORKERCONTROL']._serialized_end=3400
+  _globals['_FLUSHCACHEREQUEST']._serialized_end=1413
+  _globals['_FLUSHCACHERESPONSE']._serialized_start=1416
+  _globals['_FLUSHCACHERESPONSE']._serialized_end=1731
+  _globals['_FLUSHCACHERESPONSE_WORKERSENTRY']._serialized_start=1608
+  _globals['_FLUSHCACHERESPONSE_WORKERSENTRY']._serialized_end=1680
+  _globals['_FLUSHCACHERESPONSE_NOTFLUSHEDENTRY']._serialized_start=1682
+  _globals['_FLUSHCACHERESPONSE_NOTFLUSHEDENTRY']._serialized_end=1731
+  _globals['_FLUSHEDBLOCKS']._serialized_start=1733
+  _globals['_FLUSHEDBLOCKS']._serialized_end=1788
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_start=1790
+  _globals['_GETCLUSTERINFOREQUEST']._serialized_end=1813
+  _globals['_CLUSTERINFO']._serialized_start=1816
+  _globals['_CLUSTERINFO']._serialized_end=2007
+  _globals['_WORKERINFO']._serialized_start=2009
+  _globals['_WORKERINFO']._serialized_end=2118
+  _globals['_GETSTATSREQUEST']._serialized_start=2120
+  _globals['_GETSTATSREQUEST']._serialized_end=2137
+  _globals['_STATS']._serialized_start=2139
+  _globals['_STATS']._serialized_end=2266
+  _globals['_STATS_WORKERSENTRY']._serialized_start=2196
+  _globals['_STATS_WORKERSENTRY']._serialized_end=2266
+  _globals['_WORKERSTATS']._serialized_start=2269
+  _globals['_WORKERSTATS']._serialized_end=2499
+  _globals['_WORKERSTATS_ENGINEENTRY']._serialized_start=2386
+  _globals['_WORKERSTATS_ENGINEENTRY']._serialized_end=2431
+  _globals['_WORKERSTATS_TIERSENTRY']._serialized_start=2433
+  _globals['_WORKERSTATS_TIERSENTRY']._serialized_end=2499
+  _globals['_TIERSTATS']._serialized_start=2501
+  _globals['_TIERSTATS']._serialized_end=2615
+  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_start=2568
+  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_end=2615
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=2617
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=2639
+  _globals['_KVEVENTBATCH']._serialized_start=2641
+  _globals['_KVEVENTBATCH']._serialized_end=2737
+  _globals['_KVEVENT']._serialized_start=2739
+  _globals['_KVEVENT']._serialized_end=2800
+  _globals['_GENERATION']._serialized_start=2925
+  _globals['_GENERATION']._serialized_end=3346
+  _globals['_WORKERCONTROL']._serialized_start=3348
+  _globals['_WORKERCONTROL']._serialized_end=3440
 # @@protoc_insertion_point(module_scope)

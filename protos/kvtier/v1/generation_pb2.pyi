@@ -151,12 +151,14 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FlushCacheRequest(_message.Message):
-    __slots__ = ("cache_salt", "local_tiers_only")
+    __slots__ = ("cache_salt", "local_tiers_only", "salt_scope")
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     LOCAL_TIERS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SALT_SCOPE_FIELD_NUMBER: _ClassVar[int]
     cache_salt: str
     local_tiers_only: bool
-    def __init__(self, cache_salt: _Optional[str] = ..., local_tiers_only: _Optional[bool] = ...) -> None: ...
+    salt_scope: str
+    def __init__(self, cache_salt: _Optional[str] = ..., local_tiers_only: _Optional[bool] = ..., salt_scope: _Optional[str] = ...) -> None: ...
 
 class FlushCacheResponse(_message.Message):
     __slots__ = ("workers", "redis_keys", "not_flushed", "redis_error")
