@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(flush)
     flush.add_argument("--cache-salt", help="only this salt's blocks (default: every salt of the model)")
     flush.add_argument("--tenant", help="only this tenant's blocks (what requests with its tokens stored, whatever "
-                       "their salts; with --cache-salt, that salt of it); a router with token auth uses the "
-                       "token's tenant anyway")
+                       "their salts; with --cache-salt, that salt of it), in Redis or through a router without "
+                       "token auth (with a token, the token names the tenant)")
     flush.add_argument("--server", help="flush a running cluster through its router (host:port): its model, "
                        "every worker's GPU and CPU tiers, and Redis")
     _add_connection_flags(flush)
@@ -334,6 +334,9 @@ def _flush_cluster(args: argparse.Namespace) -> int:
 
     salts, named = _flushed_salts(args)
     client = connect(args)
+    if args.tenant is not None and client.metadata:
+        client.close()
+        raise InvalidRequestError("tenant", "a token names its tenant already: flush with the token alone")
     try:
         response = client.flush_cache(None if salts.everything else salts.salt, salts.scope)
     except grpc.RpcError as error:

@@ -108,7 +108,6 @@ class PrefixIndex:
         gpu_holders, cpu_holders = self._holders["gpu"], self._holders["cpu"]
         in_gpu, in_cpu, in_redis = workers, 0, 0  # the workers in each run, as bitmasks
         ends: dict[int, list[int]] = {}
-        position = 0
         for position, block_hash in enumerate(block_hashes):
             if in_gpu:
                 left = in_gpu & ~gpu_holders.get(block_hash, 0)
