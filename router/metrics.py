@@ -53,6 +53,8 @@ _REDIS_GAUGES = {  # the worker's probe of Redis (absent where no Redis is confi
 }
 _ENGINE_COUNTERS = {
     "preemptions": ("kvtier_worker_preemptions", "Sequences preempted (recomputed later)"),
+    "priority_preemptions": ("kvtier_worker_priority_preemptions",
+                             "Of the preemptions, those that made room for a more urgent request"),
     "computed_tokens": ("kvtier_worker_computed_tokens", "Prompt and generated tokens the model computed"),
     "generated_tokens": ("kvtier_worker_generated_tokens", "Tokens generated"),
     "step_seconds": ("kvtier_worker_step_seconds", "Wall time of engine steps that ran the model"),

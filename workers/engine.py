@@ -112,6 +112,7 @@ class _RequestState:
 class EngineStats:
     steps: int = 0
     preemptions: int = 0
+    priority_preemptions: int = 0  # of the preemptions, those that made room for a more urgent request
     computed_tokens: int = 0  # prompt and recomputed tokens run through the model
     generated_tokens: int = 0
     step_seconds: float = 0.0  # wall time in steps that ran the model
@@ -342,6 +343,7 @@ class LLMEngine:
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
+        self.stats.priority_preemptions += plan.yielded
         if not plan.chunks:
             return outputs
         self._move_blocks_in(plan)

@@ -108,6 +108,7 @@ class SchedulerOutput:
     # (hash, block, prefix) of each block the GPU pool cached that a sequence admitted this step took: the
     # tiers below keep Redis's copy of such hot blocks (``KVTiers.move``)
     pool_hits: list[tuple[bytes, int, PrefixRef]] = field(default_factory=list)
+    yielded: int = 0  # of ``preempted``, the first ones: those that made room for a more urgent request
 
     @property
     def num_tokens(self) -> int:
@@ -146,8 +147,9 @@ class Scheduler:
         budget -= sum(chunk.num_tokens for chunk in chunks)
         if not preempted:
             admitted = self._admit_waiting(budget, busy=bool(chunks), earlier_loads=loads)
-            return SchedulerOutput(chunks + admitted.chunks, yielded, loads + admitted.loads, admitted.pool_hits)
-        return SchedulerOutput(chunks, yielded + preempted, loads)
+            return SchedulerOutput(chunks + admitted.chunks, yielded, loads + admitted.loads, admitted.pool_hits,
+                                   len(yielded))
+        return SchedulerOutput(chunks, yielded + preempted, loads, yielded=len(yielded))
 
     def mark_computed(self, output: SchedulerOutput) -> None:
         """Call after the step ran: the scheduled tokens' KV is now in the cache."""

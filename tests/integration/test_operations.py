@@ -81,6 +81,9 @@ def test_scraped_hit_counters_equal_the_cached_tokens_clients_were_told(metered_
     assert worker_tokens == told
     assert {labels for (name, labels) in samples if name == "kvtier_worker_requests_running"} == {
         (("worker", "worker-0"),), (("worker", "worker-1"),)}
+    for counter in ("kvtier_worker_preemptions_total", "kvtier_worker_priority_preemptions_total"):
+        assert {labels for (name, labels) in samples if name == counter} == {
+            (("worker", "worker-0"),), (("worker", "worker-1"),)}
 
 
 def status(address: str, capsys, *flags: str) -> tuple[int, str]:

@@ -39,7 +39,7 @@ def test_a_sequence_preempted_for_blocks_goes_back_to_the_head_of_its_priority()
     scheduler.add(with_priority(seq("lazy", 4), 1))
     scheduler.add(seq("c", 4))
     out = run_step(scheduler)  # a's ninth token needs a block: b, the last running, is preempted
-    assert names(out.preempted) == ["b"] and names(scheduler.waiting) == ["b", "c", "lazy"]
+    assert names(out.preempted) == ["b"] and names(scheduler.waiting) == ["b", "c", "lazy"] and out.yielded == 0
 
 
 def test_a_more_urgent_request_preempts_the_least_urgent_running_one_and_runs_in_the_same_step():
@@ -53,6 +53,7 @@ def test_a_more_urgent_request_preempts_the_least_urgent_running_one_and_runs_in
     scheduler.add(urgent)
     out = run_step(scheduler)  # low's ninth token and urgent's 4 tokens need a block each: lower's 2 free them
     assert names(out.preempted) == ["lower"] and lower.status is SequenceStatus.WAITING and lower.block_ids == []
+    assert out.yielded == 1
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [("low", 8, 1), ("urgent", 0, 4)]
     assert low.block_ids == [0, 1, 3] and urgent.block_ids == [2] and pool.num_free == 0
     assert names(scheduler.running) == ["urgent", "low"] and names(scheduler.waiting) == ["lower"]
