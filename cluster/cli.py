@@ -140,6 +140,9 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     sampling.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="1,2")
     sampling.add_argument("--ignore-eos", action="store_true")
+    sampling.add_argument("--logprobs", type=int, metavar="N",
+                          help="with --json: each generated token's log-probability and its N most likely "
+                               "alternatives' (0-20)")
     sampling.add_argument("--priority", type=int, default=0,
                           help="scheduling priority of each prompt, lower first (0; with --server, against the "
                                "cluster's other requests)")
@@ -188,11 +191,12 @@ def sampling_params_of(args: argparse.Namespace):
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
-        ignore_eos=args.ignore_eos,
+        ignore_eos=args.ignore_eos, logprobs=args.logprobs,
     )
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from cluster.client import logprobs_record
     from workers.engine import LLMEngine
 
     if not args.prompts:
@@ -213,6 +217,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 "finish_reason": completion.finish_reason.value, "usage": asdict(completion.usage),
                 "seed": completion.seed,
             }
+            if args.logprobs is not None:
+                record["logprobs"] = [logprobs_record(lp.token_id, lp.logprob, lp.top) for lp in completion.logprobs]
             print(json.dumps(record), flush=True)
         else:
             print(completion.text, flush=True)
@@ -243,6 +249,8 @@ def run_remote_generate(args: argparse.Namespace) -> int:
         if args.json:
             record = {"token_ids": completion.token_ids, "text": completion.text,
                       "finish_reason": completion.finish_reason, "usage": completion.usage, "seed": completion.seed}
+            if args.logprobs is not None:
+                record["logprobs"] = completion.logprobs
             print(json.dumps(record), flush=True)
         else:
             print(completion.text, flush=True)

@@ -47,7 +47,7 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
                 if first_token_at is None and output.new_token_ids:
                     first_token_at = time.monotonic()
                 if output.new_token_ids or output.new_text:
-                    yield pb.GenerateResponse(delta=pb.Delta(token_ids=output.new_token_ids, text=output.new_text))
+                    yield pb.GenerateResponse(delta=_delta(output))
                 if output.finished:
                     yield pb.GenerateResponse(final=self._final(output, request_id, arrived, first_token_at))
         except EngineFailed as error:
@@ -126,6 +126,13 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
                     yield batch
         finally:
             self.engine.unsubscribe_kv_events(queue)
+
+
+def _delta(output: RequestOutput) -> pb.Delta:
+    logprobs = [pb.TokenLogprobs(token_id=found.token_id, logprob=found.logprob,
+                                 top=[pb.TopLogprob(token_id=token, logprob=value) for token, value in found.top])
+                for found in output.logprobs]
+    return pb.Delta(token_ids=output.new_token_ids, text=output.new_text, logprobs=logprobs)
 
 
 def _measured_rates(engine) -> dict[str, float]:

@@ -44,6 +44,7 @@ def sampling_of(request: pb.GenerateRequest) -> SamplingParams:
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
         resumed_tokens=request.resumed_tokens,
+        logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
     )
 
 

@@ -81,3 +81,13 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
             )
         outputs.append(generated[0, len(prompt):].tolist())
     return outputs
+
+
+def hf_log_softmax(model_dir: Path, token_ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax of the logits at every position of ``token_ids`` ([len, vocab], fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)

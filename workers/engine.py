@@ -38,7 +38,7 @@ from workers.model_loader import fingerprint_model, load_model, resolve_dtype
 from workers.parallel import ParallelContext, check_parallel_degree
 from workers.presets import resolve_model_dir
 from workers.runner import ModelRunner
-from workers.sampler import sample_on_device, token_seed
+from workers.sampler import TokenLogprobs, logprobs_of, sample_on_device, token_seed
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerOutput
 from workers.sequence import FinishReason, Sequence
@@ -81,6 +81,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     usage: Usage
     seed: int | None = None  # on the last one of a sampled (not greedy) request: what it was sampled with
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per new token, when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,14 @@ class Completion:
     finish_reason: FinishReason
     usage: Usage
     seed: int | None = None  # a sampled request's seed (its own, or the one the engine drew); None when greedy
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when the request asked
 
 
 @dataclass
 class _Collector:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -351,13 +354,13 @@ class LLMEngine:
         logits = self.runner.execute(plan.chunks)
         self._forward_timer.stop()
         sampling = [self._requests[chunk.seq.request_id] for chunk in plan.chunks if chunk.samples]
-        tokens = self._sample(logits, sampling)
+        tokens, logprobs = self._sample(logits, sampling)
         self._observe_step(plan, self._forward_timer.seconds())
         self.scheduler.mark_computed(plan)
         newly_cached = self.scheduler.cache_full_blocks(plan)
         for block_hash, _, prefix in newly_cached:
             self._salts.add([block_hash], prefix.salt, self._held_locally)
-        outputs += [self._append_token(state, token) for state, token in zip(sampling, tokens)]
+        outputs += [self._append_token(*sampled) for sampled in zip(sampling, tokens, logprobs)]
         if self.tiers is not None:
             self._pending_stores += newly_cached
             if not self.scheduler.has_unfinished():  # idle: write what is pending now, not at the next request
@@ -365,16 +368,24 @@ class LLMEngine:
         self.stats.step_seconds += time.perf_counter() - stepped
         return outputs
 
-    def _sample(self, logits: torch.Tensor | None, sampling: list[_RequestState]) -> list[int]:
-        """The step's tokens on the host; reading them is the step's one wait for the device (timed)."""
+    def _sample(self, logits: torch.Tensor | None,
+                sampling: list[_RequestState]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """The step's tokens on the host, and the log-probabilities of those whose requests asked for them;
+        reading the tokens is the step's one wait for the device (timed)."""
         if not sampling:
-            return []
+            return [], []
+        params = [state.seq.params for state in sampling]
         generators = [state.generator_for_next_token() for state in sampling]
-        tokens = sample_on_device(logits, [state.seq.params for state in sampling], generators)
+        tokens = sample_on_device(logits, params, generators)
+        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
         waited = time.perf_counter()
         host_tokens = tokens.tolist()
         self.stats.token_wait_seconds += time.perf_counter() - waited
-        return host_tokens
+        logprobs: list[TokenLogprobs | None] = [None] * len(sampling)
+        if asking:
+            for row, found in zip(asking, logprobs_of(logits, tokens, asking, [params[r].logprobs for r in asking])):
+                logprobs[row] = found
+        return host_tokens, logprobs
 
     def _move_blocks_in(self, plan: SchedulerOutput) -> None:
         """Before the forward, in this order: gather last step's new blocks for Redis, spill what the pool evicted
@@ -490,12 +501,13 @@ class LLMEngine:
                 if output.request_id in collected:
                     collected[output.request_id].token_ids += output.new_token_ids
                     collected[output.request_id].text += output.new_text
+                    collected[output.request_id].logprobs += output.logprobs
                     if output.finished:
                         finals[output.request_id] = output
         return [Completion(rid, collected[rid].token_ids, collected[rid].text, finals[rid].finish_reason,
-                           finals[rid].usage, finals[rid].seed) for rid in request_ids]
+                           finals[rid].usage, finals[rid].seed, collected[rid].logprobs) for rid in request_ids]
 
-    def _append_token(self, state: _RequestState, token: int) -> RequestOutput:
+    def _append_token(self, state: _RequestState, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         seq = state.seq
         seq.token_ids.append(token)
         self.stats.generated_tokens += 1
@@ -505,7 +517,8 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             state.text.finish()
             del self._requests[seq.request_id]
-        return self._output(state, (token,), finished=reason is not None)
+        found = (logprobs,) if logprobs is not None else ()
+        return self._output(state, (token,), finished=reason is not None, logprobs=found)
 
     def _finish_reason(self, seq: Sequence, token: int, stop_string_hit: bool) -> FinishReason | None:
         params = seq.params
@@ -516,13 +529,15 @@ class LLMEngine:
             return FinishReason.LENGTH
         return None
 
-    def _output(self, state: _RequestState, new_tokens: tuple[int, ...], finished: bool) -> RequestOutput:
+    def _output(self, state: _RequestState, new_tokens: tuple[int, ...], finished: bool,
+                logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         seq = state.seq
         cached = CachedTokens(**(seq.cached_tokens or {}))
         usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, cached)
         seed = state.seed if finished and not seq.params.is_greedy else None
         return RequestOutput(
-            seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage, seed
+            seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage, seed,
+            logprobs,
         )
 
 

@@ -19,6 +19,7 @@ class OutputStream:
     def __init__(self) -> None:
         self._token_ids: list[int] = []  # of the outputs put and not taken yet
         self._texts: list[str] = []
+        self._logprobs: list = []
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
@@ -26,6 +27,7 @@ class OutputStream:
     def put(self, output: RequestOutput) -> None:
         self._token_ids += output.new_token_ids
         self._texts.append(output.new_text)
+        self._logprobs += output.logprobs
         self._latest = output
         self._ready.set()
 
@@ -41,8 +43,9 @@ class OutputStream:
         latest = self._latest
         if latest is None:
             raise self._error
-        output = dataclasses.replace(latest, new_token_ids=tuple(self._token_ids), new_text="".join(self._texts))
-        self._token_ids, self._texts, self._latest = [], [], None
+        output = dataclasses.replace(latest, new_token_ids=tuple(self._token_ids), new_text="".join(self._texts),
+                                     logprobs=tuple(self._logprobs))
+        self._token_ids, self._texts, self._logprobs, self._latest = [], [], [], None
         if self._error is None:
             self._ready.clear()
         return output

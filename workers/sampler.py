@@ -9,6 +9,8 @@ elsewhere after n tokens draws its next as the first run would have).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from workers.sampling_params import SamplingParams
@@ -43,6 +45,28 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
         noise = torch.stack([_exponential(probs.shape[-1], generators[row], probs.device) for row in random_rows])
         tokens[rows] = (probs / noise).argmax(dim=-1)
     return tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model, and the most likely tokens' at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], counts: list[int]) -> list[TokenLogprobs]:
+    """For ``rows`` of logits [S, V] and their sampled ``tokens`` [S]: the log-softmax of each row's token and
+    of its ``counts[i]`` most likely tokens, in fp32 (one copy to the host)."""
+    index = upload(rows, logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)  # [R, V]
+    chosen_ids = tokens[index]  # [R]
+    chosen = logprobs.gather(-1, chosen_ids[:, None])[:, 0]  # [R]
+    top_values, top_ids = logprobs.topk(max(counts), dim=-1)  # [R, K]
+    ids, values, top_ids, top_values = (t.tolist() for t in (chosen_ids, chosen, top_ids, top_values))
+    return [TokenLogprobs(ids[i], values[i], tuple(zip(top_ids[i][:count], top_values[i][:count])))
+            for i, count in enumerate(counts)]
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

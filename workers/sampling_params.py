@@ -20,6 +20,9 @@ class SamplingParams:
     # stream broke (its worker died): this run draws, stops and streams text exactly as that run would have
     # gone on (max_tokens counts only the tokens still to come)
     resumed_tokens: int = 0
+    # each generated token's log-probability under the model (log-softmax of its logits, before temperature
+    # and the filters) and the ``logprobs`` most likely tokens' at its position; None: none
+    logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:

@@ -43,6 +43,7 @@ def validate_text_prompt(prompt: str, limits: RequestLimits, resumed_tokens: int
 
 
 MAX_CACHE_SALT_CHARS = 1024
+MAX_LOGPROBS = 20  # alternatives per generated token (as OpenAI's API and vLLM's default)
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)  # the wire's int32
 # A prompt at least this long (characters or token ids) is tokenized and checked in a worker thread by whatever
 # serves it from an event loop (the router, a worker): on the loop, a 128k-token prompt would hold up every
@@ -93,6 +94,8 @@ def _check_sampling(params: SamplingParams, limits: RequestLimits) -> None:
         raise InvalidRequestError("top_k", f"must be -1 or 0 (off) or an integer >= 1, got {params.top_k!r}")
     if params.seed is not None and (not _is_int(params.seed) or not 0 <= params.seed < 2**63):
         raise InvalidRequestError("seed", f"must be an integer in [0, 2**63), got {params.seed!r}")
+    if params.logprobs is not None and (not _is_int(params.logprobs) or not 0 <= params.logprobs <= MAX_LOGPROBS):
+        raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {params.logprobs!r}")
 
 
 def _check_real(field: str, value: object, low: float, low_open: bool, high: float) -> None:

@@ -267,6 +267,22 @@ def test_a_step_error_of_no_known_cause_is_not_carried_to_every_worker(cluster, 
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))  # and Ray restarts it
 
 
+def test_logprobs_stream_through_the_router_as_the_offline_engine_computes_them(cluster, offline):
+    from cluster.client import logprobs_record
+
+    _, client, _ = cluster
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=3, ignore_eos=True, logprobs=3)
+    remote = client.complete(question(950), params)
+    (local,) = offline.generate([question(950)], params)
+    assert remote.token_ids == local.token_ids and len(remote.logprobs) == 12
+    expected = [logprobs_record(lp.token_id, lp.logprob, lp.top) for lp in local.logprobs]
+    for got, want in zip(remote.logprobs, expected):  # (to float32 on the wire; a worker's batch may differ)
+        assert got["token_id"] == want["token_id"] and [t for t, _ in got["top"]] == [t for t, _ in want["top"]]
+        assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
+        assert [v for _, v in got["top"]] == pytest.approx([v for _, v in want["top"]], abs=1e-5)
+    assert client.complete(question(950), GREEDY).logprobs == []  # not asked for, not sent
+
+
 def test_a_deadline_ends_the_stream_with_deadline_exceeded(cluster):
     _, client, _ = cluster
     request = build_request(question(800) * 4, SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))

@@ -189,7 +189,7 @@ def test_async_validation_errors_raise_at_once_and_a_cancelled_stream_aborts(eng
 
 
 def test_outputs_a_stream_has_not_taken_come_as_one_with_every_token_and_character_in_order(engine):
-    params = SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True, stop=("never",))
+    params = SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True, stop=("never",), logprobs=2)
     expected = engine.generate(["slow consumer"], params)[0]
 
     async def main():
@@ -205,6 +205,7 @@ def test_outputs_a_stream_has_not_taken_come_as_one_with_every_token_and_charact
     assert rest[0].finish_reason is FinishReason.LENGTH and rest[0].usage.completion_tokens == 24
     assert list(first.new_token_ids + rest[0].new_token_ids) == expected.token_ids
     assert first.new_text + rest[0].new_text == expected.text
+    assert list(first.logprobs + rest[0].logprobs) == expected.logprobs and rest[0].seed == 5
 
 
 def test_a_failed_step_reaches_a_stream_after_the_tokens_it_had_not_taken(engine):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hf_reference import hf_greedy, random_prompts, save_random_model
+from tests.hf_reference import hf_greedy, hf_log_softmax, random_prompts, save_random_model
 from workers.engine import LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.sampling_params import SamplingParams
@@ -68,6 +68,25 @@ def test_the_same_prompts_again_read_their_cached_blocks_and_give_the_same_token
     again = engine.generate(prompts, GREEDY)
     assert [c.token_ids for c in again] == expected
     assert [c.usage.cached_tokens.gpu for c in again] == [(len(p) - 1) // 16 * 16 for p in prompts]
+
+
+def test_logprobs_are_transformers_log_softmax_at_each_generated_position(reference):
+    """Every prompt in one batch, with 5 alternatives per token: the generated token's log-probability and each
+    alternative's equal transformers' log-softmax of its logits there, and the alternatives are the 5 best."""
+    model_dir, prompts, expected = reference
+    completions = engine_for(model_dir).generate(prompts, SamplingParams(max_tokens=6, temperature=0, logprobs=5))
+    for prompt, completion, tokens in zip(prompts, completions, expected):
+        assert completion.token_ids == tokens[:6] and len(completion.logprobs) == len(completion.token_ids)
+        full = prompt + completion.token_ids
+        reference_logprobs = hf_log_softmax(model_dir, full[:-1])[len(prompt) - 1 :]  # [generated, vocab]
+        for found, row, token in zip(completion.logprobs, reference_logprobs, completion.token_ids):
+            assert found.token_id == token
+            assert abs(found.logprob - row[token].item()) < 1e-4
+            assert [t for t, _ in found.top][0] == token  # greedy: the best token
+            values = [value for _, value in found.top]
+            assert values == sorted(values, reverse=True) and len(values) == 5
+            assert all(abs(value - row[t].item()) < 1e-4 for t, value in found.top)
+            assert values[-1] >= row.topk(5).values[-1].item() - 1e-4  # no better token was left out
 
 
 def test_a_pool_small_enough_to_force_preemption(reference):
