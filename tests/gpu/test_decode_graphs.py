@@ -53,6 +53,16 @@ def test_graph_replays_in_fp32_generate_what_plain_steps_do(tmp_path):
     assert generate(engine_for(model_dir, "captured"), prompts) == generate(engine_for(model_dir, "off"), prompts)
 
 
+def test_logprobs_on_graph_replays_are_those_of_eager_steps(tmp_path):
+    """The logits a replay leaves in its static buffer give the same log-probabilities as an eager step's."""
+    model_dir = save_random_model("llama3", tmp_path)
+    prompts = random_prompts([9, 60, 130], vocab_size=320, seed=7)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=4)
+    eager, captured = (engine_for(model_dir, graphs).generate(prompts, params) for graphs in ("eager", "captured"))
+    for plain, replayed in zip(eager, captured):
+        assert replayed.token_ids == plain.token_ids and replayed.logprobs == plain.logprobs
+
+
 def test_a_replayed_decode_step_does_not_synchronise_the_host(tmp_path):
     model_dir = save_random_model("llama3", tmp_path)
     engine = engine_for(model_dir, "captured")
