@@ -12,8 +12,9 @@ urgent) is preempted: its blocks are freed and it goes back to the head of its p
 queue, to be recomputed (prompt and generated tokens) when it is admitted again. No waiting sequence is
 admitted in a step that preempted so. And when the head of the waiting queue is more urgent than the last
 running sequence but its first chunk finds no blocks or no running slot, running sequences less urgent than
-it are preempted, last first, until it fits; it is admitted in the same step. (A running sequence's prefill
-chunk is not cut for it: it may wait for the token budget, a step or a few.)
+it are preempted, last first, until it fits; it is admitted in the same step. Running sequences less urgent
+than it also leave its first chunk's share of the token budget (their prefill chunks shrink; a decode keeps
+its one token), so a long prompt's prefill does not hold it back.
 
 Prefix caching: a sequence being admitted first takes the GPU blocks that already cache the leading blocks
 of its tokens (shared, reference-counted), then asks the lower tiers (CPU, Redis) for the run that follows;
@@ -143,7 +144,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         yielded = self._preempt_for_priority(budget)
-        chunks, preempted, loads = self._schedule_running(budget)
+        chunks, preempted, loads = self._schedule_running(budget, self._urgent_waiting(budget))
         budget -= sum(chunk.num_tokens for chunk in chunks)
         if not preempted:
             admitted = self._admit_waiting(budget, busy=bool(chunks), earlier_loads=loads)
@@ -218,14 +219,33 @@ class Scheduler:
             needed += self._blocks_needed(running, min(running.num_tokens - running.num_computed_tokens, budget))
         return self.block_pool.can_allocate(needed)
 
-    def _schedule_running(self, budget: int) -> tuple[list[ScheduledChunk], list[Sequence], list[BlockLoad]]:
+    def _urgent_waiting(self, budget: int) -> tuple[int, int] | None:
+        """(priority, first chunk's tokens) of the waiting head when it is more urgent than a running sequence
+        and can be admitted this step (``_preempt_for_priority`` made room), else None."""
+        if not (self.waiting and self.running) or len(self.running) >= self.config.max_num_seqs:
+            return None
+        head = self.waiting[0]
+        if head.priority >= self.running[-1].priority or self._reading_lower_tiers(head):
+            return None
+        return head.priority, min(head.num_tokens, budget)
+
+    @staticmethod
+    def _budget_for(seq: Sequence, budget: int, urgent: tuple[int, int] | None) -> int:
+        """The budget ``seq`` may take this step: all of it, unless it is less urgent than the waiting head
+        (``urgent``): then what that head's first chunk leaves, at least one token (a decode goes on)."""
+        if urgent is None or seq.priority <= urgent[0]:
+            return budget
+        return max(1, budget - urgent[1])
+
+    def _schedule_running(self, budget: int, urgent: tuple[int, int] | None = None
+                          ) -> tuple[list[ScheduledChunk], list[Sequence], list[BlockLoad]]:
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         loads: list[BlockLoad] = []
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, self._budget_for(seq, budget, urgent))
             last_chance = not chunks and index == len(self.running) - 1  # else the step loop could spin
             resumed, num_tokens = self._resume_reading(seq, num_tokens, alone=last_chance)
             while not self._reserve(seq, num_tokens):

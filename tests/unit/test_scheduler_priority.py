@@ -122,3 +122,21 @@ def test_a_request_refused_though_its_first_chunk_seemed_to_fit_makes_room_at_th
     assert names(out.preempted) == ["low"] and names(scheduler.running) == ["urgent"]
     assert [(load.block_id, load.tier) for load in out.loads] == [(5, "cpu"), (4, "cpu"), (3, "cpu")]
     assert [(c.start, c.num_tokens) for c in out.chunks] == [(12, 8)] and urgent.block_ids == [5, 4, 3, 2, 1]
+
+
+def test_a_less_urgent_prefill_leaves_the_token_budget_an_urgent_request_needs():
+    scheduler, _ = make(num_blocks=32, budget=8)
+    low, decoding = with_priority(seq("low", 40), 1), with_priority(seq("decoding", 3), 1)
+    scheduler.add(decoding)
+    run_step(scheduler)  # decoding's prompt is in; it decodes from now on
+    scheduler.add(low)
+    run_step(scheduler)  # low prefills 7 of its 40 tokens (decoding took one)
+    urgent = seq("urgent", 5)
+    scheduler.add(urgent)
+    out = run_step(scheduler)
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [
+        ("decoding", 4, 1), ("low", 7, 2), ("urgent", 0, 5)]
+    assert out.preempted == []  # room enough: nothing preempted, only the budget shared
+    out = run_step(scheduler)  # the urgent request decodes; low takes the rest
+    assert [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks] == [
+        ("urgent", 5, 1), ("decoding", 5, 1), ("low", 9, 6)]
