@@ -33,7 +33,8 @@ BENCHMARKS = {
                         ("--model", "tiny", "--prefix-lens", "256"), needs_redis=True),
     "host": Benchmark("host_overhead.py", "host work per decode step, the model stubbed",
                       ("--model", "tiny", "--batch-sizes", "1,8", "--contexts", "64", "--decode-steps", "8")),
-    "serving": Benchmark("serving.py", "routing policies over gRPC on a local Ray cluster, request priority, router overhead",
+    "serving": Benchmark("serving.py",
+                         "routing policies over gRPC on a local Ray cluster, request priority, router overhead",
                          ("--requests", "8", "--prefix-len", "256", "--overhead-streams", "40",
                           "--policies", "cache_aware")),
 }

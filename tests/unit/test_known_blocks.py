@@ -56,6 +56,7 @@ def test_a_salts_flush_forgets_that_salts_blocks_only_and_a_refresh_keeps_each_b
     assert known.due([A, C], now=2.0) == [A, C]  # re-confirmed, with their salts
     assert known.forget_salts(SaltSelection.one_salt("a")) == 2
     assert [block for block in (A, B, C, D) if block in known] == [C, D]
-    assert known.forget_salts(SaltSelection.one_salt(None)) == 1  # the blocks of no salt are a flush target of their own
-    assert [block for block in (A, B, C, D) if block in known] == [C]
+    assert known.forget_salts(SaltSelection.one_salt(None)) == 1  # no salt's blocks are a flush target of their own
+    assert known.forget_salts(SaltSelection()) == 1  # every salt's
+    assert [block for block in (A, B, C, D) if block in known] == []
     assert known.forget_salts(SaltSelection.one_salt("a")) == 0
