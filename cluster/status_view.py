@@ -31,6 +31,8 @@ def worker_status(worker: pb.WorkerInfo, stats: pb.WorkerStats | None) -> dict:
         "worker_id": worker.worker_id, "address": worker.address, "healthy": worker.healthy,
         "reporting": stats is not None, "tensor_parallel_size": worker.tensor_parallel_size,
         "running": int(engine.get("running", 0)), "waiting": int(engine.get("waiting", 0)),
+        "preemptions": int(engine.get("preemptions", 0)),
+        "priority_preemptions": int(engine.get("priority_preemptions", 0)),
         "looked_up_blocks": int(looked_up),
         "tiers": {tier: _tier_status(values, looked_up) for tier, values in tiers.items()},
         "redis": None if "up" not in redis else {
@@ -56,6 +58,8 @@ def _totals(workers: list[dict]) -> dict:
     looked_up = sum(w["looked_up_blocks"] for w in workers)
     totals = {"workers": len(workers), "healthy": sum(w["healthy"] for w in workers),
               "running": sum(w["running"] for w in workers), "waiting": sum(w["waiting"] for w in workers),
+              "preemptions": sum(w["preemptions"] for w in workers),
+              "priority_preemptions": sum(w["priority_preemptions"] for w in workers),
               "looked_up_blocks": looked_up, "tiers": {}}
     for tier in TIERS:
         per_worker = [w["tiers"][tier] for w in workers]
@@ -87,14 +91,21 @@ def render_status(report: dict, server: str) -> str:
 
 
 def _worker_table(workers: list[dict], totals: dict) -> list[str]:
-    headers = ["worker", "state", "tp", "run", "wait", "GPU used", "GPU cached", "CPU used",
+    headers = ["worker", "state", "tp", "run", "wait", "preempted", "GPU used", "GPU cached", "CPU used",
                *(f"hit {_TIER_NAMES[t]}" for t in TIERS), "looked up", "address"]
     rows = [[w["worker_id"], _state(w), str(w["tensor_parallel_size"]), str(w["running"]), str(w["waiting"]),
-             *_tier_cells(w["tiers"]), *(_percent(w["tiers"][t]["hit_rate"]) for t in TIERS),
+             _preempted(w), *_tier_cells(w["tiers"]), *(_percent(w["tiers"][t]["hit_rate"]) for t in TIERS),
              str(w["looked_up_blocks"]), w["address"]] for w in workers]
-    rows.append(["all", "", "", str(totals["running"]), str(totals["waiting"]), *_tier_cells(totals["tiers"]),
-                 *(_percent(totals["tiers"][t]["hit_rate"]) for t in TIERS), str(totals["looked_up_blocks"]), ""])
+    rows.append(["all", "", "", str(totals["running"]), str(totals["waiting"]), _preempted(totals),
+                 *_tier_cells(totals["tiers"]), *(_percent(totals["tiers"][t]["hit_rate"]) for t in TIERS),
+                 str(totals["looked_up_blocks"]), ""])
     return render_table(headers, rows, left_aligned={0, 1, len(headers) - 1})
+
+
+def _preempted(counts: dict) -> str:
+    """Preemptions, and of them those that made room for a more urgent request (when there were any)."""
+    urgent = counts["priority_preemptions"]
+    return f"{counts['preemptions']} ({urgent} for priority)" if urgent else str(counts["preemptions"])
 
 
 def _tier_cells(tiers: dict) -> list[str]:

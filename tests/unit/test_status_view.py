@@ -8,7 +8,8 @@ from protos.kvtier.v1 import generation_pb2 as pb
 
 def worker_stats(gpu: dict, cpu: dict, redis: dict, running: int, waiting: int) -> pb.WorkerStats:
     tiers = {name: pb.TierStats(counters=values) for name, values in (("gpu", gpu), ("cpu", cpu), ("redis", redis))}
-    return pb.WorkerStats(engine={"running": running, "waiting": waiting}, tiers=tiers)
+    engine = {"running": running, "waiting": waiting, "preemptions": 7, "priority_preemptions": 3}
+    return pb.WorkerStats(engine=engine, tiers=tiers)
 
 
 def two_workers() -> tuple[pb.ClusterInfo, pb.Stats]:
@@ -37,10 +38,11 @@ def test_the_report_has_exact_hit_rates_fills_and_totals():
                                   "capacity_blocks": 20}
     assert w0["redis"] == {"up": True, "breaker_open": False, "ping_ms": 0.5, "used_memory_bytes": 2**20,
                            "max_memory_bytes": 4 * 2**20, "errors": 0, "dropped_writes": 0}
-    assert (w0["running"], w0["waiting"]) == (2, 1)
+    assert (w0["running"], w0["waiting"], w0["preemptions"], w0["priority_preemptions"]) == (2, 1, 7, 3)
     assert w1["reporting"] is False and w1["redis"] is None and w1["tiers"]["gpu"]["hit_rate"] is None
     totals = report["totals"]
     assert (totals["workers"], totals["healthy"], totals["running"], totals["waiting"]) == (2, 1, 2, 1)
+    assert (totals["preemptions"], totals["priority_preemptions"]) == (7, 3)
     assert totals["tiers"]["cpu"] == {"hit_blocks": 1, "hit_rate": 0.125, "used_blocks": 5, "capacity_blocks": 50}
 
 
@@ -51,12 +53,13 @@ def test_the_rendered_tables_show_every_worker_and_the_redis_probe():
                         "ready")
     assert lines[1] == "workers 2 (1 healthy); requests running 2, waiting 1"
     header, w0, w1, total = lines[3:7]
-    assert header.split() == ["worker", "state", "tp", "run", "wait", "GPU", "used", "GPU", "cached", "CPU", "used",
-                              "hit", "GPU", "hit", "CPU", "hit", "Redis", "looked", "up", "address"]
-    assert w0.split() == ["w0", "healthy", "1", "2", "1", "3/20", "(15%)", "10", "5/50", "(10%)", "50.0%", "12.5%",
-                          "25.0%", "8", "127.0.0.1:1"]
-    assert w1.split() == ["w1", "no", "stats", "2", "0", "0", "-", "-", "-", "-", "-", "-", "0", "127.0.0.1:2"]
-    assert total.split() == ["all", "2", "1", "3/20", "(15%)", "10", "5/50", "(10%)", "50.0%", "12.5%", "25.0%", "8"]
+    assert header.split() == ["worker", "state", "tp", "run", "wait", "preempted", "GPU", "used", "GPU", "cached",
+                              "CPU", "used", "hit", "GPU", "hit", "CPU", "hit", "Redis", "looked", "up", "address"]
+    assert w0.split() == ["w0", "healthy", "1", "2", "1", "7", "(3", "for", "priority)", "3/20", "(15%)", "10",
+                          "5/50", "(10%)", "50.0%", "12.5%", "25.0%", "8", "127.0.0.1:1"]
+    assert w1.split() == ["w1", "no", "stats", "2", "0", "0", "0", "-", "-", "-", "-", "-", "-", "0", "127.0.0.1:2"]
+    assert total.split() == ["all", "2", "1", "7", "(3", "for", "priority)", "3/20", "(15%)", "10", "5/50", "(10%)",
+                             "50.0%", "12.5%", "25.0%", "8"]
     assert lines[8].split()[:3] == ["Redis,", "seen", "by"]
     assert lines[9].split() == ["w0", "up", "closed", "0.50", "1.0", "MiB", "/", "4.0", "MiB", "(25%)", "0", "0"]
 
