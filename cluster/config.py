@@ -19,6 +19,7 @@ import yaml
 
 from kvstore.config import KVStoreConfig
 from workers.engine_config import EngineConfig
+from workers.validation import PRIORITY_RANGE
 
 
 class ConfigError(ValueError):
@@ -96,7 +97,7 @@ class RouterConfig:
             raise ValueError("stall_timeout_s: must be > 0 (and drain_timeout_s >= 0)")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
-        if self.min_priority is not None and not -(2**31) <= self.min_priority < 2**31:
+        if self.min_priority is not None and not PRIORITY_RANGE[0] <= self.min_priority <= PRIORITY_RANGE[1]:
             raise ValueError(f"min_priority: must be an int32 (or null), got {self.min_priority}")
 
 

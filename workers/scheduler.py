@@ -193,10 +193,7 @@ class Scheduler:
         """Preempt running sequences less urgent than the head of the waiting queue, last first, while its first
         chunk would find no running slot or no blocks; those preempted, in order."""
         preempted = []
-        while self.waiting and self.running and self.running[-1].priority > self.waiting[0].priority:
-            head = self.waiting[0]
-            if self._reading_lower_tiers(head):  # it is admitted once its read ends, not before
-                break
+        while (head := self._urgent_head()) is not None:
             refused = self._refused is head  # the estimate said it fits, yet it did not: make room for one more
             if not refused and len(self.running) < self.config.max_num_seqs and self._fits_beside_running(head, budget):
                 break
@@ -219,13 +216,18 @@ class Scheduler:
             needed += self._blocks_needed(running, min(running.num_tokens - running.num_computed_tokens, budget))
         return self.block_pool.can_allocate(needed)
 
-    def _urgent_waiting(self, budget: int) -> tuple[int, int] | None:
-        """(priority, first chunk's tokens) of the waiting head when it is more urgent than a running sequence
-        and can be admitted this step (``_preempt_for_priority`` made room), else None."""
-        if not (self.waiting and self.running) or len(self.running) >= self.config.max_num_seqs:
+    def _urgent_head(self) -> Sequence | None:
+        """The head of the waiting queue when it is more urgent than the last running sequence and could be
+        admitted now (not still being read from the lower tiers: it is admitted once its read ends), else None."""
+        if not (self.waiting and self.running) or self.running[-1].priority <= self.waiting[0].priority:
             return None
-        head = self.waiting[0]
-        if head.priority >= self.running[-1].priority or self._reading_lower_tiers(head):
+        return None if self._reading_lower_tiers(self.waiting[0]) else self.waiting[0]
+
+    def _urgent_waiting(self, budget: int) -> tuple[int, int] | None:
+        """(priority, first chunk's tokens) of the urgent head (``_urgent_head``) when it has a running slot
+        this step (``_preempt_for_priority`` made room), else None."""
+        head = self._urgent_head()
+        if head is None or len(self.running) >= self.config.max_num_seqs:
             return None
         return head.priority, min(head.num_tokens, budget)
 

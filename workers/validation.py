@@ -61,7 +61,7 @@ def validate_request(
     prompt_token_ids: list[int], params: SamplingParams, limits: RequestLimits, cache_salt: str | None = None,
     priority: int = 0,
 ) -> None:
-    if type(priority) is not int or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+    if not _is_int(priority) or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
         raise InvalidRequestError("priority", f"must be an integer in [{PRIORITY_RANGE[0]}, {PRIORITY_RANGE[1]}]")
     if cache_salt is not None and (not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT_CHARS):
         raise InvalidRequestError("cache_salt", f"must be a string of at most {MAX_CACHE_SALT_CHARS} characters")
