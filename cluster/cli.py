@@ -143,6 +143,10 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--logprobs", type=int, metavar="N",
                           help="with --json: each generated token's log-probability and its N most likely "
                                "alternatives' (0-20)")
+    sampling.add_argument("--prompt-logprobs", type=int, metavar="N",
+                          help="with --json: each prompt token's log-probability given those before it and its N "
+                               "most likely alternatives' (0-20), one per prompt position (the first is null); "
+                               "the whole prompt is computed (no cached block is read)")
     sampling.add_argument("--priority", type=int, default=0,
                           help="scheduling priority of each prompt, lower first (0; with --server, against the "
                                "cluster's other requests)")
@@ -191,7 +195,7 @@ def sampling_params_of(args: argparse.Namespace):
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
-        ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+        ignore_eos=args.ignore_eos, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
     )
 
 
@@ -211,17 +215,11 @@ def run_generate(args: argparse.Namespace) -> int:
     finally:
         engine.close()  # queued Redis writes land before the process exits
     for completion in completions:
-        if args.json:
-            record = {
-                "token_ids": completion.token_ids, "text": completion.text,
-                "finish_reason": completion.finish_reason.value, "usage": asdict(completion.usage),
-                "seed": completion.seed,
-            }
-            if args.logprobs is not None:
-                record["logprobs"] = [logprobs_record(lp.token_id, lp.logprob, lp.top) for lp in completion.logprobs]
-            print(json.dumps(record), flush=True)
-        else:
-            print(completion.text, flush=True)
+        record = {"token_ids": completion.token_ids, "text": completion.text,
+                  "finish_reason": completion.finish_reason.value, "usage": asdict(completion.usage),
+                  "seed": completion.seed}
+        print_completion(args, record, [logprobs_record(lp.token_id, lp.logprob, lp.top) for lp in completion.logprobs],
+                         [logprobs_record(lp.token_id, lp.logprob, lp.top) for lp in completion.prompt_logprobs])
     if args.stats:
         stats = {"engine": asdict(engine.stats), "kvstore": engine.kv_store_stats()}
         print(f"kvtier stats: {json.dumps(stats)}", file=sys.stderr, flush=True)
@@ -246,15 +244,23 @@ def run_remote_generate(args: argparse.Namespace) -> int:
     finally:
         client.close()
     for completion in completions:
-        if args.json:
-            record = {"token_ids": completion.token_ids, "text": completion.text,
-                      "finish_reason": completion.finish_reason, "usage": completion.usage, "seed": completion.seed}
-            if args.logprobs is not None:
-                record["logprobs"] = completion.logprobs
-            print(json.dumps(record), flush=True)
-        else:
-            print(completion.text, flush=True)
+        record = {"token_ids": completion.token_ids, "text": completion.text,
+                  "finish_reason": completion.finish_reason, "usage": completion.usage, "seed": completion.seed}
+        print_completion(args, record, completion.logprobs, completion.prompt_logprobs)
     return 0
+
+
+def print_completion(args: argparse.Namespace, record: dict, logprobs: list[dict], prompt_logprobs: list[dict]) -> None:
+    """With --json, ``record`` and the log-probabilities asked for (the prompt's aligned with its positions: the
+    first token has none); else the text."""
+    if not args.json:
+        print(record["text"], flush=True)
+        return
+    if args.logprobs is not None:
+        record["logprobs"] = logprobs
+    if args.prompt_logprobs is not None:
+        record["prompt_logprobs"] = [None, *prompt_logprobs]
+    print(json.dumps(record), flush=True)
 
 
 def run_serve_command(args: argparse.Namespace) -> int:

@@ -27,11 +27,16 @@ class RemoteCompletion:
     seed: int | None = None  # a sampled request's seed (its own, or the one the server drew)
     # when asked for: per token {"token_id", "logprob", "top": [[token id, logprob], ...]}
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] = field(default_factory=list)  # as logprobs, for each prompt token after the first
 
 
 def logprobs_record(token_id: int, logprob: float, top: Iterable[tuple[int, float]]) -> dict:
     """A generated token's log-probabilities as plain data (``kvtier generate --json``)."""
     return {"token_id": token_id, "logprob": logprob, "top": [[token, value] for token, value in top]}
+
+
+def _records(found: Iterable[pb.TokenLogprobs]) -> list[dict]:
+    return [logprobs_record(f.token_id, f.logprob, ((t.token_id, t.logprob) for t in f.top)) for f in found]
 
 
 def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
@@ -50,6 +55,8 @@ def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_sal
         sampling.seed = params.seed
     if params.logprobs is not None:
         sampling.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        sampling.prompt_logprobs = params.prompt_logprobs
     if cache_salt is not None:
         request.cache_salt = cache_salt
     return request
@@ -76,20 +83,23 @@ class KvtierClient:
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams, cache_salt: str | None = None,
                  timeout_s: float | None = None, priority: int = 0) -> RemoteCompletion:
-        token_ids, text, logprobs = [], "", []
+        token_ids, text, logprobs, prompt_logprobs = [], "", [], []
         for response in self.stream(build_request(prompt, params, cache_salt, priority=priority), timeout_s):
-            if response.HasField("delta"):
+            kind = response.WhichOneof("event")
+            if kind == "delta":
                 token_ids += response.delta.token_ids
                 text += response.delta.text
-                logprobs += [logprobs_record(f.token_id, f.logprob, ((t.token_id, t.logprob) for t in f.top))
-                             for f in response.delta.logprobs]
+                logprobs += _records(response.delta.logprobs)
+            elif kind == "prompt_logprobs":
+                prompt_logprobs += _records(response.prompt_logprobs.logprobs)
             else:
                 final = response.final
         cached = final.usage.cached_tokens
         usage = {"prompt_tokens": final.usage.prompt_tokens, "completion_tokens": final.usage.completion_tokens,
                  "cached_tokens": {"gpu": cached.gpu, "cpu": cached.cpu, "redis": cached.redis}}
         return RemoteCompletion(token_ids, text, FINISH_REASON_NAMES[final.finish_reason], usage, final.worker_id,
-                                final.timings.ttft_s, final.seed if final.HasField("seed") else None, logprobs)
+                                final.timings.ttft_s, final.seed if final.HasField("seed") else None, logprobs,
+                                prompt_logprobs)
 
     def cluster_info(self, timeout_s: float = 30.0) -> pb.ClusterInfo:
         return self.stub.GetClusterInfo(pb.GetClusterInfoRequest(), metadata=self.metadata, timeout=timeout_s)

@@ -11,7 +11,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 
 import grpc
@@ -23,10 +23,12 @@ from router.requests import FINISH_REASONS, prompt_of, salt_of, salts_of, sampli
 from workers.async_engine import AsyncEngine, EngineFailed
 from workers.engine import RequestOutput
 from workers.parallel import TensorParallelError
+from workers.sampler import TokenLogprobs
 from workers.validation import InvalidRequestError, in_a_thread_if_long
 
 log = logging.getLogger(__name__)
 _HASHES_PER_MESSAGE = 32_768  # a KV event message's hashes: 1.1 MB, well under gRPC's 4 MiB default
+PROMPT_LOGPROBS_PER_MESSAGE = 1024  # with 20 alternatives each: about 250 KB
 
 
 class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
@@ -46,6 +48,8 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
             async for output in stream:
                 if first_token_at is None and output.new_token_ids:
                     first_token_at = time.monotonic()
+                for piece in _prompt_logprobs_pieces(output):
+                    yield pb.GenerateResponse(prompt_logprobs=piece)
                 if output.new_token_ids or output.new_text:
                     yield pb.GenerateResponse(delta=_delta(output))
                 if output.finished:
@@ -129,10 +133,20 @@ class WorkerServicer(pb_grpc.GenerationServicer, pb_grpc.WorkerControlServicer):
 
 
 def _delta(output: RequestOutput) -> pb.Delta:
-    logprobs = [pb.TokenLogprobs(token_id=found.token_id, logprob=found.logprob,
-                                 top=[pb.TopLogprob(token_id=token, logprob=value) for token, value in found.top])
-                for found in output.logprobs]
-    return pb.Delta(token_ids=output.new_token_ids, text=output.new_text, logprobs=logprobs)
+    return pb.Delta(token_ids=output.new_token_ids, text=output.new_text, logprobs=_token_logprobs(output.logprobs))
+
+
+def _prompt_logprobs_pieces(output: RequestOutput) -> Iterator[pb.PromptLogprobs]:
+    scores = output.prompt_logprobs
+    for start in range(0, len(scores), PROMPT_LOGPROBS_PER_MESSAGE):
+        piece = scores[start : start + PROMPT_LOGPROBS_PER_MESSAGE]
+        yield pb.PromptLogprobs(start=1 + start, logprobs=_token_logprobs(piece))
+
+
+def _token_logprobs(found: Iterable[TokenLogprobs]) -> list[pb.TokenLogprobs]:
+    return [pb.TokenLogprobs(token_id=one.token_id, logprob=one.logprob,
+                             top=[pb.TopLogprob(token_id=token, logprob=value) for token, value in one.top])
+            for one in found]
 
 
 def _measured_rates(engine) -> dict[str, float]:

@@ -45,6 +45,7 @@ def sampling_of(request: pb.GenerateRequest) -> SamplingParams:
         ignore_eos=request.ignore_eos,
         resumed_tokens=request.resumed_tokens,
         logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+        prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None,
     )
 
 

@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -53,6 +53,35 @@ async def responses_until_moved_off(worker: Worker, call):
         raise MovedOff(worker.worker_id) from None
     finally:
         watchdog.cancel()
+
+
+@dataclass
+class Relayed:
+    """What one client's stream was sent, over every worker it went through."""
+
+    streamed: list[int] = field(default_factory=list)  # the generated tokens
+    first_token_at: float | None = None
+    prompt_logprobs_sent: bool = False  # with the first Delta: a migrated request does not ask for them again
+    held: list[pb.GenerateResponse] = field(default_factory=list)  # this worker's PromptLogprobs, until its Delta
+
+    def new_worker(self) -> None:
+        """Another worker takes the stream: what the last one sent and was held back is dropped (this one sends
+        it all again)."""
+        self.held = []
+
+    def take(self, response: pb.GenerateResponse) -> list[pb.GenerateResponse]:
+        """What to send on now for ``response``: the prompt's log-probabilities are held back until the first
+        Delta, so a worker failing while it sends them leaves the client none (the next worker sends all)."""
+        kind = response.WhichOneof("event")
+        if kind == "prompt_logprobs":
+            self.held.append(response)
+            return []
+        if kind == "delta":
+            self.first_token_at = self.first_token_at or time.monotonic()
+            self.streamed += response.delta.token_ids
+            self.prompt_logprobs_sent = True
+        sent, self.held = self.held + [response], []
+        return sent
 
 
 @dataclass(frozen=True)
@@ -108,10 +137,10 @@ class RouterServicer(pb_grpc.GenerationServicer):
         resubmit the prompt plus every token already streamed to another worker, as resumed tokens, so the
         client's stream goes on with nothing repeated or missing: the same tokens (a seeded draw included), the
         same text and stop strings."""
-        streamed: list[int] = []
-        first_token_at, failure = None, ""
+        relayed, failure = Relayed(), ""
         seed = drawn_seed(request)
         for _ in range(len(self.pool.workers) + 1):
+            streamed = list(relayed.streamed)  # before this worker's tokens
             try:
                 worker = await self._choose(token_ids + streamed, salt, request.priority)
             except NoHealthyWorker as error:
@@ -121,17 +150,19 @@ class RouterServicer(pb_grpc.GenerationServicer):
             forwarded.resumed_tokens = request.resumed_tokens + len(streamed)
             if seed is not None:
                 forwarded.sampling.seed = seed
+            if relayed.prompt_logprobs_sent:
+                forwarded.sampling.ClearField("prompt_logprobs")
+            relayed.new_worker()
             worker.started(request.priority)
             try:
                 call = worker.stub.Generate(forwarded, timeout=context.time_remaining())
                 async for response in responses_until_moved_off(worker, call):
-                    if response.HasField("delta"):
-                        first_token_at = first_token_at or time.monotonic()
-                        streamed += response.delta.token_ids
-                    else:
-                        _client_view(response.final, len(token_ids), len(streamed), arrived, first_token_at)
+                    if response.HasField("final"):
+                        _client_view(response.final, len(token_ids), len(relayed.streamed), arrived,
+                                     relayed.first_token_at)
                         self.metrics.finished(response.final)
-                    yield response
+                    for sent in relayed.take(response):
+                        yield sent
                 return
             except grpc.aio.AioRpcError as error:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
@@ -143,8 +174,8 @@ class RouterServicer(pb_grpc.GenerationServicer):
             finally:
                 worker.ended(request.priority)
             self.metrics.migrations.labels(reason).inc()
-            log.warning("migrating %s after %d tokens: worker %s %s", request_id, len(streamed), worker.worker_id,
-                        reason)
+            log.warning("migrating %s after %d tokens: worker %s %s", request_id, len(relayed.streamed),
+                        worker.worker_id, reason)
         raise NoHealthyWorker(f"request {request_id}: every worker failed{failure}")
 
     async def validated(self, request: pb.GenerateRequest) -> tuple[list[int], int, str | None]:

@@ -37,6 +37,7 @@ from workers.model_config import ModelConfig, load_model_config
 from workers.model_loader import fingerprint_model, load_model, resolve_dtype
 from workers.parallel import ParallelContext, check_parallel_degree
 from workers.presets import resolve_model_dir
+from workers.prompt_logprobs import PromptScores, plan_scoring, score
 from workers.runner import ModelRunner
 from workers.sampler import TokenLogprobs, logprobs_of, sample_on_device, token_seed
 from workers.sampling_params import SamplingParams
@@ -82,6 +83,8 @@ class RequestOutput:
     usage: Usage
     seed: int | None = None  # on the last one of a sampled (not greedy) request: what it was sampled with
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per new token, when the request asked for them
+    # on the output with the first generated token, when the request asked: one per prompt token after the first
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class _RequestState:
     text: TextOutput
     seed: int
     generator: torch.Generator  # seeded again for each token the request samples (``token_seed``)
+    prompt_scores: PromptScores | None = None  # while a request asking for prompt logprobs has not sent them
 
     def generator_for_next_token(self) -> torch.Generator:
         params = self.seq.params
@@ -131,6 +135,7 @@ class Completion:
     usage: Usage
     seed: int | None = None  # a sampled request's seed (its own, or the one the engine drew); None when greedy
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when the request asked
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per prompt token after the first
 
 
 @dataclass
@@ -138,6 +143,7 @@ class _Collector:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -304,7 +310,11 @@ class LLMEngine:
         if self.kvstore_config.prefix_caching:
             seq.hasher = BlockHasher(self.cache_shape.block_size, salt=request.cache_salt)
         self._arrivals += 1
-        self._requests[seq.request_id] = _RequestState(seq, text, seed, torch.Generator(device=self.device))
+        state = _RequestState(seq, text, seed, torch.Generator(device=self.device))
+        if request.params.prompt_logprobs is not None:
+            state.prompt_scores = PromptScores(request.params.prompt_logprobs)
+            state.prompt_scores.limit_reuse(seq)
+        self._requests[seq.request_id] = state
         self.scheduler.add(seq)
         if self.tiers is not None and seq.hasher is not None:
             self._prefetch(seq)
@@ -350,11 +360,14 @@ class LLMEngine:
         if not plan.chunks:
             return outputs
         self._move_blocks_in(plan)
+        scoring = plan_scoring(plan.chunks, lambda seq: self._requests[seq.request_id].prompt_scores)
         self._forward_timer.start()
-        logits = self.runner.execute(plan.chunks)
+        result = self.runner.execute(plan.chunks, scoring.rows)
         self._forward_timer.stop()
         sampling = [self._requests[chunk.seq.request_id] for chunk in plan.chunks if chunk.samples]
-        tokens, logprobs = self._sample(logits, sampling)
+        tokens, logprobs = self._sample(result.logits, sampling)
+        if scoring.rows:
+            score(scoring, result.scored_hidden, self.runner.model.compute_logits)
         self._observe_step(plan, self._forward_timer.seconds())
         self.scheduler.mark_computed(plan)
         newly_cached = self.scheduler.cache_full_blocks(plan)
@@ -502,10 +515,12 @@ class LLMEngine:
                     collected[output.request_id].token_ids += output.new_token_ids
                     collected[output.request_id].text += output.new_text
                     collected[output.request_id].logprobs += output.logprobs
+                    collected[output.request_id].prompt_logprobs += output.prompt_logprobs
                     if output.finished:
                         finals[output.request_id] = output
         return [Completion(rid, collected[rid].token_ids, collected[rid].text, finals[rid].finish_reason,
-                           finals[rid].usage, finals[rid].seed, collected[rid].logprobs) for rid in request_ids]
+                           finals[rid].usage, finals[rid].seed, collected[rid].logprobs, collected[rid].prompt_logprobs)
+                for rid in request_ids]
 
     def _append_token(self, state: _RequestState, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         seq = state.seq
@@ -518,7 +533,14 @@ class LLMEngine:
             state.text.finish()
             del self._requests[seq.request_id]
         found = (logprobs,) if logprobs is not None else ()
-        return self._output(state, (token,), finished=reason is not None, logprobs=found)
+        return self._output(state, (token,), finished=reason is not None, logprobs=found,
+                            prompt_logprobs=self._take_prompt_logprobs(state))
+
+    @staticmethod
+    def _take_prompt_logprobs(state: _RequestState) -> tuple[TokenLogprobs, ...]:
+        """With a request's first token: its prompt's scores (all are scored by then), once; else none."""
+        scores, state.prompt_scores = state.prompt_scores, None
+        return () if scores is None else tuple(scores.scored)
 
     def _finish_reason(self, seq: Sequence, token: int, stop_string_hit: bool) -> FinishReason | None:
         params = seq.params
@@ -530,14 +552,15 @@ class LLMEngine:
         return None
 
     def _output(self, state: _RequestState, new_tokens: tuple[int, ...], finished: bool,
-                logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
+                logprobs: tuple[TokenLogprobs, ...] = (),
+                prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> RequestOutput:
         seq = state.seq
         cached = CachedTokens(**(seq.cached_tokens or {}))
         usage = Usage(seq.num_prompt_tokens, seq.num_output_tokens, cached)
         seed = state.seed if finished and not seq.params.is_greedy else None
         return RequestOutput(
             seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage, seed,
-            logprobs,
+            logprobs, prompt_logprobs,
         )
 
 

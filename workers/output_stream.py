@@ -20,6 +20,7 @@ class OutputStream:
         self._token_ids: list[int] = []  # of the outputs put and not taken yet
         self._texts: list[str] = []
         self._logprobs: list = []
+        self._prompt_logprobs: list = []  # put once, with the first token
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
@@ -28,6 +29,7 @@ class OutputStream:
         self._token_ids += output.new_token_ids
         self._texts.append(output.new_text)
         self._logprobs += output.logprobs
+        self._prompt_logprobs += output.prompt_logprobs
         self._latest = output
         self._ready.set()
 
@@ -44,8 +46,8 @@ class OutputStream:
         if latest is None:
             raise self._error
         output = dataclasses.replace(latest, new_token_ids=tuple(self._token_ids), new_text="".join(self._texts),
-                                     logprobs=tuple(self._logprobs))
-        self._token_ids, self._texts, self._logprobs, self._latest = [], [], [], None
+                                     logprobs=tuple(self._logprobs), prompt_logprobs=tuple(self._prompt_logprobs))
+        self._token_ids, self._texts, self._logprobs, self._prompt_logprobs, self._latest = [], [], [], [], None
         if self._error is None:
             self._ready.clear()
         return output

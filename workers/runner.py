@@ -31,6 +31,12 @@ class ModelInputs:
     sample_indices: torch.Tensor  # [S]: the last token of each chunk that samples
 
 
+@dataclass(frozen=True)
+class StepLogits:
+    logits: torch.Tensor | None  # [S, V] fp32: the chunks that sample, in order (None: none samples)
+    scored_hidden: torch.Tensor | None = None  # [R, hidden]: the final hidden states of the rows asked to score
+
+
 T = TypeVar("T")
 
 
@@ -92,23 +98,28 @@ class ModelRunner:
             graphs.capture()
         self.decode_graphs = graphs
 
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
-        """Compute the chunks' KV into the cache; logits [S, V] fp32 for the chunks that sample, in order."""
+    def execute(self, chunks: list[ScheduledChunk], scored_rows: list[int] | None = None) -> StepLogits:
+        """Compute the chunks' KV into the cache; logits [S, V] fp32 for the chunks that sample, in order, and
+        the final hidden states of the batch's ``scored_rows`` (token indices), for ``workers.prompt_logprobs``."""
         batch = build_host_batch(chunks, self.block_size, self.table_rows)
         if self.broadcaster is None:
-            return self.run(batch, with_logits=True)
-        return self.broadcaster.run_step(batch, lambda: self.run(batch, with_logits=True))
+            return self._forward(batch, True, scored_rows)
+        return self.broadcaster.run_step(batch, lambda: self._forward(batch, True, scored_rows))
 
     def run(self, batch: HostBatch, with_logits: bool) -> torch.Tensor | None:
+        return self._forward(batch, with_logits, None).logits
+
+    def _forward(self, batch: HostBatch, with_logits: bool, scored_rows: list[int] | None) -> StepLogits:
         self.block_table.apply(batch.table_updates)
-        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+        if not scored_rows and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             logits = self.decode_graphs.run(batch)
-            return logits if with_logits else None
+            return StepLogits(logits if with_logits else None)
         inputs = self.to_inputs(batch)
         hidden = self.model(inputs.token_ids, inputs.positions, self.kv_cache, inputs.meta)  # [T, hidden]
+        scored = hidden[upload(scored_rows, self.device)] if scored_rows else None  # [R, hidden]
         if not with_logits or inputs.sample_indices.numel() == 0:
-            return None
-        return self.model.compute_logits(hidden[inputs.sample_indices])
+            return StepLogits(None, scored)
+        return StepLogits(self.model.compute_logits(hidden[inputs.sample_indices]), scored)
 
     def to_inputs(self, batch: HostBatch) -> ModelInputs:
         """One host-to-device copy of the step's lists, then the block table rows gathered on the device."""

@@ -23,6 +23,10 @@ class SamplingParams:
     # each generated token's log-probability under the model (log-softmax of its logits, before temperature
     # and the filters) and the ``logprobs`` most likely tokens' at its position; None: none
     logprobs: int | None = None
+    # each prompt token's log-probability given the tokens before it (the first has none) and the
+    # ``prompt_logprobs`` most likely tokens' at its position, sent before the first generated token; None: none.
+    # Such a request computes its whole prompt: the prefix cache supplies none of it (it stores what it computes)
+    prompt_logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:

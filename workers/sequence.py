@@ -42,6 +42,9 @@ class Sequence:
     hasher: BlockHasher | None = None  # set when prefix caching is on; carries the tenant's cache salt
     num_cached_blocks: int = 0  # leading blocks registered in the GPU prefix cache
     cached_tokens: dict[str, int] | None = None  # prompt tokens found per tier, at first admission
+    # the caches may supply only blocks wholly before this token (None: any); a request scoring its prompt
+    # (``workers.prompt_logprobs``) must compute every position it has not scored yet
+    reusable_tokens_limit: int | None = None
 
     @property
     def prefix_ref(self) -> PrefixRef:
@@ -49,8 +52,10 @@ class Sequence:
 
     def reusable_block_hashes(self) -> list[bytes]:
         """Hashes of the full blocks a cache may supply: all but the one holding the last token, which is always
-        computed (its logits give the next token)."""
-        return self.hasher.update(self.token_ids)[: (self.num_tokens - 1) // self.hasher.block_size]
+        computed (its logits give the next token), and none from ``reusable_tokens_limit`` on."""
+        hashes = self.hasher.update(self.token_ids)
+        limit = self.num_tokens - 1 if self.reusable_tokens_limit is None else self.reusable_tokens_limit
+        return hashes[: min(self.num_tokens - 1, limit) // self.hasher.block_size]
 
     @property
     def num_tokens(self) -> int:

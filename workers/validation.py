@@ -69,6 +69,8 @@ def validate_request(
     _check_sampling(params, limits)
     _check_stops(params, limits)
     _check_resumed(len(prompt_token_ids), params.resumed_tokens)
+    if params.prompt_logprobs is not None and params.resumed_tokens:
+        raise InvalidRequestError("prompt_logprobs", "a resumed stream sent its prompt's log-probabilities already")
     _check_length(len(prompt_token_ids), params.max_tokens, limits)
 
 
@@ -96,6 +98,9 @@ def _check_sampling(params: SamplingParams, limits: RequestLimits) -> None:
         raise InvalidRequestError("seed", f"must be an integer in [0, 2**63), got {params.seed!r}")
     if params.logprobs is not None and (not _is_int(params.logprobs) or not 0 <= params.logprobs <= MAX_LOGPROBS):
         raise InvalidRequestError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {params.logprobs!r}")
+    count = params.prompt_logprobs
+    if count is not None and (not _is_int(count) or not 0 <= count <= MAX_LOGPROBS):
+        raise InvalidRequestError("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {count!r}")
 
 
 def _check_real(field: str, value: object, low: float, low_open: bool, high: float) -> None:

@@ -186,14 +186,18 @@ def test_health_and_reflection(cluster):
     assert "kvtier.v1.Generation" in names
 
 
-def broken_mid_stream(cluster, offline, params: SamplingParams, prompt: list[int], break_worker) -> tuple:
+def broken_mid_stream(cluster, offline, params: SamplingParams, prompt: list[int], break_worker,
+                      prompt_scores: list | None = None) -> tuple:
     """Stream ``prompt``, call ``break_worker(handle, worker id)`` on the worker serving it after 20 tokens,
-    read the rest: (tokens, text, final message, the broken worker's id, the unbroken run)."""
+    read the rest: (tokens, text, final message, the broken worker's id, the unbroken run). The PromptLogprobs
+    messages go to ``prompt_scores``."""
     handle, client, _ = cluster
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))
     stream = client.stream(build_request(prompt, params))
     received, text, final = [], "", None
     for response in stream:
+        if response.HasField("prompt_logprobs"):
+            prompt_scores.append(response.prompt_logprobs)
         received += response.delta.token_ids
         text += response.delta.text
         if len(received) >= 20:
@@ -204,6 +208,8 @@ def broken_mid_stream(cluster, offline, params: SamplingParams, prompt: list[int
         if response.HasField("delta"):
             received += response.delta.token_ids
             text += response.delta.text
+        elif response.HasField("prompt_logprobs"):
+            prompt_scores.append(response.prompt_logprobs)
         else:
             final = response.final
     return received, text, final, busy, offline.generate([prompt], params)[0]
@@ -220,6 +226,25 @@ def test_a_worker_killed_mid_stream_is_migrated_without_a_lost_or_repeated_token
     assert received == unbroken.token_ids and text == unbroken.text
     assert final.worker_id != busy and final.usage.completion_tokens == 300
     assert final.usage.prompt_tokens == len(prompt) and final.seed == 77
+
+
+def test_a_stream_migrated_after_its_prompt_logprobs_does_not_send_them_again(cluster, offline):
+    """The prompt's log-probabilities come once, before the first token, in pieces of 1,024 positions; the
+    worker is killed after 20 tokens and the next one, resuming, does not compute or send them again."""
+    import ray
+
+    prompt = PREFIX + question(502)
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    pieces = []
+    received, _, final, busy, unbroken = broken_mid_stream(
+        cluster, offline, params, prompt, lambda handle, busy: ray.kill(handle.workers[busy], no_restart=False),
+        pieces)
+    assert received == unbroken.token_ids and final.worker_id != busy
+    assert [(piece.start, len(piece.logprobs)) for piece in pieces] == [(1, 1024), (1025, len(prompt) - 1025)]
+    scores = [found for piece in pieces for found in piece.logprobs]
+    assert [found.token_id for found in scores] == prompt[1:]
+    assert [found.logprob for found in scores] == pytest.approx([s.logprob for s in unbroken.prompt_logprobs],
+                                                                abs=1e-5)
 
 
 def test_a_stream_whose_worker_loses_a_rank_moves_on_to_another_worker(cluster, offline):
@@ -267,7 +292,7 @@ def test_a_step_error_of_no_known_cause_is_not_carried_to_every_worker(cluster, 
     wait_until(lambda: all(w.healthy for w in client.cluster_info().workers))  # and Ray restarts it
 
 
-def test_logprobs_stream_through_the_router_as_the_offline_engine_computes_them(cluster, offline):
+def test_logprobs_and_prompt_logprobs_stream_through_the_router_as_the_offline_engine_computes_them(cluster, offline):
     from cluster.client import logprobs_record
 
     _, client, _ = cluster
@@ -281,6 +306,15 @@ def test_logprobs_stream_through_the_router_as_the_offline_engine_computes_them(
         assert got["logprob"] == pytest.approx(want["logprob"], abs=1e-5)
         assert [v for _, v in got["top"]] == pytest.approx([v for _, v in want["top"]], abs=1e-5)
     assert client.complete(question(950), GREEDY).logprobs == []  # not asked for, not sent
+    scoring = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+    remote = client.complete(question(950), scoring)  # (its blocks are cached now: they are not read)
+    (local,) = offline.generate([question(950)], scoring)
+    assert remote.token_ids == local.token_ids and remote.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}
+    assert [got["token_id"] for got in remote.prompt_logprobs] == question(950)[1:]
+    assert [got["logprob"] for got in remote.prompt_logprobs] == pytest.approx(
+        [found.logprob for found in local.prompt_logprobs], abs=1e-5)
+    assert [[t for t, _ in got["top"]] for got in remote.prompt_logprobs] == [
+        [t for t, _ in found.top] for found in local.prompt_logprobs]
 
 
 def test_a_deadline_ends_the_stream_with_deadline_exceeded(cluster):

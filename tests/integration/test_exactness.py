@@ -89,6 +89,28 @@ def test_logprobs_are_transformers_log_softmax_at_each_generated_position(refere
             assert values[-1] >= row.topk(5).values[-1].item() - 1e-4  # no better token was left out
 
 
+def test_prompt_logprobs_are_transformers_log_softmax_at_each_prompt_position(reference):
+    """Every prompt asks for its prompt's log-probabilities (3 alternatives) in one batch, after the same
+    prompts ran (the prefix cache holds them) and with prefill split in chunks: the caches supply none of
+    their positions, and each prompt token's score equals transformers' log-softmax at the position before it.
+    A request in the same batch that does not ask reads the cache as before."""
+    model_dir, prompts, expected = reference
+    engine = engine_for(model_dir, max_num_batched_tokens=64, block_size=8)
+    engine.generate(prompts, GREEDY)
+    scoring = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    completions = engine.generate(prompts + [prompts[-1]], [scoring] * len(prompts) + [GREEDY])
+    assert completions[-1].usage.cached_tokens.gpu == (len(prompts[-1]) - 1) // 8 * 8
+    assert completions[-1].prompt_logprobs == []
+    for prompt, completion, tokens in zip(prompts, completions, expected):
+        assert completion.token_ids == tokens[:2] and completion.usage.cached_tokens.total == 0
+        assert [found.token_id for found in completion.prompt_logprobs] == prompt[1:]
+        reference_logprobs = hf_log_softmax(model_dir, prompt)[:-1]  # [P - 1, vocab]: position t - 1 scores token t
+        for found, row in zip(completion.prompt_logprobs, reference_logprobs):
+            assert abs(found.logprob - row[found.token_id].item()) < 1e-4
+            assert [t for t, _ in found.top] == row.topk(3).indices.tolist()
+            assert all(abs(value - row[t].item()) < 1e-4 for t, value in found.top)
+
+
 def test_a_pool_small_enough_to_force_preemption(reference):
     model_dir, prompts, expected = reference
     # 384 tokens of KV for 992 prompt tokens; chunked admission lets many sequences start, then they collide

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import subprocess
@@ -30,17 +31,19 @@ def reference(request, tmp_path_factory):
     return model_dir, prompts, hf_greedy(model_dir, prompts, GREEDY.max_tokens)
 
 
-def run(model_dir: Path, prompts: list[list[int]], tp: int, num_blocks: int = 64) -> tuple[list[list[int]], int]:
-    """(greedy outputs, bytes of rank 0's KV pool)."""
+def run(model_dir: Path, prompts: list[list[int]], tp: int, num_blocks: int = 64,
+        params: SamplingParams = GREEDY) -> tuple[list[list[int]], int, list[list[float]]]:
+    """(greedy outputs, bytes of rank 0's KV pool, each prompt token's log-probability when ``params`` ask)."""
     config = EngineConfig(
         model=str(model_dir), tensor_parallel_size=tp, cache=CacheConfig(num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=128),
     )
     engine = LLMEngine.from_config(config, progress=False)
     try:
-        outputs = [c.token_ids for c in engine.generate(prompts, GREEDY)]
+        completions = engine.generate(prompts, params)
         cache = engine.runner.kv_cache
-        return outputs, cache.numel() * cache.element_size()
+        scores = [[found.logprob for found in c.prompt_logprobs] for c in completions]
+        return [c.token_ids for c in completions], cache.numel() * cache.element_size(), scores
     finally:
         engine.close()
 
@@ -48,10 +51,13 @@ def run(model_dir: Path, prompts: list[list[int]], tp: int, num_blocks: int = 64
 @pytest.mark.parametrize("tp", [2, 4], ids=["kv-heads-split", "kv-heads-replicated"])
 def test_tp_equals_tp1_and_transformers(reference, tp):
     model_dir, prompts, expected = reference  # both shapes have 4 query heads and 2 KV heads
-    tp1_outputs, tp1_pool_bytes = run(model_dir, prompts, tp=1)
-    outputs, pool_bytes = run(model_dir, prompts, tp=tp)
+    scoring = dataclasses.replace(GREEDY, prompt_logprobs=2)
+    tp1_outputs, tp1_pool_bytes, tp1_scores = run(model_dir, prompts, tp=1, params=scoring)
+    outputs, pool_bytes, scores = run(model_dir, prompts, tp=tp, params=scoring)
     assert tp1_outputs == expected
     assert outputs == expected
+    assert [len(found) for found in scores] == [n - 1 for n in PROMPT_LENGTHS]
+    assert sum(scores, []) == pytest.approx(sum(tp1_scores, []), abs=1e-4)
     kv_heads_per_rank = max(1, 2 // tp)
     assert pool_bytes == tp1_pool_bytes * kv_heads_per_rank // 2  # tp=2: half; tp=4: half (one head, shared)
 

@@ -33,6 +33,10 @@ LIMITS = RequestLimits(vocab_size=100, max_model_len=64, kv_capacity_tokens=128,
         ([1], SamplingParams(logprobs=21), "logprobs"),
         ([1], SamplingParams(logprobs=-1), "logprobs"),
         ([1], SamplingParams(logprobs=True), "logprobs"),
+        ([1], SamplingParams(prompt_logprobs=21), "prompt_logprobs"),
+        ([1], SamplingParams(prompt_logprobs=1.0), "prompt_logprobs"),
+        ([1, 2], SamplingParams(prompt_logprobs=0, resumed_tokens=1), "prompt_logprobs"),  # sent by the earlier run
+        ([1, 2], SamplingParams(prompt_logprobs=0, resumed_tokens="1"), "resumed_tokens"),
         ([1], SamplingParams(stop=("",)), "stop[0]"),
         ([1], SamplingParams(stop_token_ids=(5, 100)), "stop_token_ids[1]"),
         ([1, 2], SamplingParams(resumed_tokens=2), "resumed_tokens"),  # at least one token of the prompt itself
