@@ -20,6 +20,8 @@ Prefix caching: a sequence being admitted first takes the GPU blocks that alread
 of its tokens (shared, reference-counted), then asks the lower tiers (CPU, Redis) for the run that follows;
 blocks found there get fresh GPU blocks and a ``BlockLoad`` the engine executes before the step's forward.
 Only the rest is computed. At least the last token is always computed, so the step has logits to sample.
+A waiting sequence whose next block to compute a running sequence as urgent or more is computing keeps its
+place (while something else runs) and finds the block cached later (``workers.blocks_in_flight``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Protocol
 from kvstore.block_pool import BlockPool
 from kvstore.redis_keys import BlockLoad, PrefixRef
 from kvstore.stats import TIERS, KVStoreStats
+from workers.blocks_in_flight import BlocksInFlight
 from workers.engine_config import SchedulerConfig
 from workers.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -99,6 +102,7 @@ class _Admitted:
     loads: list[BlockLoad] = field(default_factory=list)
     loading: dict[bytes, int] = field(default_factory=dict)
     pool_hits: list[tuple[bytes, int, PrefixRef]] = field(default_factory=list)
+    in_flight: BlocksInFlight | None = None  # what the running sequences compute, once a waiting one asks
 
 
 @dataclass(frozen=True)
@@ -301,25 +305,51 @@ class Scheduler:
         nothing else runs, the step waits a moment for any such read to end (the next step finds it done, or
         admits a request that arrived meanwhile): no spinning. Except a request reading from the end with
         nothing else to run: it is admitted, to compute while it reads (``_resume_reading``). A block another
-        sequence loads this step (``earlier_loads``, or one admitted before) is shared, not looked up again."""
+        sequence loads this step (``earlier_loads``, or one admitted before) is shared, not looked up again. One
+        whose next block to compute a running sequence computes (``_trails_in_flight``) keeps its place too, while
+        something runs this step; it finds the block cached later instead of computing it twice."""
         admitted = _Admitted(loading={load.block_hash: load.block_id for load in earlier_loads})
         reading: list[Sequence] = []
+        held: list[Sequence] = []  # keep their places: reading, or trailing a computation of their prefix
         self._refused = None
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             last_hope = not (busy or admitted.chunks or reading or len(self.waiting) > 1)  # nothing else to run
             if not (last_hope and self._reading_from_end(seq)) and self._reading_lower_tiers(seq):
-                reading.append(self.waiting.popleft())
+                reading.append(seq)
+                held.append(self.waiting.popleft())
+                continue
+            if (busy or admitted.chunks) and self._trails_in_flight(seq, admitted):
+                held.append(self.waiting.popleft())
                 continue
             num_tokens = self._admit(seq, budget, alone=not (busy or admitted.chunks), admitted=admitted)
             if num_tokens is None:
                 self._refused = seq
                 break
+            if admitted.in_flight is not None:
+                admitted.in_flight.add(seq)
             budget -= num_tokens
-        self.waiting.extendleft(reversed(reading))
+        self.waiting.extendleft(reversed(held))
         if reading and not (busy or admitted.chunks):
             self.lower_tiers.wait_for_reads([seq.request_id for seq in reading], _READ_WAIT_S)
         return admitted
+
+    def _trails_in_flight(self, seq: Sequence, admitted: _Admitted) -> bool:
+        """Whether the first block ``seq`` would compute is one a running sequence as urgent or more computes
+        this step or later (``workers.blocks_in_flight``): then ``seq`` waits to find it cached."""
+        if seq.hasher is None or seq.num_computed_tokens:
+            return False
+        hashes = seq.reusable_block_hashes()
+        first = len(self.block_pool.match_prefix(hashes))
+        while first < len(hashes) and hashes[first] in admitted.loading:
+            first += 1
+        if first == len(hashes):
+            return False
+        if admitted.in_flight is None:
+            admitted.in_flight = BlocksInFlight(self.block_size)
+            for running in self.running:
+                admitted.in_flight.add(running)
+        return admitted.in_flight.computed_by_another(hashes[first], seq.priority)
 
     def _admit(self, seq: Sequence, budget: int, alone: bool, admitted: _Admitted) -> int | None:
         """Move ``seq``, the head of the waiting queue, to running with up to ``budget`` tokens this step (0:

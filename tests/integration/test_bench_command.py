@@ -152,3 +152,16 @@ def test_a_burst_of_redis_hits_is_timed_per_thread_count_and_the_shared_document
     loaded = [round(row["loaded_GB"] * 1e9 / tiny_block) for row in rows]  # (the cost model may skip a fetch)
     assert all(0 < n <= most for n, most in zip(loaded, [11 + 2 * 3] * 2 + [10 + 3] * 2 + [8 + 7 + 1] * 2)), loaded
     assert keys and "| workload | prefetch threads |" in done.stdout
+
+
+def test_a_burst_on_a_new_prefix_is_measured_and_computes_it_once(tmp_path):
+    """bench/shared_burst.py at toy sizes (tiny model): a row per burst size; the prefix is computed once."""
+    out = tmp_path / "burst.json"
+    done = subprocess.run([sys.executable, str(BENCH / "shared_burst.py"), "--model", "tiny", "--prefix-len", "96",
+                           "--question-len", "8", "--requests", "1,3", "--max-tokens", "2", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["requests"], row["computed_prompt_tokens"]) for row in rows] == [(1, 104), (3, 120)]
+    assert all(row["ttft_p50_ms"] > 0 and row["all_done_ms"] >= row["ttft_max_ms"] for row in rows)
+    assert "| requests | prompt tokens computed (ideal) |" in done.stdout

@@ -121,9 +121,10 @@ def test_a_read_waited_for_that_stalls_is_computed_instead_of_waited_out(redis_s
 def test_two_requests_reading_one_prefix_from_the_end_give_the_uncached_tokens(redis_server):
     """Two questions about one document, both reading from the end (held at a gate): b arrives once a has
     computed the document's first half, finds that on the GPU and reads the rest itself. The next step both
-    compute the same quarter, then the reads are let go: both stop at the same block, and in the following
-    step both meet them on the same blocks, so those are loaded twice (each request into its own GPU blocks;
-    that used to fail the step's moves)."""
+    compute the same quarter (b is more urgent, so it does not wait for a's blocks: workers.blocks_in_flight),
+    then the reads are let go: both stop at the same block, and in the following step both meet them on the
+    same blocks, so those are loaded twice (each request into its own GPU blocks; that used to fail the step's
+    moves)."""
     document = tokens(73, PREFIX_BLOCKS * BLOCK)
     prompts = [document + tokens(74, 5), document + tokens(75, 5)]
     expected, reader = expected_and_reader(redis_server.url, prompts[0])
@@ -140,7 +141,7 @@ def test_two_requests_reading_one_prefix_from_the_end_give_the_uncached_tokens(r
     reader.add_request("a", prompts[0], GREEDY)
     reader.step()  # a computes the document's first half
     read_as_fast_as_computing(reader, PREFIX_BLOCKS // 2, samples=30)  # (the step measured the prefill anew)
-    reader.add_request("b", prompts[1], GREEDY)
+    reader.add_request("b", prompts[1], GREEDY, priority=-1)
     assert reader.tiers.reading_from_end("a") and reader.tiers.reading_from_end("b")
     reader.step()  # each computes a quarter, the same one
     computed = [reader._requests[name].seq.num_computed_tokens for name in "ab"]

@@ -241,3 +241,25 @@ def test_step_time_is_split_into_host_work_and_the_wait_for_sampled_tokens(engin
     step_seconds = engine.stats.step_seconds - before
     assert step_seconds > 0
     assert 0 <= engine.stats.token_wait_seconds <= engine.stats.step_seconds
+
+
+def test_a_burst_sharing_a_new_prefix_computes_it_once_with_the_tokens_of_an_uncached_run():
+    """16 requests on one 2,000-token prefix nothing caches, submitted together: the first computes it, the
+    others wait a step and compute only their 32-token questions (before: the second one, admitted beside the
+    first, computed the prefix again). Seeded sampling: the same tokens as each request alone, without caches."""
+    import random
+
+    from kvstore.config import KVStoreConfig
+
+    rng = random.Random(8)
+    prefix = [rng.randrange(3, 250) for _ in range(2000)]
+    prompts = [prefix + [rng.randrange(3, 250) for _ in range(32)] for _ in range(16)]
+    params = [SamplingParams(max_tokens=4, temperature=0.9, seed=i, ignore_eos=True) for i in range(16)]
+    engine = LLMEngine.from_config(EngineConfig(model="tiny", cache=CacheConfig(num_blocks=512)), progress=False)
+    completions = engine.generate(prompts, params)
+    assert engine.stats.computed_tokens == 2032 + 15 * 32 + 16 * 3  # the prefix once, every question, decodes
+    assert [c.usage.cached_tokens.gpu for c in completions] == [0] + [2000] * 15
+    uncached = LLMEngine.from_config(EngineConfig(model="tiny", cache=CacheConfig(num_blocks=512)),
+                                     KVStoreConfig(prefix_caching=False), progress=False)
+    assert [c.token_ids for c in completions] == [uncached.generate([p], sp)[0].token_ids
+                                                  for p, sp in zip(prompts, params)]

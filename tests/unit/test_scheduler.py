@@ -143,10 +143,12 @@ class ReadFromTheEnd:
         raise AssertionError("no request waits for a read here")
 
 
-def hashed_seq(name, prompt_len):
+def hashed_seq(name, prompt_len, first_token=0):
+    """With ``first_token``, its prompt counts up from there (two sequences share no prefix)."""
     from kvstore.hashing import BlockHasher
 
     s = seq(name, prompt_len)
+    s.token_ids = list(range(first_token, first_token + prompt_len))
     s.hasher = BlockHasher(BLOCK)
     return s
 
@@ -282,7 +284,7 @@ class ReadingInTheBackground(HoldingBelow):
 def test_requests_still_being_read_keep_their_places_while_the_others_are_admitted():
     tiers = ReadingInTheBackground({"a", "c"})
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockPool(16), BLOCK, tiers)
-    a, b, c, d = (hashed_seq(name, 5) for name in "abcd")
+    a, b, c, d = (hashed_seq(name, 5, first_token=10 * i) for i, name in enumerate("abcd"))
     for s in (a, b, c, d):
         scheduler.add(s)
     out = run_step(scheduler)
