@@ -92,7 +92,9 @@ def secure_cluster(tmp_path_factory, pki, secure_redis):
     (directory / "tokens.yaml").write_text("".join(f"{tenant}: [{token}]\n" for tenant, token in TOKENS.items()))
     (directory / "redis-password").write_text(REDIS_PASSWORD)
     overrides = {
-        "kvstore": {"cpu": {"enabled": False},
+        # (no cost model: under load it may judge a 9-block Redis read slower than recomputing, and these tests
+        # ask where blocks are, not whether fetching them pays)
+        "kvstore": {"cpu": {"enabled": False}, "cost_model": False,
                     "redis": {"url": secure_redis.url, "password_file": str(directory / "redis-password"),
                               "ca_file": pki.server.ca_file}},
         "workers": {"count": 2, "num_cpus": 0.5},
