@@ -82,7 +82,8 @@ class RouterActor:
         router = self.config.router
         interceptors = []
         if router.auth.tokens_file is not None:
-            interceptors.append(BearerTokenAuth(load_token_table(router.auth.tokens_file)))
+            rejected = self.metrics.requests.labels("rejected")
+            interceptors.append(BearerTokenAuth(load_token_table(router.auth.tokens_file), on_refused=rejected.inc))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()

@@ -39,7 +39,8 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+async def abort_with_status(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """End the call with ``error``'s status (the interceptors' refusals go through here too)."""
     code, details = _status_of(error)
     await context.abort(code, details)
 
@@ -56,7 +57,7 @@ def map_errors(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as error:  # noqa: BLE001 - mapped, not swallowed: the client gets the status
-                await _abort(context, error)
+                await abort_with_status(context, error)
 
         return streaming
 
@@ -67,6 +68,6 @@ def map_errors(method):
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - mapped, not swallowed: the client gets the status
-            await _abort(context, error)
+            await abort_with_status(context, error)
 
     return unary

@@ -1,8 +1,9 @@
 """Bearer tokens, the tenants they stand for, and the cache salt a tenant's requests get. Pure data.
 
-The tokens file is YAML mapping each tenant to its tokens (``acme: [token, ...]``). Only SHA-256 digests of
-the tokens are kept, and a lookup compares the presented token with every entry in constant time, so neither
-the answer's timing nor a memory dump gives a token away. A token is never logged.
+The tokens file is YAML mapping each tenant to its tokens (``acme: [token, ...]``), or to its tokens and its
+limits (``acme: {tokens: [token, ...], max_in_flight: 16, min_priority: 0}``: ``TenantLimits``). Only SHA-256
+digests of the tokens are kept, and a lookup compares the presented token with every entry in constant time,
+so neither the answer's timing nor a memory dump gives a token away. A token is never logged.
 
 A tenant's cache salt is derived here from the tenant's name and whatever salt the client asked for, so a
 client can partition its own tenant's cache further but can never name another tenant's salt: the tenant
@@ -17,11 +18,13 @@ import hashlib
 import hmac
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from kvstore.redis_keys import SCOPE_SEPARATOR
+from workers.validation import PRIORITY_RANGE
 
 MIN_TOKEN_CHARS = 16
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -35,10 +38,19 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class TokenTable:
-    """Maps a presented bearer token to its tenant, or to None."""
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may ask of the router, beside the router's own limits (None: no limit of its own)."""
 
-    def __init__(self, tenants: dict[str, list[str]]) -> None:
+    max_in_flight: int | None = None  # its Generate calls at once; one more is refused RESOURCE_EXHAUSTED
+    min_priority: int | None = None  # the most urgent priority it may ask for; more urgent is INVALID_ARGUMENT
+
+
+class TokenTable:
+    """Maps a presented bearer token to its tenant, or to None; and a tenant to its limits."""
+
+    def __init__(self, tenants: dict[str, list[str]], limits: dict[str, TenantLimits] | None = None) -> None:
+        self.limits = limits or {}
         self._entries: list[tuple[bytes, str]] = []
         seen: set[bytes] = set()
         for tenant, tokens in tenants.items():
@@ -66,6 +78,9 @@ class TokenTable:
     def tenants(self) -> set[str]:
         return {tenant for _, tenant in self._entries}
 
+    def limits_of(self, tenant: str) -> TenantLimits:
+        return self.limits.get(tenant, TenantLimits())
+
 
 def load_token_table(path: str | Path) -> TokenTable:
     try:
@@ -74,7 +89,31 @@ def load_token_table(path: str | Path) -> TokenTable:
         raise TokensFileError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise TokensFileError(f"{path}: must map each tenant to a list of tokens")
-    return TokenTable({tenant: _checked_tokens(path, tenant, tokens) for tenant, tokens in data.items()})
+    tokens, limits = {}, {}
+    for tenant, entry in data.items():
+        if isinstance(entry, dict):
+            limits[tenant] = _checked_limits(path, tenant, entry)
+            entry = entry.get("tokens")
+        tokens[tenant] = _checked_tokens(path, tenant, entry)
+    return TokenTable(tokens, limits)
+
+
+_LIMIT_KEYS = ("tokens", "max_in_flight", "min_priority")
+
+
+def _checked_limits(path: str | Path, tenant: object, entry: dict) -> TenantLimits:
+    unknown = sorted(str(key) for key in entry if key not in _LIMIT_KEYS)
+    if unknown:
+        raise TokensFileError(f"{path}: tenant {tenant!r}: unknown key {unknown[0]!r} "
+                              f"(known: {', '.join(_LIMIT_KEYS)})")
+    max_in_flight, min_priority = entry.get("max_in_flight"), entry.get("min_priority")
+    if max_in_flight is not None and (type(max_in_flight) is not int or max_in_flight < 1):
+        raise TokensFileError(f"{path}: tenant {tenant!r}: max_in_flight must be an integer >= 1, got "
+                              f"{max_in_flight!r}")
+    low, high = PRIORITY_RANGE
+    if min_priority is not None and (type(min_priority) is not int or not low <= min_priority <= high):
+        raise TokensFileError(f"{path}: tenant {tenant!r}: min_priority must be an int32, got {min_priority!r}")
+    return TenantLimits(max_in_flight, min_priority)
 
 
 def _checked_tokens(path: str | Path, tenant: object, tokens: object) -> list[str]:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.client import KvtierClient
+from cluster.client import KvtierClient, build_request
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
 from protos.kvtier.v1 import generation_pb2 as pb
 from protos.kvtier.v1 import generation_pb2_grpc as pb_grpc
@@ -24,6 +24,7 @@ from workers.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 TOKENS = {"acme": "acme-token-0123456789abcdef", "globex": "globex-token-0123456789abcdef"}
+LIMITED = ("initech", "initech-token-0123456789abcdef")  # a tenant with limits: one call at once, priority >= 0
 REDIS_PASSWORD = "redis-password-0123456789"
 
 
@@ -89,7 +90,9 @@ def test_a_wrong_redis_password_makes_every_fetch_a_counted_miss(secure_redis, t
 @pytest.fixture(scope="module")
 def secure_cluster(tmp_path_factory, pki, secure_redis):
     directory = tmp_path_factory.mktemp("secure-cluster")
-    (directory / "tokens.yaml").write_text("".join(f"{tenant}: [{token}]\n" for tenant, token in TOKENS.items()))
+    (directory / "tokens.yaml").write_text("".join(f"{tenant}: [{token}]\n" for tenant, token in TOKENS.items())
+                                           + f"{LIMITED[0]}: {{tokens: [{LIMITED[1]}], max_in_flight: 1, "
+                                             "min_priority: 0}\n")
     (directory / "redis-password").write_text(REDIS_PASSWORD)
     overrides = {
         # (no cost model: under load it may judge a 9-block Redis read slower than recomputing, and these tests
@@ -207,3 +210,34 @@ def test_a_tenants_flush_deletes_its_own_blocks_from_redis_and_no_one_elses(secu
     assert salted.usage["cached_tokens"] == {"gpu": 0, "cpu": 0, "redis": 0}
     acme.close()
     globex.close()
+
+
+def test_a_tenants_limits_refuse_what_exceeds_them_and_no_one_elses_calls(secure_cluster, pki):
+    """initech may run one call at once at priority 0 or later: a second one while its first streams is
+    RESOURCE_EXHAUSTED naming it, and priority -1 INVALID_ARGUMENT naming the field; once its stream ends it
+    may call again; acme, without limits of its own, runs two at once at priority -1 meanwhile."""
+    initech, acme = client_of(secure_cluster, pki, LIMITED[1]), client_of(secure_cluster, pki, TOKENS["acme"])
+    long_run = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+    first = initech.stream(build_request(prompt(10, 20), long_run))
+    assert next(first).HasField("delta")
+    with pytest.raises(grpc.RpcError) as caught:
+        initech.complete(prompt(11, 20), GREEDY)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tenant 'initech' has 1 requests in flight, its limit is 1" in caught.value.details()
+    others = [acme.stream(build_request(prompt(12 + i, 20), long_run, priority=-1)) for i in range(2)]
+    assert all(next(stream).HasField("delta") for stream in others)
+    for stream in (first, *others):
+        stream.cancel()
+    with pytest.raises(grpc.RpcError) as caught:
+        initech.complete(prompt(11, 20), GREEDY, priority=-1)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("priority:")
+    deadline = time.monotonic() + 30
+    while True:  # the cancelled stream's call ends on the router a moment after the client cancels it
+        try:
+            assert len(initech.complete(prompt(11, 20), GREEDY).token_ids) == GREEDY.max_tokens
+            break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+            time.sleep(0.1)
+    initech.close()
+    acme.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import ConfigError, load_config
-from router.tenancy import TokensFileError, TokenTable, load_token_table, tenant_salt, tenant_scope
+from router.tenancy import (TenantLimits, TokensFileError, TokenTable, load_token_table, tenant_salt,
+                            tenant_scope)
 
 ACME, GLOBEX = "acme-token-0123456789", "globex-token-0123456789"
 
@@ -27,6 +28,11 @@ def test_the_tokens_file_is_checked_without_echoing_a_token(tmp_path):
         f"acme: [{ACME}]\nglobex: [{ACME}]\n": "listed twice",
         "[1, 2]\n": "must map each tenant",
         "{}\n": "no tokens",
+        "acme: {max_in_flight: 2}\n": "must list at least one token",
+        f"acme: {{tokens: [{ACME}], max_in_flight: 0}}\n": "max_in_flight must be an integer >= 1, got 0",
+        f"acme: {{tokens: [{ACME}], max_in_flight: 2.5}}\n": "max_in_flight must be an integer",
+        f"acme: {{tokens: [{ACME}], min_priority: 2147483648}}\n": "min_priority must be an int32",
+        f"acme: {{tokens: [{ACME}], max_inflight: 2}}\n": "unknown key 'max_inflight'",
     }
     for text, message in cases.items():
         path = tmp_path / "tokens.yaml"
@@ -83,3 +89,12 @@ def test_serve_refuses_to_start_on_a_missing_or_bad_security_file(tmp_path):
     tokens.write_text("acme: [short]\n")
     with pytest.raises(ConfigError, match=r"^router\.auth\.tokens_file: .*token #0"):
         check_files(load_config(overrides={"router": {"auth": {"tokens_file": str(tokens)}}}))
+
+
+def test_a_tenant_may_be_given_limits_beside_its_tokens(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text(f"acme: [{ACME}]\nglobex:\n  tokens: [{GLOBEX}]\n  max_in_flight: 4\n  min_priority: 0\n")
+    table = load_token_table(path)
+    assert table.tenant_of(GLOBEX) == "globex" and table.tenant_of(ACME) == "acme"
+    assert table.limits_of("globex") == TenantLimits(max_in_flight=4, min_priority=0)
+    assert table.limits_of("acme") == TenantLimits()
