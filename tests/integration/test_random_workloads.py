@@ -10,6 +10,7 @@ paused, emptied and its values damaged between steps: Redis never changes a toke
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -21,8 +22,9 @@ import pytest
 from kvstore.config import CpuTierConfig, KVStoreConfig, RedisConfig
 from tests.integration.test_kv_tiers import BLOCK, tokens
 from tests.redis_server import RedisServer
-from workers.engine import LLMEngine
+from workers.engine import Completion, LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.sampler import TokenLogprobs
 from workers.sampling_params import SamplingParams
 
 
@@ -35,10 +37,12 @@ class Request:
     priority: int = 0
 
 
-def random_waves(rng: random.Random, priorities: random.Random | None = None) -> list[list[Request]]:
+def random_waves(rng: random.Random, priorities: random.Random | None = None,
+                 scoring: random.Random | None = None) -> list[list[Request]]:
     """Eight waves of 1-6 requests, each prompt a leading part of one of four documents (3, 10 or 25 blocks),
     then 1-39 tokens of its own; priorities drawn from ``priorities`` (all 0 without it; a second generator,
-    so the rest of a seed's workload is the same either way)."""
+    so the rest of a seed's workload is the same either way), and from ``scoring`` whether a request asks for
+    its prompt's log-probabilities (a third of them; none without it)."""
     documents = [tokens(1000 + i, rng.choice([3, 10, 25]) * BLOCK) for i in range(4)]
 
     def request() -> Request:
@@ -47,6 +51,8 @@ def random_waves(rng: random.Random, priorities: random.Random | None = None) ->
         params = SamplingParams(max_tokens=rng.randrange(1, 24), temperature=rng.choice([0, 0.8]),
                                 top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1000), ignore_eos=True)
         priority = priorities.choice([-1, 0, 0, 1, 2]) if priorities is not None else 0
+        if scoring is not None and scoring.random() < 0.33:
+            params = dataclasses.replace(params, prompt_logprobs=scoring.choice([0, 2]))
         return Request(prompt, params, rng.choice([None, None, "tenant-1", "tenant-2"]), rng.random() < 0.15,
                        priority)
 
@@ -67,26 +73,41 @@ def tiered_engine(rng: random.Random, redis_url: str, compute_while_reading: str
     return engine(kvstore, rng.choice([30, 45, 64]), rng.choice([16, 48, 512]), rng.choice([2, 8]))
 
 
-def uncached_tokens(waves: list[list[Request]]) -> list[list[list[int]]]:
+def uncached_runs(waves: list[list[Request]]) -> list[list[Completion]]:
     reference = engine(KVStoreConfig(prefix_caching=False), 4096, 8192, 64)
     expected = []
     for wave in waves:
         for i, request in enumerate(wave):
             reference.add_request(str(i), request.prompt, request.params, request.salt)
-        expected.append([done.token_ids for done in reference.run_to_completion([str(i) for i in range(len(wave))])])
+        expected.append(reference.run_to_completion([str(i) for i in range(len(wave))]))
     return expected
 
 
+def uncached_tokens(waves: list[list[Request]]) -> list[list[list[int]]]:
+    return [[done.token_ids for done in wave] for wave in uncached_runs(waves)]
+
+
+def same_scores(found: list[TokenLogprobs], expected: list[TokenLogprobs]) -> bool:
+    """Token for token, the same log-probabilities (to 1e-4: the chunks differ) and alternatives' values."""
+    return len(found) == len(expected) and all(
+        f.token_id == e.token_id and abs(f.logprob - e.logprob) < 1e-4
+        and len(f.top) == len(e.top) and all(abs(a[1] - b[1]) < 1e-4 for a, b in zip(f.top, e.top))
+        for f, e in zip(found, expected))
+
+
 def run_wave(rng: random.Random, engine: LLMEngine, wave: list[Request], name: str,
-             before_step: Callable[[], None] = lambda: None) -> dict[str, list[int]]:
+             before_step: Callable[[], None] = lambda: None,
+             scores: dict[str, list[TokenLogprobs]] | None = None) -> dict[str, list[int]]:
     """Submit the wave's requests, each followed by a step half the time; abort those to abort (after a step,
-    half the time); step until the rest finish. Tokens by request id."""
+    half the time); step until the rest finish. Tokens by request id (and prompt logprobs into ``scores``)."""
     generated: dict[str, list[int]] = {}
 
     def step() -> None:
         before_step()
         for output in engine.step():
             generated.setdefault(output.request_id, []).extend(output.new_token_ids)
+            if scores is not None:
+                scores.setdefault(output.request_id, []).extend(output.prompt_logprobs)
 
     for i, request in enumerate(wave):
         engine.add_request(f"{name}-{i}", request.prompt, request.params, request.salt, priority=request.priority)
@@ -172,20 +193,26 @@ def warmed_up(engines: list[LLMEngine]) -> list[LLMEngine]:
     return engines
 
 
-@pytest.mark.parametrize("seed, with_priorities", [*((seed, False) for seed in range(1, 13)),
-                                                   *((seed, True) for seed in range(1, 9))])
-def test_random_shared_prefix_workloads_give_the_uncached_tokens(redis_server, seed, with_priorities):
+@pytest.mark.parametrize("seed, with_priorities, with_scores", [
+    *((seed, False, False) for seed in range(1, 13)), *((seed, True, False) for seed in range(1, 9)),
+    *((seed, seed % 2 == 0, True) for seed in range(1, 7))])
+def test_random_shared_prefix_workloads_give_the_uncached_tokens(redis_server, seed, with_priorities, with_scores):
+    """(With scores: a third of the requests also ask for their prompt's log-probabilities, which read no
+    cache but store what they compute, and get those of the uncached run.)"""
     rng = random.Random(seed)
-    waves = random_waves(rng, random.Random(-seed) if with_priorities else None)
-    expected = uncached_tokens(waves)
+    waves = random_waves(rng, random.Random(-seed) if with_priorities else None,
+                         random.Random(seed + 100) if with_scores else None)
+    expected = uncached_runs(waves)
     compute_while_reading = rng.choice(["on", "off"])
     engines = warmed_up([tiered_engine(rng, redis_server.url, compute_while_reading) for _ in range(2)])
     for index, wave in enumerate(waves):
         tiered = engines[rng.randrange(2)]
-        generated = run_wave(rng, tiered, wave, str(index))
+        scores: dict[str, list[TokenLogprobs]] = {}
+        generated = run_wave(rng, tiered, wave, str(index), scores=scores)
         for i, request in enumerate(wave):
             if not request.aborted:
-                assert generated[f"{index}-{i}"] == expected[index][i], f"wave {index}, request {i}"
+                assert generated[f"{index}-{i}"] == expected[index][i].token_ids, f"wave {index}, request {i}"
+                assert same_scores(scores[f"{index}-{i}"], expected[index][i].prompt_logprobs), f"wave {index}, {i}"
         assert tiered.block_pool.num_free == tiered.block_pool.num_blocks, f"wave {index}"
         assert not tiered.tiers._staged and not tiered.tiers._cpu_pins
         if rng.random() < 0.3:
