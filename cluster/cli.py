@@ -137,6 +137,13 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     sampling.add_argument("--min-p", type=float, default=0.0)
     sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0,
+                          help="divide (multiply, if negative) the logits of tokens in the prompt or the output; "
+                               "1 is off")
+    sampling.add_argument("--presence-penalty", type=float, default=0.0,
+                          help="subtract from the logits of tokens the output holds, in [-2, 2]")
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0,
+                          help="subtract per occurrence in the output, in [-2, 2]")
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     sampling.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="1,2")
     sampling.add_argument("--ignore-eos", action="store_true")
@@ -194,8 +201,10 @@ def sampling_params_of(args: argparse.Namespace):
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_ids),
-        ignore_eos=args.ignore_eos, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+        min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+        prompt_logprobs=args.prompt_logprobs,
     )
 
 

@@ -53,6 +53,9 @@ def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_sal
         params.temperature, params.top_p, params.top_k, params.min_p)
     if params.seed is not None:
         sampling.seed = params.seed
+    if params.has_penalties:
+        sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty = (
+            params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
     if params.logprobs is not None:
         sampling.logprobs = params.logprobs
     if params.prompt_logprobs is not None:

@@ -39,6 +39,10 @@ def sampling_of(request: pb.GenerateRequest) -> SamplingParams:
         top_p=sampling.top_p if sampling.HasField("top_p") else defaults.top_p,
         top_k=sampling.top_k if sampling.HasField("top_k") else defaults.top_k,
         min_p=sampling.min_p if sampling.HasField("min_p") else defaults.min_p,
+        repetition_penalty=(sampling.repetition_penalty if sampling.HasField("repetition_penalty")
+                            else defaults.repetition_penalty),
+        presence_penalty=sampling.presence_penalty if sampling.HasField("presence_penalty") else 0.0,
+        frequency_penalty=sampling.frequency_penalty if sampling.HasField("frequency_penalty") else 0.0,
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),

@@ -3,6 +3,7 @@ run by Triton's interpreter on the CPU where there is no GPU (set before any ker
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -21,6 +22,15 @@ def kvtier_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     monkeypatch.setenv("KVTIER_CACHE_DIR", str(tmp_path_factory.mktemp("kvtier-cache")))
     yield
     monkeypatch.undo()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def collected_after_each_module():
+    """What a test module left in reference cycles is freed before the next one: a pytest worker runs many
+    modules, and one holding many engines' untouched KV pools (address space, not RSS) can no longer fork
+    (Ray starts its processes by fork: ENOMEM under the kernel's overcommit heuristic)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

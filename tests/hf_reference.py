@@ -66,8 +66,10 @@ def random_prompts(lengths: list[int], vocab_size: int, seed: int = 0) -> list[l
     return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy ``generate``, one prompt at a time (no padding), new tokens only."""
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, processors=None,
+              **generate_options) -> list[list[int]]:
+    """transformers' greedy ``generate``, one prompt at a time (no padding), new tokens only; ``processors``
+    (prompt length -> a list of logits processors) adds processors of the test's own."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -75,9 +77,10 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.no_grad():
+            extra = {"logits_processor": processors(len(prompt))} if processors is not None else {}
             generated = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=0,
+                pad_token_id=0, **extra, **generate_options,
             )
         outputs.append(generated[0, len(prompt):].tolist())
     return outputs
@@ -91,3 +94,17 @@ def hf_log_softmax(model_dir: Path, token_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([token_ids])).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+class OpenAIPenalties:
+    """A transformers logits processor: OpenAI's presence and frequency penalties over the generated tokens
+    (those after ``prompt_len``), as the reference for ``workers.penalties``."""
+
+    def __init__(self, presence: float, frequency: float, prompt_len: int) -> None:
+        self.presence, self.frequency, self.prompt_len = presence, frequency, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros_like(scores)
+        generated = input_ids[:, self.prompt_len :]
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.presence * (counts > 0) - self.frequency * counts

@@ -7,6 +7,7 @@ request's blocks at once (its final output comes with the next ``step``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -36,6 +37,7 @@ from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
 from workers.model_loader import fingerprint_model, load_model, resolve_dtype
 from workers.parallel import ParallelContext, check_parallel_degree
+from workers.penalties import PenaltyState, penalized
 from workers.presets import resolve_model_dir
 from workers.prompt_logprobs import PromptScores, plan_scoring, score
 from workers.runner import ModelRunner
@@ -105,6 +107,7 @@ class _RequestState:
     seed: int
     generator: torch.Generator  # seeded again for each token the request samples (``token_seed``)
     prompt_scores: PromptScores | None = None  # while a request asking for prompt logprobs has not sent them
+    penalty: PenaltyState | None = None  # from its first sampled step, when it has penalties
 
     def generator_for_next_token(self) -> torch.Generator:
         params = self.seq.params
@@ -247,7 +250,10 @@ class LLMEngine:
         unit_ranges = writer_head_ranges(self.parallel.world_size, model.num_kv_heads)
         return KVTiers(
             full_block_shape, unit_ranges, kvstore, num_cpu_slots, self.fingerprint, self.kv_stats,
-            self.cost_model, self._apply_tier_ops, self._gpu_hits, self.kv_events,
+            # (callables that do not hold the engine: it is freed, KV cache and all, once dropped, without
+            # waiting for the garbage collector to find a cycle)
+            self.cost_model, functools.partial(_apply_tier_ops, self.mover, self.tp_group),
+            functools.partial(_gpu_hits, self.block_pool), self.kv_events,
             pin_staging=self.device.type == "cuda",
             gather_piece_blocks=GATHER_PIECE_BLOCKS if self.tp_group is None else 0,  # with ranks: not pinned
             load_clock=self.mover.settled_load_seconds if self.mover.time_loads else None,
@@ -258,13 +264,6 @@ class LLMEngine:
         max_batch = decode_graph_batch(self.config, self.device)
         if max_batch:
             self.runner.enable_decode_graphs(max_batch, self.limits.max_model_len, with_logits=True, capture=True)
-
-    def _apply_tier_ops(self, ops, payload):
-        if self.tp_group is None:
-            return self.mover.apply(ops, payload)
-        if ops.copies_nothing:  # only reused blocks: with ranks no gather is left running to order them after
-            return None
-        return self.tp_group.run_tier_ops(ops, lambda: self.mover.apply(ops, payload))
 
     def prepare_request(
         self,
@@ -331,13 +330,9 @@ class LLMEngine:
         """Start reading the prompt's full blocks that the GPU pool lacks from Redis now, in the background, so
         the read runs beside the steps taken until the request is admitted (``KVTiers.prefetch``)."""
         hashes = seq.reusable_block_hashes()
-        on_gpu = self._gpu_hits(hashes)
+        on_gpu = _gpu_hits(self.block_pool, hashes)
         if on_gpu < len(hashes):
             self.tiers.prefetch(seq.request_id, hashes[on_gpu:], seq.prefix_ref, on_gpu)
-
-    def _gpu_hits(self, block_hashes: list[bytes]) -> int:
-        """How many leading blocks of ``block_hashes`` the GPU pool caches."""
-        return len(self.block_pool.match_prefix(block_hashes))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; False if it is unknown or already finished."""
@@ -389,7 +384,10 @@ class LLMEngine:
             return [], []
         params = [state.seq.params for state in sampling]
         generators = [state.generator_for_next_token() for state in sampling]
-        tokens = sample_on_device(logits, params, generators)
+        penalized_rows = [row for row, p in enumerate(params) if p.has_penalties]
+        tokens = sample_on_device(self._penalized(logits, sampling, penalized_rows), params, generators)
+        for row in penalized_rows:
+            sampling[row].penalty.add(tokens[row])
         asking = [row for row, p in enumerate(params) if p.logprobs is not None]
         waited = time.perf_counter()
         host_tokens = tokens.tolist()
@@ -399,6 +397,19 @@ class LLMEngine:
             for row, found in zip(asking, logprobs_of(logits, tokens, asking, [params[r].logprobs for r in asking])):
                 logprobs[row] = found
         return host_tokens, logprobs
+
+    def _penalized(self, logits: torch.Tensor, sampling: list[_RequestState], rows: list[int]) -> torch.Tensor:
+        """The logits to sample from: ``logits`` with the penalties of ``rows`` applied (``workers.penalties``)."""
+        if not rows:
+            return logits
+        for row in rows:
+            state = sampling[row]
+            if state.penalty is None:
+                seq = state.seq
+                state.penalty = PenaltyState(seq.token_ids, seq.num_output_tokens + seq.params.resumed_tokens,
+                                             logits.shape[-1], logits.device)
+        return penalized(logits, rows, [sampling[row].seq.params for row in rows],
+                         [sampling[row].penalty for row in rows])
 
     def _move_blocks_in(self, plan: SchedulerOutput) -> None:
         """Before the forward, in this order: gather last step's new blocks for Redis, spill what the pool evicted
@@ -562,6 +573,20 @@ class LLMEngine:
             seq.request_id, new_tokens, state.text.take_delta(finished), finished, seq.finish_reason, usage, seed,
             logprobs, prompt_logprobs,
         )
+
+
+def _apply_tier_ops(mover: BlockMover, tp_group: TPGroup | None, ops, payload):
+    """Run a step's tier copies here, and on every rank of a group (in the same order)."""
+    if tp_group is None:
+        return mover.apply(ops, payload)
+    if ops.copies_nothing:  # only reused blocks: with ranks no gather is left running to order them after
+        return None
+    return tp_group.run_tier_ops(ops, lambda: mover.apply(ops, payload))
+
+
+def _gpu_hits(block_pool: BlockPool, block_hashes: list[bytes]) -> int:
+    """How many leading blocks of ``block_hashes`` the GPU pool caches."""
+    return len(block_pool.match_prefix(block_hashes))
 
 
 def resolve_device(name: str) -> torch.device:

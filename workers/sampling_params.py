@@ -12,6 +12,10 @@ class SamplingParams:
     top_p: float = 1.0  # in (0, 1]; 1 keeps every token
     top_k: int = 0  # 0 (or -1) keeps every token
     min_p: float = 0.0  # in [0, 1]; 0 keeps every token
+    # ``workers.penalties``: > 0, 1 is off (transformers' repetition penalty, on prompt and output tokens)
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # in [-2, 2], 0 is off (OpenAI's, on output tokens)
+    frequency_penalty: float = 0.0  # in [-2, 2], 0 is off (OpenAI's, per occurrence in the output)
     seed: int | None = None  # same seed => same tokens, whatever else shares the batch
     stop: tuple[str, ...] = ()  # the text is cut before the first of these
     stop_token_ids: tuple[int, ...] = ()  # stop after generating any of these (kept in token_ids)
@@ -31,3 +35,7 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

@@ -92,6 +92,9 @@ def _check_sampling(params: SamplingParams, limits: RequestLimits) -> None:
     _check_real("temperature", params.temperature, low=0.0, low_open=False, high=math.inf)
     _check_real("top_p", params.top_p, low=0.0, low_open=True, high=1.0)
     _check_real("min_p", params.min_p, low=0.0, low_open=False, high=1.0)
+    _check_real("repetition_penalty", params.repetition_penalty, low=0.0, low_open=True, high=math.inf)
+    _check_real("presence_penalty", params.presence_penalty, low=-2.0, low_open=False, high=2.0)
+    _check_real("frequency_penalty", params.frequency_penalty, low=-2.0, low_open=False, high=2.0)
     if not _is_int(params.top_k) or params.top_k < -1:
         raise InvalidRequestError("top_k", f"must be -1 or 0 (off) or an integer >= 1, got {params.top_k!r}")
     if params.seed is not None and (not _is_int(params.seed) or not 0 <= params.seed < 2**63):

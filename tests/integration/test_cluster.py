@@ -36,11 +36,13 @@ def cluster(tmp_path_factory):
         "workers": {"count": 2, "num_cpus": 0.5},
         "router": {"port": 0, "max_in_flight": 4},
     }
-    with local_cluster(overrides, "kvtier-test") as handle:
-        client = KvtierClient(handle.address)
-        yield handle, client, redis
-        client.close()
-    redis.stop()
+    try:
+        with local_cluster(overrides, "kvtier-test") as handle:
+            client = KvtierClient(handle.address)
+            yield handle, client, redis
+            client.close()
+    finally:
+        redis.stop()  # (also when the cluster failed to start)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,11 @@ def test_tokens_through_the_router_equal_the_offline_engine(cluster, offline):
     assert client.complete(prompt, GREEDY).token_ids == expected(offline, prompt)
     text = client.complete("Hello, kvtier", GREEDY)
     assert text.token_ids == offline.generate(["Hello, kvtier"], GREEDY)[0].token_ids
+    penalized = SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True, repetition_penalty=1.4,
+                               presence_penalty=1.0, frequency_penalty=0.5)
+    remote = client.complete(prompt, penalized).token_ids
+    assert remote == offline.generate([prompt], penalized)[0].token_ids != client.complete(
+        prompt, SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)).token_ids
 
 
 def test_shared_prefix_requests_follow_the_prefix_and_survive_its_worker(cluster, offline):

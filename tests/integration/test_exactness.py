@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hf_reference import hf_greedy, hf_log_softmax, random_prompts, save_random_model
+from tests.hf_reference import OpenAIPenalties, hf_greedy, hf_log_softmax, random_prompts, save_random_model
 from workers.engine import LLMEngine
 from workers.engine_config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.sampling_params import SamplingParams
@@ -109,6 +109,18 @@ def test_prompt_logprobs_are_transformers_log_softmax_at_each_prompt_position(re
             assert abs(found.logprob - row[found.token_id].item()) < 1e-4
             assert [t for t, _ in found.top] == row.topk(3).indices.tolist()
             assert all(abs(value - row[t].item()) < 1e-4 for t, value in found.top)
+
+
+def test_penalized_greedy_output_is_transformers_with_the_same_penalties(reference):
+    """Repetition penalty (transformers' own processor) and presence and frequency penalties (OpenAI's, as a
+    processor of the test's), in one batch with chunked prefill: token for token; and they change the output."""
+    model_dir, prompts, expected = reference
+    penalties = dict(repetition_penalty=1.8, presence_penalty=1.5, frequency_penalty=2.0)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, **penalties)
+    got = [c.token_ids for c in engine_for(model_dir, max_num_batched_tokens=64).generate(prompts, params)]
+    assert got == hf_greedy(model_dir, prompts, MAX_TOKENS, repetition_penalty=1.8,
+                            processors=lambda prompt_len: [OpenAIPenalties(1.5, 2.0, prompt_len)])
+    assert got != expected
 
 
 def test_a_pool_small_enough_to_force_preemption(reference):

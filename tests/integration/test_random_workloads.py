@@ -42,7 +42,7 @@ def random_waves(rng: random.Random, priorities: random.Random | None = None,
     """Eight waves of 1-6 requests, each prompt a leading part of one of four documents (3, 10 or 25 blocks),
     then 1-39 tokens of its own; priorities drawn from ``priorities`` (all 0 without it; a second generator,
     so the rest of a seed's workload is the same either way), and from ``scoring`` whether a request asks for
-    its prompt's log-probabilities (a third of them; none without it)."""
+    its prompt's log-probabilities and whether it has penalties (a third of them each; none without it)."""
     documents = [tokens(1000 + i, rng.choice([3, 10, 25]) * BLOCK) for i in range(4)]
 
     def request() -> Request:
@@ -53,6 +53,8 @@ def random_waves(rng: random.Random, priorities: random.Random | None = None,
         priority = priorities.choice([-1, 0, 0, 1, 2]) if priorities is not None else 0
         if scoring is not None and scoring.random() < 0.33:
             params = dataclasses.replace(params, prompt_logprobs=scoring.choice([0, 2]))
+        if scoring is not None and scoring.random() < 0.33:
+            params = dataclasses.replace(params, repetition_penalty=1.3, presence_penalty=0.8, frequency_penalty=0.4)
         return Request(prompt, params, rng.choice([None, None, "tenant-1", "tenant-2"]), rng.random() < 0.15,
                        priority)
 
@@ -198,7 +200,7 @@ def warmed_up(engines: list[LLMEngine]) -> list[LLMEngine]:
     *((seed, seed % 2 == 0, True) for seed in range(1, 7))])
 def test_random_shared_prefix_workloads_give_the_uncached_tokens(redis_server, seed, with_priorities, with_scores):
     """(With scores: a third of the requests also ask for their prompt's log-probabilities, which read no
-    cache but store what they compute, and get those of the uncached run.)"""
+    cache but store what they compute, and get those of the uncached run; a third have penalties.)"""
     rng = random.Random(seed)
     waves = random_waves(rng, random.Random(-seed) if with_priorities else None,
                          random.Random(seed + 100) if with_scores else None)

@@ -49,6 +49,15 @@ def test_a_seeded_request_resumed_after_any_token_draws_what_the_unbroken_run_dr
     assert [token for token, _ in reseeded[:-1]] != [token for token, _ in unbroken[:-1]]
 
 
+def test_a_penalized_request_resumed_after_any_token_counts_the_resumed_tokens_as_its_output(engine):
+    """Presence and frequency penalties count output tokens: the resumed run counts those it was resumed with."""
+    penalized = replace(SEEDED, presence_penalty=2.0, frequency_penalty=2.0, repetition_penalty=1.5)
+    unbroken = streamed(engine, PROMPT, penalized, "penalized")
+    assert unbroken != streamed(engine, PROMPT, SEEDED, "unpenalized")
+    for n in (1, 9, 39):
+        assert unbroken[n:] == resumed_after(engine, unbroken, penalized, n, f"penalized-after-{n}"), n
+
+
 def test_a_stop_string_across_the_break_is_found_and_no_held_back_text_is_lost(engine):
     greedy = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     text = "".join(piece for _, piece in streamed(engine, PROMPT, greedy, "probe")[:-1])
