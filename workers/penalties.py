@@ -33,9 +33,11 @@ class PenaltyState:
                                    torch.ones(num_output, dtype=torch.float32, device=device))
 
     def add(self, token: torch.Tensor) -> None:
-        """Count a sampled token (a 0-d tensor on the device: no host synchronisation)."""
-        self.seen[token] = True
-        self.counts[token] += 1.0
+        """Count a sampled token (a tensor of one id on the device; indexed as a 1-d index, never as an int,
+        which would wait for the device)."""
+        index = token.reshape(1)
+        self.seen.index_fill_(0, index, True)
+        self.counts.index_add_(0, index, torch.ones(1, dtype=self.counts.dtype, device=self.counts.device))
 
 
 def penalized(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],

@@ -37,3 +37,22 @@ def test_sampling_with_every_filter_does_not_synchronise_the_host():
     generators = [torch.Generator(device="cuda").manual_seed(i) for i in range(4)]
     tokens = no_host_sync(lambda: sample_on_device(logits, params, generators))
     assert tokens.shape == (4,) and tokens[0].item() == logits[0].argmax().item()
+
+
+def test_penalties_and_their_counts_do_not_synchronise_the_host():
+    from workers.penalties import PenaltyState, penalized
+
+    logits = torch.randn(3, 1000, device="cuda")
+    params = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2)] * 2
+    device = torch.device("cuda")
+    states = [PenaltyState([1, 2, 3, 2], 2, 1000, device), PenaltyState([7, 8], 0, 1000, device)]
+    generators = [torch.Generator(device="cuda").manual_seed(i) for i in range(3)]
+
+    def step() -> torch.Tensor:
+        tokens = sample_on_device(penalized(logits, [0, 2], params, states), [params[0]] * 3, generators)
+        states[0].add(tokens[0])
+        states[1].add(tokens[2])
+        return tokens
+
+    tokens = no_host_sync(step)
+    assert states[0].counts[tokens[0]].item() >= 1 and states[1].seen[tokens[2]].item()

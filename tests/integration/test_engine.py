@@ -283,3 +283,23 @@ def test_a_dropped_engine_is_freed_at_once_with_its_kv_cache():
         assert engine_ref() is None and cache_ref() is None
     finally:
         gc.enable()
+
+
+def test_the_cli_penalty_flags_give_the_engines_penalized_tokens(engine):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = {"--repetition-penalty": 1.5, "--presence-penalty": 1.0, "--frequency-penalty": 0.5}
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.5,
+                            presence_penalty=1.0, frequency_penalty=0.5)
+    command = [str(Path(sys.executable).parent / "kvtier"), "generate", "--model", "tiny", "--prompt-token-ids",
+               "5,6,7,8,5,6,7,8", "--max-tokens", "16", "--temperature", "0", "--ignore-eos", "--json", "--quiet"]
+    done = subprocess.run(command + [str(part) for flag in flags.items() for part in flag], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    penalized = engine.generate([[5, 6, 7, 8] * 2], params)[0].token_ids
+    assert json.loads(done.stdout)["token_ids"] == penalized
+    assert penalized != engine.generate([[5, 6, 7, 8] * 2], SamplingParams(max_tokens=16, temperature=0,
+                                                                         ignore_eos=True))[0].token_ids
