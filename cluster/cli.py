@@ -147,6 +147,8 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     sampling.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="1,2")
     sampling.add_argument("--ignore-eos", action="store_true")
+    sampling.add_argument("--min-tokens", type=int, default=0,
+                          help="generate at least this many tokens before EOS, a stop token id or a stop string")
     sampling.add_argument("--logprobs", type=int, metavar="N",
                           help="with --json: each generated token's log-probability and its N most likely "
                                "alternatives' (0-20)")
@@ -203,7 +205,8 @@ def sampling_params_of(args: argparse.Namespace):
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, stop=tuple(args.stop),
-        stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+        stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
+        logprobs=args.logprobs,
         prompt_logprobs=args.prompt_logprobs,
     )
 

@@ -43,7 +43,8 @@ def build_request(prompt: str | Sequence[int], params: SamplingParams, cache_sal
                   request_id: str = "", priority: int = 0) -> pb.GenerateRequest:
     request = pb.GenerateRequest(request_id=request_id, max_tokens=params.max_tokens, stop=list(params.stop),
                                  stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                                 resumed_tokens=params.resumed_tokens, priority=priority)
+                                 resumed_tokens=params.resumed_tokens, priority=priority,
+                                 min_tokens=params.min_tokens)
     if isinstance(prompt, str):
         request.text = prompt
     else:

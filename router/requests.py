@@ -47,6 +47,7 @@ def sampling_of(request: pb.GenerateRequest) -> SamplingParams:
         stop=tuple(request.stop),
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens,
         resumed_tokens=request.resumed_tokens,
         logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
         prompt_logprobs=sampling.prompt_logprobs if sampling.HasField("prompt_logprobs") else None,

@@ -37,7 +37,7 @@ from workers.model import LlamaForCausalLM
 from workers.model_config import ModelConfig, load_model_config
 from workers.model_loader import fingerprint_model, load_model, resolve_dtype
 from workers.parallel import ParallelContext, check_parallel_degree
-from workers.penalties import PenaltyState, penalized
+from workers.penalties import PenaltyState, penalized, without_tokens
 from workers.presets import resolve_model_dir
 from workers.prompt_logprobs import PromptScores, plan_scoring, score
 from workers.runner import ModelRunner
@@ -321,7 +321,8 @@ class LLMEngine:
     def _text_output(self, request: PreparedRequest) -> TextOutput:
         """The request's text; a resumed request's (``SamplingParams.resumed_tokens``) as its earlier run left it."""
         prompt, resumed = request.prompt_token_ids, request.params.resumed_tokens
-        text = TextOutput(self.tokenizer, prompt[: len(prompt) - resumed], request.params.stop)
+        text = TextOutput(self.tokenizer, prompt[: len(prompt) - resumed], request.params.stop,
+                          request.params.min_tokens)
         if text.replay(prompt[len(prompt) - resumed :]):
             raise InvalidRequestError("resumed_tokens", "the resumed tokens hold a stop string: that run had ended")
         return text
@@ -385,7 +386,7 @@ class LLMEngine:
         params = [state.seq.params for state in sampling]
         generators = [state.generator_for_next_token() for state in sampling]
         penalized_rows = [row for row, p in enumerate(params) if p.has_penalties]
-        tokens = sample_on_device(self._penalized(logits, sampling, penalized_rows), params, generators)
+        tokens = sample_on_device(self._sampling_logits(logits, sampling, penalized_rows), params, generators)
         for row in penalized_rows:
             sampling[row].penalty.add(tokens[row])
         asking = [row for row, p in enumerate(params) if p.logprobs is not None]
@@ -398,10 +399,22 @@ class LLMEngine:
                 logprobs[row] = found
         return host_tokens, logprobs
 
+    def _sampling_logits(self, logits: torch.Tensor, sampling: list[_RequestState],
+                         penalized_rows: list[int]) -> torch.Tensor:
+        """The logits to sample from: the penalties of ``penalized_rows`` applied (``workers.penalties``), and
+        EOS and the stop token ids masked where the output holds fewer than ``min_tokens`` tokens."""
+        logits = self._penalized(logits, sampling, penalized_rows) if penalized_rows else logits
+        banned = [(row, self._stop_ids(state.seq.params)) for row, state in enumerate(sampling)
+                  if state.seq.num_output_tokens + state.seq.params.resumed_tokens < state.seq.params.min_tokens]
+        banned = [(row, ids) for row, ids in banned if ids]
+        return without_tokens(logits, banned) if banned else logits
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        eos = () if params.ignore_eos else self.model_config.eos_token_ids
+        return sorted(set(params.stop_token_ids) | set(eos))
+
     def _penalized(self, logits: torch.Tensor, sampling: list[_RequestState], rows: list[int]) -> torch.Tensor:
-        """The logits to sample from: ``logits`` with the penalties of ``rows`` applied (``workers.penalties``)."""
-        if not rows:
-            return logits
+        """``logits`` with the penalties of ``rows`` applied; a request's statistics are made at its first."""
         for row in rows:
             state = sampling[row]
             if state.penalty is None:

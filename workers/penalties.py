@@ -1,4 +1,5 @@
-"""Repetition, presence and frequency penalties: the logits a request samples from, given its own tokens.
+"""Repetition, presence and frequency penalties, and ``min_tokens``' masks: the logits a request samples from,
+given its own tokens.
 
 - ``repetition_penalty`` (transformers' and vLLM's): every token id in the prompt or the output so far has its
   logit divided by the penalty where it is positive, multiplied by it where it is negative;
@@ -56,4 +57,14 @@ def penalized(logits: torch.Tensor, rows: list[int], params: list[SamplingParams
     rows_logits = rows_logits - presence * (counts > 0) - frequency * counts
     out = logits.clone()
     out[index] = rows_logits
+    return out
+
+
+def without_tokens(logits: torch.Tensor, banned: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """A copy of logits [S, V] where each (row, token ids) of ``banned`` is -inf (``min_tokens``: EOS and the
+    stop token ids cannot be sampled yet)."""
+    rows = [row for row, ids in banned for _ in ids]
+    columns = [token for _, ids in banned for token in ids]
+    out = logits.clone()
+    out[upload(rows, logits.device), upload(columns, logits.device)] = float("-inf")
     return out

@@ -20,6 +20,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # the text is cut before the first of these
     stop_token_ids: tuple[int, ...] = ()  # stop after generating any of these (kept in token_ids)
     ignore_eos: bool = False
+    # the output holds at least this many tokens (resumed ones included) before EOS or a stop token id can be
+    # sampled (they are masked) or a stop string can end it (``workers.text_output``), as vLLM's
+    min_tokens: int = 0
     # the prompt's last resumed_tokens ids were generated for this request by an earlier run of it, whose
     # stream broke (its worker died): this run draws, stops and streams text exactly as that run would have
     # gone on (max_tokens counts only the tokens still to come)

@@ -5,7 +5,9 @@ token's text by what precedes it. So each new token is decoded with a few tokens
 text is released only once it no longer ends in an incomplete character (U+FFFD).
 
 Stop strings: the text is cut before the first stop string and the request stops. While streaming, the last
-``longest stop string - 1`` characters are held back, since they may turn out to start a stop string.
+``longest stop string - 1`` characters are held back, since they may turn out to start a stop string. With
+``min_tokens``, a stop string counts only once it ends in the text of the ``min_tokens``-th generated token or
+later (as vLLM, which checks stop strings from that token on); one ending earlier is text like any other.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ class Decoder(Protocol):
 
 
 class TextOutput:
-    def __init__(self, decoder: Decoder | None, prompt_token_ids: list[int], stop: tuple[str, ...]) -> None:
+    def __init__(self, decoder: Decoder | None, prompt_token_ids: list[int], stop: tuple[str, ...],
+                 min_tokens: int = 0) -> None:
         self._decoder = decoder
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
@@ -30,12 +33,16 @@ class TextOutput:
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self._released = 0
+        self._min_tokens = min_tokens
+        self._generated = 0  # tokens appended (replayed ones included)
+        self._unarmed_until = 0  # no stop string ends at or before this text position
 
     def append(self, token_id: int) -> bool:
         """Add one generated token; True when a stop string has appeared (the text is cut before it)."""
         if self._decoder is None:
             return False
         self._ids.append(token_id)
+        self._generated += 1
         checked_until = len(self.text)
         self.text += self._decode_new(final=False)
         return self._cut_at_stop(max(0, checked_until - self._holdback))
@@ -73,7 +80,11 @@ class TextOutput:
         return whole[len(seen) :]
 
     def _cut_at_stop(self, search_from: int) -> bool:
-        hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
+        if self._generated < self._min_tokens:
+            self._unarmed_until = len(self.text)
+            return False
+        hits = [i for i in (self.text.find(s, max(search_from, self._unarmed_until - len(s) + 1)) for s in self._stop)
+                if i >= 0]
         if not hits:
             return False
         self.text = self.text[: min(hits)]

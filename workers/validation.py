@@ -69,6 +69,8 @@ def validate_request(
     _check_sampling(params, limits)
     _check_stops(params, limits)
     _check_resumed(len(prompt_token_ids), params.resumed_tokens)
+    if not _is_int(params.min_tokens) or not 0 <= params.min_tokens <= params.max_tokens + params.resumed_tokens:
+        raise InvalidRequestError("min_tokens", f"must be an integer in [0, max_tokens], got {params.min_tokens!r}")
     if params.prompt_logprobs is not None and params.resumed_tokens:
         raise InvalidRequestError("prompt_logprobs", "a resumed stream sent its prompt's log-probabilities already")
     _check_length(len(prompt_token_ids), params.max_tokens, limits)

@@ -72,6 +72,10 @@ def test_tokens_through_the_router_equal_the_offline_engine(cluster, offline):
     remote = client.complete(prompt, penalized).token_ids
     assert remote == offline.generate([prompt], penalized)[0].token_ids != client.complete(
         prompt, SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)).token_ids
+    first = expected(offline, prompt)[0]
+    held = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(first,), min_tokens=4)
+    remote = client.complete(prompt, held)
+    assert remote.token_ids == offline.generate([prompt], held)[0].token_ids and first not in remote.token_ids[:4]
 
 
 def test_shared_prefix_requests_follow_the_prefix_and_survive_its_worker(cluster, offline):

@@ -303,3 +303,14 @@ def test_the_cli_penalty_flags_give_the_engines_penalized_tokens(engine):
     assert json.loads(done.stdout)["token_ids"] == penalized
     assert penalized != engine.generate([[5, 6, 7, 8] * 2], SamplingParams(max_tokens=16, temperature=0,
                                                                          ignore_eos=True))[0].token_ids
+
+
+def test_min_tokens_masks_the_stop_token_ids_until_the_output_holds_that_many(engine):
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    (first,) = engine.generate([[9, 10, 11]], greedy)[0].token_ids[:1]
+    stopped = engine.generate([[9, 10, 11]], SamplingParams(**{**greedy.__dict__, "stop_token_ids": (first,)}))[0]
+    assert stopped.token_ids == [first] and stopped.finish_reason == FinishReason.STOP
+    held = engine.generate([[9, 10, 11]], SamplingParams(**{**greedy.__dict__, "stop_token_ids": (first,),
+                                                            "min_tokens": 3}))[0]
+    assert len(held.token_ids) >= 3 and first not in held.token_ids[:3]
+    assert held.finish_reason == (FinishReason.STOP if first in held.token_ids else FinishReason.LENGTH)

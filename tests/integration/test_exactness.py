@@ -123,6 +123,16 @@ def test_penalized_greedy_output_is_transformers_with_the_same_penalties(referen
     assert got != expected
 
 
+def test_min_tokens_is_transformers_min_new_tokens(reference):
+    """EOS cannot end an output before min_tokens (transformers' MinNewTokensLengthLogitsProcessor); outputs that
+    would have ended earlier go on, token for token as transformers'. (Shapes without an EOS id end by length.)"""
+    model_dir, prompts, expected = reference
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, min_tokens=16)
+    got = [c.token_ids for c in engine_for(model_dir).generate(prompts, params)]
+    assert got == hf_greedy(model_dir, prompts, MAX_TOKENS, min_new_tokens=16)
+    assert all(len(tokens) >= 16 for tokens in got)
+
+
 def test_a_pool_small_enough_to_force_preemption(reference):
     model_dir, prompts, expected = reference
     # 384 tokens of KV for 992 prompt tokens; chunked admission lets many sequences start, then they collide

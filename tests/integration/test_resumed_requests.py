@@ -71,6 +71,17 @@ def test_a_stop_string_across_the_break_is_found_and_no_held_back_text_is_lost(e
         assert resumed == unbroken[n:], n  # the same tokens, text pieces and finish
 
 
+def test_a_stop_string_before_min_tokens_is_text_in_the_resumed_tokens_too(engine):
+    """The output's first three characters are a stop string, but min_tokens is 10: the unbroken run goes on
+    past them, and so does a run resumed after 7 tokens (not refused for the stop string its tokens hold)."""
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    text = "".join(piece for _, piece in streamed(engine, PROMPT, greedy, "min-probe")[:-1])
+    params = replace(greedy, stop=(text[:3],), min_tokens=10)
+    unbroken = streamed(engine, PROMPT, params, "min-whole")
+    assert len(unbroken) - 1 >= 10 and "".join(piece for _, piece in unbroken[:-1]).startswith(text[:3])
+    assert resumed_after(engine, unbroken, params, 7, "min-after-7") == unbroken[7:]
+
+
 def test_resumed_tokens_that_hold_a_stop_string_are_refused_and_the_engine_serves_on(engine):
     prompt = engine.tokenizer.encode("ask") + engine.tokenizer.encode(" STOP here")
     with pytest.raises(InvalidRequestError, match="resumed_tokens: the resumed tokens hold a stop string"):

@@ -58,3 +58,18 @@ def test_without_a_tokenizer_there_is_no_text():
     assert output.append(5) is False
     output.finish()
     assert output.take_delta(finished=True) == ""
+
+
+def test_with_min_tokens_a_stop_string_counts_once_it_ends_in_that_token_or_later():
+    """min_tokens 6: 'END' ending at token 3 is text; a second one, from token 5 to 7, stops it (a stop string
+    that starts before the 6th token but ends after counts); 'X' ending exactly at the 6th token counts, an 'ab'
+    ending before it does not."""
+    output = TextOutput(ByteDecoder(), [256], stop=("END",), min_tokens=6)
+    assert feed(output, "ENDdEND") == [False] * 6 + [True]
+    assert output.text == "ENDd"
+    at_the_sixth = TextOutput(ByteDecoder(), [256], stop=("X", "ab"), min_tokens=6)
+    assert feed(at_the_sixth, "abXabX") == [False] * 5 + [True]
+    assert at_the_sixth.text == "abXab"
+    replayed = TextOutput(ByteDecoder(), [256], stop=("END",), min_tokens=6)
+    assert not replayed.replay(list(b"END"))  # a resumed stream's tokens count towards min_tokens too
+    assert feed(replayed, "abEND") == [False] * 4 + [True]
