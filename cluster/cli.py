@@ -173,6 +173,7 @@ def _add_generate_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", help="send the prompts to a running cluster's router (host:port)")
     _add_connection_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt, in order")
+    parser.add_argument("--stream", action="store_true", help="print one prompt's text as it is generated")
     parser.add_argument("--stats", action="store_true", help="print engine and KV tier counters to stderr as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress or info on stderr")
 
@@ -217,6 +218,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if not args.prompts:
         raise InvalidRequestError("prompt", "give at least one --prompt or --prompt-token-ids")
+    if args.stream:
+        return run_streamed_generate(args)
     if args.server:
         return run_remote_generate(args)
     config = load_config(args.config, engine_overrides(args))
@@ -235,6 +238,47 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.stats:
         stats = {"engine": asdict(engine.stats), "kvstore": engine.kv_store_stats()}
         print(f"kvtier stats: {json.dumps(stats)}", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_streamed_generate(args: argparse.Namespace) -> int:
+    """``--stream``: one prompt's text as it is generated, from a router (``--server``) or a local engine."""
+    if len(args.prompts) != 1 or args.json:
+        raise InvalidRequestError("stream", "--stream takes one prompt, and not --json")
+    params = sampling_params_of(args)
+    if args.server:
+        return _stream_from_server(args, params)
+    from workers.engine import LLMEngine
+
+    config = load_config(args.config, engine_overrides(args))
+    engine = LLMEngine.from_config(config.engine, config.kvstore, progress=not args.quiet)
+    try:
+        engine.add_request("stream", args.prompts[0], params, args.cache_salt, priority=args.priority)
+        while engine.has_unfinished():
+            for output in engine.step():
+                print(output.new_text, end="", flush=True)
+    finally:
+        engine.close()
+    print(flush=True)
+    return 0
+
+
+def _stream_from_server(args: argparse.Namespace, params) -> int:
+    import grpc
+
+    from cluster.client import build_request
+
+    client = connect(args)
+    try:
+        for response in client.stream(build_request(args.prompts[0], params, args.cache_salt, priority=args.priority)):
+            if response.HasField("delta"):
+                print(response.delta.text, end="", flush=True)
+    except grpc.RpcError as error:
+        print(f"\nkvtier: error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    print(flush=True)
     return 0
 
 

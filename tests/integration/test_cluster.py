@@ -371,6 +371,9 @@ def test_the_cli_against_the_cluster_prints_what_the_offline_cli_prints(cluster)
     remote_records = [comparable(line) for line in remote.stdout.splitlines()]
     assert len(remote_records) == 2
     assert remote_records == [comparable(line) for line in local.stdout.splitlines()]
+    streamed = subprocess.run([kvtier, "generate", "--server", handle.address, "--stream",
+                               *[flag for flag in flags[2:] if flag != "--json"]], capture_output=True, timeout=120)
+    assert streamed.returncode == 0 and streamed.stdout.decode() == remote_records[1]["text"] + "\n"
     wait_until(lambda: client.cluster_info().ready)  # a worker killed by an earlier test may still be restarting
     status = subprocess.run([kvtier, "status", "--server", handle.address], capture_output=True, text=True,
                             timeout=60)

@@ -314,3 +314,19 @@ def test_min_tokens_masks_the_stop_token_ids_until_the_output_holds_that_many(en
                                                             "min_tokens": 3}))[0]
     assert len(held.token_ids) >= 3 and first not in held.token_ids[:3]
     assert held.finish_reason == (FinishReason.STOP if first in held.token_ids else FinishReason.LENGTH)
+
+
+def test_the_cli_streams_one_prompts_text_as_the_json_has_it():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kvtier = [str(Path(sys.executable).parent / "kvtier"), "generate", "--model", "tiny", "--prompt", "Stream me",
+              "--max-tokens", "24", "--temperature", "0", "--ignore-eos", "--quiet"]
+    streamed = subprocess.run(kvtier + ["--stream"], capture_output=True, timeout=120)
+    whole = subprocess.run(kvtier + ["--json"], capture_output=True, text=True, timeout=120)
+    assert streamed.returncode == 0 and whole.returncode == 0, streamed.stderr + whole.stderr.encode()
+    assert streamed.stdout.decode() == json.loads(whole.stdout)["text"] + "\n"
+    refused = subprocess.run(kvtier + ["--stream", "--json"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "stream: --stream takes one prompt, and not --json" in refused.stderr
